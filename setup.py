@@ -1,0 +1,41 @@
+"""pop3sf: a POP3 server framework whose mail comes from adapters."""
+
+from setuptools import setup
+
+setup(
+    name="pop3sf",
+    version="2.0.0",
+    description="POP3 server framework: serve any data source to ordinary mail clients",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="BSD-3-Clause",
+    python_requires=">=3.11",
+    packages=["pop3sf", "pop3sf.adapters", "pop3sf.auxiliary"],
+    package_dir={"pop3sf.adapters": "adapters", "pop3sf.auxiliary": "auxiliary"},
+    package_data={"pop3sf": ["configspec.ini", "py.typed"]},
+    install_requires=["configobj", "python-daemon", "bcrypt"],
+    extras_require={
+        "mysql": ["mysql-connector-python"],
+        "pymysql": ["PyMySQL"],
+        "systemd": ["systemd-python"],
+    },
+    entry_points={
+        "console_scripts": [
+            "pop3sf = pop3sf.cli:main",
+            "pop3sf-admin = pop3sf.auxiliary.admin:main",
+        ],
+        "pop3sf.adapters": [
+            "list = pop3sf.adapters.memory:ListAdapter",
+            "directory = pop3sf.adapters.directory:DirectoryAdapter",
+            "directory_multi = pop3sf.adapters.directory:MultiUserDirectoryAdapter",
+            "maildir = pop3sf.adapters.maildir:MaildirAdapter",
+            "mysql = pop3sf.adapters.mysql:MySQLAdapter",
+            "mysql_multi = pop3sf.adapters.mysql:MultiUserMySQLAdapter",
+        ],
+    },
+    classifiers=[
+        "License :: OSI Approved :: BSD License",
+        "Programming Language :: Python :: 3",
+        "Topic :: Communications :: Email :: Post-Office :: POP3",
+    ],
+)
