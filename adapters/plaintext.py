@@ -233,6 +233,10 @@ class PlaintextMessage(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def fileno(self) -> int:
+        """The source file's descriptor (lets callers ``fstat`` what they read)."""
+        return self._source.fileno()
+
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         while self._pos >= len(self._buf):
             data = next(self._iter, None)
