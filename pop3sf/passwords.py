@@ -2,17 +2,47 @@
 
 Every check is constant-time in what it compares, and :func:`dummy_verify` lets an adapter spend
 the same time on an unknown user as on a wrong password, so timing reveals no names.
+
+Stored secrets use Dovecot's notation, ``{SCHEME}value``, so a Dovecot passwd-file works as it
+is: ``{PLAIN}``, ``{CRYPT}`` (and un-prefixed crypt hashes, Dovecot's default for passwd-files),
+``{MD5-CRYPT}``, ``{SHA256-CRYPT}``, ``{SHA512-CRYPT}``, ``{BLF-CRYPT}``, ``{SSHA256}`` and
+``{SSHA512}`` (with Dovecot's optional ``.b64``/``.hex`` encoding suffix). crypt(3)-style hashes
+go to the system's libcrypt through ``crypt_r`` via ctypes: a foreign call releases the GIL, so a
+slow SHA-512 crypt doesn't stall the event loop the way the deprecated :mod:`crypt` module does.
+bcrypt hashes go to the bcrypt module, which also releases the GIL.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import ctypes
+import ctypes.util
+import functools
+import hashlib
 import hmac
+import re
+import threading
+from typing import Any
 
 import bcrypt
 
 #: bcrypt only reads 72 octets; truncating explicitly keeps newer bcrypt releases from raising.
 BCRYPT_MAX = 72
-_DUMMY_BCRYPT = bcrypt.hashpw(b"pop3sf-dummy", bcrypt.gensalt(rounds=12))
+#: ``sizeof(struct crypt_data)`` of libxcrypt 4.x (Debian 12's libcrypt.so.1): 384 output +
+#: 384 setting + 512 input + 767 reserved + 1 initialized + 30720 internal. A larger buffer is
+#: harmless, a smaller one corrupts memory, so this is checked against nothing smaller.
+CRYPT_DATA_SIZE = 32768
+#: libxcrypt refuses longer passphrases (CRYPT_MAX_PASSPHRASE_SIZE).
+CRYPT_MAX_PASSPHRASE = 512
+
+_BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$", "$2x$")
+#: What an un-prefixed crypt(3) hash looks like: ``$id$...``, 13-char DES, 20-char BSDi DES.
+_CRYPT_SHAPE = re.compile(r"\$[0-9a-z]{1,3}\$[!-~]+|[./0-9A-Za-z]{13}|_[./0-9A-Za-z]{19}")
+_CRYPT_SCHEMES = {"CRYPT": None, "DES-CRYPT": None, "MD5-CRYPT": "$1$", "MD5": "$1$",
+                  "SHA256-CRYPT": "$5$", "SHA512-CRYPT": "$6$"}
+_SALTED = {"SSHA256": hashlib.sha256, "SSHA512": hashlib.sha512}
+_PLAIN = frozenset({"PLAIN", "CLEAR", "CLEARTEXT", "PLAINTEXT"})
 
 
 class UnknownScheme(ValueError):
@@ -32,24 +62,165 @@ def check_bcrypt(stored: str | bytes, password: bytes) -> bool:
         return False
 
 
-def verify(stored: str, password: bytes) -> bool:
-    """Check a password against a stored secret: ``{SCHEME}value`` or a bare bcrypt hash."""
-    if stored.startswith("{"):
-        scheme, _, value = stored[1:].partition("}")
-        scheme = scheme.upper()
-        if scheme == "PLAIN":
-            return hmac.compare_digest(value.encode("utf-8", "surrogateescape"), password)
-        if scheme in ("BLF-CRYPT", "BCRYPT"):
-            return check_bcrypt(value, password)
-        raise UnknownScheme(scheme)
-    if stored.startswith(("$2a$", "$2b$", "$2y$")):
+# --- libcrypt -----------------------------------------------------------------------------
+
+_crypt_lock = threading.Lock()
+_crypt_r: Any = None  # the ctypes function, once loaded
+_crypt_missing = False
+
+
+def _load_crypt_r() -> Any:
+    global _crypt_r, _crypt_missing
+    if _crypt_r is not None or _crypt_missing:
+        return _crypt_r
+    with _crypt_lock:
+        if _crypt_r is None and not _crypt_missing:
+            for name in ("libcrypt.so.1", ctypes.util.find_library("crypt")):
+                if not name:
+                    continue
+                try:
+                    func = ctypes.CDLL(name, use_errno=True).crypt_r
+                except (OSError, AttributeError):
+                    continue
+                func.restype = ctypes.c_char_p
+                func.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p]
+                _crypt_r = func
+                break
+            else:
+                _crypt_missing = True
+    return _crypt_r
+
+
+def crypt_available() -> bool:
+    """Whether the system's libcrypt (``crypt_r``) could be loaded."""
+    return _load_crypt_r() is not None
+
+
+def crypt(password: bytes, setting: str) -> str | None:
+    """crypt(3) of ``password`` with ``setting`` (a salt or a whole hash); None on failure.
+
+    Each call gets its own zeroed ``struct crypt_data``, so calls from many threads are safe.
+    """
+    func = _load_crypt_r()
+    if func is None:
+        raise UnknownScheme("crypt (libcrypt unavailable)")
+    if b"\0" in password or len(password) >= CRYPT_MAX_PASSPHRASE:
+        return None
+    try:
+        setting_b = setting.encode("ascii")
+    except UnicodeEncodeError:
+        return None
+    data = ctypes.create_string_buffer(CRYPT_DATA_SIZE)
+    result = func(password, setting_b, data)
+    if not result or result.startswith(b"*"):  # libxcrypt's failure tokens are "*0" / "*1"
+        return None
+    return result.decode("ascii", "replace")
+
+
+def check_crypt(stored: str, password: bytes) -> bool:
+    """Verify against a crypt(3) hash; bcrypt hashes go to the bcrypt module."""
+    if stored.startswith(_BCRYPT_PREFIXES):
         return check_bcrypt(stored, password)
-    raise UnknownScheme(stored[:4])
+    computed = crypt(password, stored)
+    if computed is None:
+        return False
+    return hmac.compare_digest(computed.encode("ascii", "replace"),
+                               stored.encode("ascii", "replace"))
+
+
+# --- salted digests -----------------------------------------------------------------------
+
+def _decode(value: str, encoding: str) -> bytes | None:
+    try:
+        if encoding == "HEX":
+            return bytes.fromhex(value)
+        return base64.b64decode(value.encode("ascii"), validate=True)
+    except (ValueError, binascii.Error, UnicodeEncodeError):
+        return None
+
+
+def check_salted(scheme: str, value: str, password: bytes, encoding: str = "B64") -> bool:
+    """``{SSHA256}``/``{SSHA512}``: encoding of ``digest(password + salt) + salt``."""
+    algo = _SALTED[scheme]
+    raw = _decode(value, encoding)
+    size = algo().digest_size
+    if raw is None or len(raw) <= size:
+        return False
+    digest, salt = raw[:size], raw[size:]
+    return hmac.compare_digest(algo(password + salt).digest(), digest)
+
+
+def hash_salted(scheme: str, password: bytes, salt: bytes) -> str:
+    """A ``{SSHA256}``/``{SSHA512}`` secret (used by tests and migrations)."""
+    algo = _SALTED[scheme]
+    encoded = base64.b64encode(algo(password + salt).digest() + salt).decode("ascii")
+    return "{" + scheme + "}" + encoded
+
+
+# --- dispatch -----------------------------------------------------------------------------
+
+def split_scheme(stored: str) -> tuple[str, str]:
+    """``("SCHEME", value)`` of a stored secret; ``("", stored)`` when it has no prefix."""
+    if stored.startswith("{"):
+        scheme, sep, value = stored[1:].partition("}")
+        if sep:
+            return scheme.upper(), value
+    return "", stored
+
+
+def scheme_of(stored: str) -> str:
+    """The scheme name a secret uses, as :func:`verify` sees it (``CRYPT`` when un-prefixed)."""
+    scheme, value = split_scheme(stored)
+    if scheme:
+        return scheme
+    if stored.startswith(_BCRYPT_PREFIXES):
+        return "BLF-CRYPT"
+    return "CRYPT" if _CRYPT_SHAPE.fullmatch(value) else "UNKNOWN"
+
+
+def verify(stored: str, password: bytes) -> bool:
+    """Check a password against a stored secret: ``{SCHEME}value`` or a bare crypt(3) hash.
+
+    Raises :class:`UnknownScheme` for a scheme it can't check (the caller denies the login).
+    """
+    scheme, value = split_scheme(stored)
+    if not scheme:
+        if stored.startswith(_BCRYPT_PREFIXES):
+            return check_bcrypt(stored, password)
+        if _CRYPT_SHAPE.fullmatch(stored):
+            return check_crypt(stored, password)
+        raise UnknownScheme(stored[:4])
+    base, _, encoding = scheme.partition(".")
+    encoding = {"": "B64", "B64": "B64", "BASE64": "B64", "HEX": "HEX"}.get(encoding, "?")
+    if base in _PLAIN:
+        if scheme == base:
+            return hmac.compare_digest(value.encode("utf-8", "surrogateescape"), password)
+        raw = _decode(value, encoding)
+        return raw is not None and hmac.compare_digest(raw, password)
+    if base in _SALTED and encoding != "?":
+        return check_salted(base, value, password, encoding)
+    if scheme in ("BLF-CRYPT", "BCRYPT"):
+        return check_bcrypt(value, password)
+    if scheme in _CRYPT_SCHEMES:
+        prefix = _CRYPT_SCHEMES[scheme]
+        if prefix is not None and not value.startswith(prefix):
+            return False
+        return check_crypt(value, password)
+    raise UnknownScheme(scheme)
+
+
+@functools.cache
+def _dummy_bcrypt() -> str:
+    return bcrypt.hashpw(b"pop3sf-dummy", bcrypt.gensalt(rounds=12)).decode("ascii")
 
 
 def dummy_verify(password: bytes, like: str | None = None) -> None:
-    """Spend about what verifying against ``like`` (default: a cost-12 bcrypt) would cost."""
+    """Spend about what verifying against ``like`` (default: a cost-12 bcrypt) would cost.
+
+    ``like`` is a real user's stored secret: the check runs the same scheme with the same cost
+    parameters, and its result is thrown away.
+    """
     try:
-        verify(like or _DUMMY_BCRYPT.decode(), password)
+        verify(like or _dummy_bcrypt(), password)
     except UnknownScheme:
         pass
