@@ -1,0 +1,519 @@
+"""Directory sources: message files in a folder, one folder per user (SPEC §A5).
+
+The on-disk formats are the original pop3sf's, so existing data directories keep working with the
+same unique ids: ``*.eml`` files are served as they are, ``*.txt`` files are wrapped into a
+generated message (:mod:`.plaintext`), everything else (and every dot-file, such as a writer's
+temporary file) is ignored. Messages are ordered by mtime, then name, so new files come last.
+
+Safety: each session holds a descriptor of its directory and opens names from its own listing
+relative to it with ``O_NOFOLLOW``, so neither a symlink nor a renamed directory can lead outside
+the root; every opened file is checked to be the version listed (device, inode, size, mtime).
+Files locked by a writer (``flock`` shared fails) and empty files are left out until complete.
+Deletion renames the file aside, checks it is the listed one, then unlinks it; a file that was
+replaced is left alone.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import stat
+import time
+import uuid
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from pop3sf import passwords
+
+from .base import (
+    Adapter,
+    AuthenticationFailed,
+    AuthResult,
+    ConfigurationError,
+    Credentials,
+    DeleteResult,
+    MailboxSession,
+    MessageGone,
+    MessageInfo,
+    Peer,
+    TemporaryFailure,
+    normalize_secret,
+)
+from .plaintext import PlaintextMessage
+from .sizecache import FileChanged, SizeCache
+
+log = logging.getLogger(__name__)
+
+#: User (directory) names of the multi-user source; nothing else can name a path component.
+USERNAME_RE = re.compile(r"[0-9A-Za-z_-]{1,64}")
+PASSWORD_FILE = ".pop3sf_password_bcrypt"
+#: File name suffix -> kind of message file.
+KINDS = {".eml": "eml", ".txt": "txt"}
+#: Bumped whenever the .txt wrapping changes, so cached sizes of the old form are not reused.
+WRAP_VERSION = "1"
+
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+_COMMON_SPEC = """
+uid_root = string(default="")
+from_address = string(default="pop3sf <pop3sf@localhost>")
+to_address = string(default="%u@localhost")
+size_cache_dir = string(default="")
+size_cache_entries = integer(100, 10000000, default=100000)
+"""
+
+
+def is_valid_username(name: str) -> bool:
+    return USERNAME_RE.fullmatch(name) is not None
+
+
+def kind_of(name: str) -> str | None:
+    """``"eml"``, ``"txt"`` or None for a file name in a message directory."""
+    if name.startswith("."):
+        return None
+    return KINDS.get(os.path.splitext(name)[1])
+
+
+def original_uid(path: str, st_mtime: float) -> str:
+    """The original pop3sf's unique id: SHA-256 hex of the absolute path + ``str(st_mtime)``."""
+    return hashlib.sha256((path + str(st_mtime)).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def validated(configspec: str, config: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """``config`` checked against ``configspec`` with defaults filled in (also for tests and
+    programs that build an adapter from a plain dict)."""
+    from configobj import ConfigObj, flatten_errors
+    from validate import Validator
+
+    obj = ConfigObj(dict(config), configspec=configspec.strip().splitlines())
+    result = obj.validate(Validator(), preserve_errors=True)
+    if result is not True:
+        problems = []
+        for _section, key, error in flatten_errors(obj, result):
+            problems.append(f"{key}: {'missing' if error is False else error}")
+        raise ConfigurationError(f"{what}: " + "; ".join(problems))
+    return dict(obj)
+
+
+def _utc(st_mtime: float) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(st_mtime, tz=datetime.UTC)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    kind: str
+    uid: str
+    device: int
+    inode: int
+    raw_size: int
+    mtime_ns: int
+    mtime: float
+
+    def matches(self, st: os.stat_result) -> bool:
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == \
+            (self.device, self.inode, self.raw_size, self.mtime_ns)
+
+
+class _DirectoryAdapterBase(Adapter):
+    """What both directory adapters share: options, the size cache, the session class."""
+
+    blocking = True
+    allows_read_only = True
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        super().__init__(config)
+        self.options = self._check(config)
+        self.size_cache = self._make_cache(self.options)
+
+    def _check(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        return validated(self.configspec, config, f"[adapter] of {type(self).__name__}")
+
+    @staticmethod
+    def _make_cache(options: Mapping[str, Any]) -> SizeCache:
+        return SizeCache(options["size_cache_dir"] or None, options["size_cache_entries"])
+
+    def reload(self, config: Mapping[str, Any]) -> None:
+        options = self._check(config)
+        self._check_paths(options)
+        if (options["size_cache_dir"], options["size_cache_entries"]) != \
+                (self.options["size_cache_dir"], self.options["size_cache_entries"]):
+            old, self.size_cache = self.size_cache, self._make_cache(options)
+            old.close()
+        self.config, self.options = config, options
+
+    def start(self) -> None:
+        self._check_paths(self.options)
+
+    def close(self) -> None:
+        self.size_cache.close()
+
+    def _check_paths(self, options: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def _require_directory(path: str, key: str) -> None:
+        if not os.path.isabs(path):
+            raise ConfigurationError(f"{key} = {path!r}: must be an absolute path")
+        if not os.path.isdir(path):
+            raise ConfigurationError(f"{key} = {path!r}: not an existing directory")
+
+    def new_session(self, peer: Peer) -> DirectorySession:
+        return DirectorySession(self, peer)
+
+    # Implemented by the two adapters: where an account's messages are.
+    def locate(self, credentials: Credentials) -> tuple[str, int, str]:
+        """Verify credentials; return (account id, open directory fd, uid path base)."""
+        raise NotImplementedError
+
+
+class DirectoryAdapter(_DirectoryAdapterBase):
+    """One account whose messages are the files of one directory.
+
+    Config keys (``[adapter]``, ``type = directory``):
+
+    ``directory``
+        Absolute path of the message directory.
+    ``username``
+        The one user name accepted (compared exactly, after NFC normalisation).
+    ``password_hash``
+        Its password hash: bcrypt (``$2b$...``, as ``pop3sf-admin`` writes) or any scheme of
+        :mod:`pop3sf.passwords` in Dovecot notation (``{SSHA512}...``).
+    ``uid_root``
+        The directory's *former* absolute path, when the data was moved: unique ids are computed
+        as if the files were still there, so clients don't download everything again. Default:
+        the directory's own absolute path.
+    ``from_address``, ``to_address``
+        From and To of wrapped ``.txt`` files; ``%u`` in them is the account name.
+        Defaults ``pop3sf <pop3sf@localhost>`` and ``%u@localhost``.
+    ``size_cache_dir``
+        Where exact sizes persist across restarts (e.g. ``/var/cache/pop3sf``); empty (the
+        default) keeps them in memory only.
+    ``size_cache_entries``
+        How many file versions the size cache remembers (default 100000).
+    """
+
+    configspec = """
+directory = string
+username = string
+password_hash = string
+""" + _COMMON_SPEC
+
+    def _check_paths(self, options: Mapping[str, Any]) -> None:
+        self._require_directory(options["directory"], "directory")
+        try:
+            passwords.scheme_of(options["password_hash"])
+        except passwords.UnknownScheme as exc:
+            raise ConfigurationError(f"password_hash: unknown scheme {exc}") from exc
+
+    def locate(self, credentials: Credentials) -> tuple[str, int, str]:
+        options = self.options
+        stored: str = options["password_hash"]
+        username = normalize_secret(options["username"])
+        if credentials.username != username:
+            passwords.dummy_verify(credentials.password_bytes(), like=stored)
+            raise AuthenticationFailed("unknown user")
+        _verify(stored, credentials.password_bytes())
+        directory = os.path.abspath(options["directory"])
+        fd = _open_dir(directory)
+        base = os.path.normpath(options["uid_root"]) if options["uid_root"] else directory
+        return username, fd, base
+
+
+class MultiUserDirectoryAdapter(_DirectoryAdapterBase):
+    """Many accounts: a root holding one directory per user (the original pop3sf's layout).
+
+    A user directory's name is the user name (``^[0-9A-Za-z_-]{1,64}$``, case-sensitive); it
+    holds ``.pop3sf_password_bcrypt`` (one bcrypt hash, or a hash in Dovecot notation) and the
+    user's ``.eml``/``.txt`` files. A symlinked user directory is not served.
+
+    Config keys (``[adapter]``, ``type = directory_multi``):
+
+    ``root``
+        Absolute path of the directory holding the user directories.
+    ``uid_root``
+        The root's *former* absolute path when the data was moved (see :class:`DirectoryAdapter`).
+    ``from_address``, ``to_address``, ``size_cache_dir``, ``size_cache_entries``
+        As for :class:`DirectoryAdapter`.
+    ``bcrypt_rounds``
+        Cost of the hashes ``pop3sf-admin`` writes (default 12; the server reads any cost).
+    """
+
+    configspec = """
+root = string
+bcrypt_rounds = integer(4, 31, default=12)
+""" + _COMMON_SPEC
+
+    def _check_paths(self, options: Mapping[str, Any]) -> None:
+        self._require_directory(options["root"], "root")
+
+    def locate(self, credentials: Credentials) -> tuple[str, int, str]:
+        username = credentials.username
+        password = credentials.password_bytes()
+        if not is_valid_username(username):
+            passwords.dummy_verify(password)
+            raise AuthenticationFailed("invalid user name")
+        root = os.path.abspath(self.options["root"])
+        root_fd = _open_dir(root)
+        try:
+            try:
+                user_fd = os.open(username, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=root_fd)
+            except (FileNotFoundError, NotADirectoryError):
+                passwords.dummy_verify(password)
+                raise AuthenticationFailed("unknown user") from None
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:  # ELOOP: a symlink, treated as unknown
+                    raise TemporaryFailure(f"cannot open user directory: {exc}") from exc
+                passwords.dummy_verify(password)
+                raise AuthenticationFailed("user directory is a symlink") from None
+        finally:
+            os.close(root_fd)
+        try:
+            stored = read_password_file(user_fd)
+            if stored is None:
+                passwords.dummy_verify(password)
+                raise AuthenticationFailed("no password file")
+            _verify(stored, password)
+        except BaseException:
+            os.close(user_fd)
+            raise
+        base = os.path.normpath(self.options["uid_root"]) if self.options["uid_root"] else root
+        return username, user_fd, os.path.join(base, username)
+
+
+def _verify(stored: str, password: bytes) -> None:
+    try:
+        ok = passwords.verify(stored, password)
+    except passwords.UnknownScheme as exc:
+        log.warning("password hash of unknown scheme %s; login denied", exc)
+        raise AuthenticationFailed("unknown password scheme") from None
+    if not ok:
+        raise AuthenticationFailed("wrong password")
+
+
+def _open_dir(path: str) -> int:
+    try:
+        return os.open(path, _DIR_FLAGS)
+    except OSError as exc:
+        raise TemporaryFailure(f"cannot open message directory {path}: {exc}") from exc
+
+
+def read_password_file(dir_fd: int) -> str | None:
+    """The stored hash of a user directory, or None if there is none (missing, empty, a link)."""
+    try:
+        fd = os.open(PASSWORD_FILE, _OPEN_FLAGS, dir_fd=dir_fd)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return None
+        raise TemporaryFailure(f"cannot read password file: {exc}") from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        # The original tools write it in place under LOCK_EX; wait briefly for such a writer.
+        for _ in range(50):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(0.02)
+        else:
+            raise TemporaryFailure("password file locked by a writer")
+        data = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    text = data.decode("ascii", "replace").strip()
+    return text or None
+
+
+class DirectorySession(MailboxSession):
+    """One connection's view of one message directory (via an open directory descriptor)."""
+
+    def __init__(self, adapter: _DirectoryAdapterBase, peer: Peer) -> None:
+        self.adapter = adapter
+        self.peer = peer
+        self.options = adapter.options
+        self.cache = adapter.size_cache
+        self.account: str | None = None
+        self.read_only = False
+        self._dir_fd: int | None = None
+        self._uid_base = ""
+        self._entries: dict[str, _Entry] = {}
+
+    # --- authentication -------------------------------------------------------------------
+
+    def authenticate(self, credentials: Credentials) -> AuthResult:
+        account, fd, uid_base = self.adapter.locate(credentials)
+        self._close_dir()
+        self._dir_fd, self._uid_base, self.account = fd, uid_base, account
+        return AuthResult(account)
+
+    def login_succeeded(self, account: AuthResult, read_only: bool) -> None:
+        self.read_only = read_only
+
+    # --- listing --------------------------------------------------------------------------
+
+    def _fd(self) -> int:
+        if self._dir_fd is None:
+            raise TemporaryFailure("not logged in")
+        return self._dir_fd
+
+    def list_messages(self) -> Sequence[MessageInfo]:
+        dir_fd = self._fd()
+        try:
+            names = os.listdir(dir_fd)
+        except OSError as exc:
+            raise TemporaryFailure(f"cannot list message directory: {exc}") from exc
+        found: list[tuple[_Entry, MessageInfo]] = []
+        for name in names:
+            kind = kind_of(name)
+            if kind is None:
+                continue
+            listed = self._list_one(dir_fd, name, kind)
+            if listed is not None:
+                found.append(listed)
+        found.sort(key=lambda item: (item[0].mtime_ns, item[0].name))
+        self._entries = {entry.uid: entry for entry, _ in found}
+        return [info for _, info in found]
+
+    def _list_one(self, dir_fd: int, name: str, kind: str) -> tuple[_Entry, MessageInfo] | None:
+        try:
+            fd = os.open(name, _OPEN_FLAGS, dir_fd=dir_fd)
+        except OSError as exc:  # vanished, a symlink (ELOOP), unreadable
+            if exc.errno not in (errno.ENOENT, errno.ELOOP):
+                log.warning("skipping %r in %s: %s", name, self._uid_base, exc)
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+                return None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None  # a writer holds it: not complete yet
+            entry = _Entry(name, kind, original_uid(os.path.join(self._uid_base, name),
+                                                    st.st_mtime),
+                           st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_mtime)
+            try:
+                m = self.cache.get_or_measure(st, lambda: self._stream(entry, os.dup(fd)),
+                                              self._variant(entry))
+            except FileChanged:
+                return None
+        except OSError as exc:
+            log.warning("skipping %r in %s: %s", name, self._uid_base, exc)
+            return None
+        finally:
+            os.close(fd)
+        return entry, MessageInfo(entry.uid, m.size, m.utf8_header, m.downgraded_size)
+
+    def _addresses(self) -> tuple[str, str]:
+        account = self.account or ""
+        return (self.options["from_address"].replace("%u", account),
+                self.options["to_address"].replace("%u", account))
+
+    def _variant(self, entry: _Entry) -> str:
+        if entry.kind == "eml":
+            return ""
+        sender, recipient = self._addresses()
+        return "\0".join(("txt", WRAP_VERSION, entry.uid, entry.name, sender, recipient))
+
+    def _stream(self, entry: _Entry, fd: int) -> BinaryIO:
+        """A stream of the message from an open descriptor of its file (taken over)."""
+        os.lseek(fd, 0, os.SEEK_SET)
+        raw = os.fdopen(fd, "rb")
+        if entry.kind == "eml":
+            return raw
+        sender, recipient = self._addresses()
+        wrapped = PlaintextMessage(raw, uid=entry.uid, name=entry.name, date=_utc(entry.mtime),
+                                   from_addr=sender, to_addr=recipient)
+        return wrapped  # type: ignore[return-value]
+
+    # --- retrieval ------------------------------------------------------------------------
+
+    def open_message(self, uid: str) -> BinaryIO:
+        entry = self._entries.get(uid)
+        if entry is None:
+            raise MessageGone(uid)
+        try:
+            fd = os.open(entry.name, _OPEN_FLAGS, dir_fd=self._fd())
+        except FileNotFoundError:
+            raise MessageGone(uid) from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # replaced by a symlink
+                raise MessageGone(uid) from None
+            raise
+        try:
+            if not entry.matches(os.fstat(fd)):
+                raise MessageGone(uid)  # replaced or rewritten: the listed size would be wrong
+            os.set_blocking(fd, True)
+            # Hold a shared lock while sending, so a flock-respecting writer waits for us.
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise TemporaryFailure("message file locked by a writer") from None
+            return self._stream(entry, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    # --- deletion -------------------------------------------------------------------------
+
+    def delete_messages(self, uids: Collection[str]) -> DeleteResult:
+        if self.read_only:
+            return DeleteResult({uid: "read-only session" for uid in uids})
+        dir_fd = self._fd()
+        failed: dict[str, str] = {}
+        changed = False
+        for uid in uids:
+            entry = self._entries.get(uid)
+            if entry is None:
+                failed[uid] = "not in this session's listing"
+                continue
+            try:
+                if self._delete_one(dir_fd, entry):
+                    changed = True
+                    del self._entries[uid]
+            except (OSError, _Replaced) as exc:
+                failed[uid] = str(exc) or type(exc).__name__
+        if changed:
+            try:
+                os.fsync(dir_fd)
+            except OSError as exc:
+                log.warning("fsync of %s after deletions: %s", self._uid_base, exc)
+        return DeleteResult(failed)
+
+    def _delete_one(self, dir_fd: int, entry: _Entry) -> bool:
+        """Unlink the listed file; False if it was already gone."""
+        aside = f".pop3sf-deleting-{uuid.uuid4().hex}"
+        try:
+            os.rename(entry.name, aside, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except FileNotFoundError:
+            return False
+        st = os.stat(aside, dir_fd=dir_fd, follow_symlinks=False)
+        if (st.st_dev, st.st_ino) != (entry.device, entry.inode):
+            # Someone put another file under that name: put it back, never delete it.
+            os.rename(aside, entry.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            raise _Replaced("file was replaced since the listing; kept")
+        os.unlink(aside, dir_fd=dir_fd)
+        return True
+
+    def connection_closed(self) -> None:
+        self._close_dir()
+        self._entries = {}
+
+    def _close_dir(self) -> None:
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
+
+
+class _Replaced(Exception):
+    pass
