@@ -37,6 +37,14 @@ def _from_cp1252(data: bytes) -> bytes:
     return data.decode("latin-1").translate(_CP1252).encode("utf-8")
 
 
+def decode_text(data: bytes) -> str:
+    """Text file bytes as str, the way wrapping reads them: UTF-8, else Windows-1252."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1").translate(_CP1252)
+
+
 def _identity(data: bytes) -> bytes:
     return data
 
