@@ -1,0 +1,31 @@
+"""Tools that feed the bundled data sources: a library (:mod:`.sources`) and ``pop3sf-admin``."""
+
+from __future__ import annotations
+
+from .sources import (
+    REGISTRY,
+    BadMessage,
+    BadName,
+    MessageLike,
+    MessageSummary,
+    NotSupported,
+    Source,
+    SourceError,
+    UnknownUser,
+    UserExists,
+    open_source,
+)
+
+__all__ = [
+    "REGISTRY",
+    "BadMessage",
+    "BadName",
+    "MessageLike",
+    "MessageSummary",
+    "NotSupported",
+    "Source",
+    "SourceError",
+    "UnknownUser",
+    "UserExists",
+    "open_source",
+]

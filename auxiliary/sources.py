@@ -1,0 +1,201 @@
+"""One interface to feed every bundled data source: add messages, manage users.
+
+Programs that produce mail for pop3sf (a report generator, a monitoring script) call
+:func:`open_source` with the ``[adapter]`` section of ``/etc/pop3sf.conf`` and then
+:meth:`Source.add_message`; ``pop3sf-admin`` is the same from the shell. Writes to files are
+atomic (a dot-prefixed temporary file, fsync, rename, fsync of the directory, SPEC §A5) and, when
+run as root, owned by the service user with mode 0640, so the server can read what root wrote.
+
+A source class is built as ``cls(adapter_config, service_user=...)``; the registry maps adapter
+types to ``module:Class`` strings imported only when used (the MySQL module needs its driver).
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime
+import email.message
+import importlib
+import os
+import pwd
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, NamedTuple
+
+from pop3sf.adapters.base import normalize_secret
+
+#: A message to add: a parsed message, RFC 5322 bytes, or plain text to be wrapped.
+MessageLike = email.message.Message | bytes | str
+
+#: Adapter type -> the source class that writes to its data, imported lazily.
+REGISTRY: dict[str, str] = {
+    "directory": "pop3sf.auxiliary.directory:DirectorySource",
+    "directory_multi": "pop3sf.auxiliary.directory:MultiUserDirectorySource",
+    "maildir": "pop3sf.auxiliary.maildir:MaildirSource",
+    "mysql": "pop3sf.auxiliary.mysql:MySQLSource",
+    "mysql_multi": "pop3sf.auxiliary.mysql:MySQLSource",
+}
+
+FILE_MODE = 0o640
+DIR_MODE = 0o750
+
+
+class SourceError(Exception):
+    """Something about the source or the request is wrong; the message says what."""
+
+
+class UnknownUser(SourceError):
+    """The user does not exist in this source."""
+
+
+class UserExists(SourceError):
+    """A user of that name already exists."""
+
+
+class BadName(SourceError):
+    """The user name is not allowed by this source."""
+
+
+class BadMessage(SourceError):
+    """The message can't be stored (empty, not a message)."""
+
+
+class NotSupported(SourceError):
+    """This source can't do that (e.g. manage users of a single-user source)."""
+
+
+class MessageSummary(NamedTuple):
+    """One stored message, as ``message list`` shows it."""
+
+    id: str
+    size: int
+    date: datetime.datetime
+    subject: str
+
+
+class Source(abc.ABC):
+    """A bundled data source as the tools see it. ``user`` is None for single-user sources."""
+
+    #: Whether the source has users that the tools manage (add, passwd, del, list).
+    has_users: ClassVar[bool] = True
+
+    def __init__(self, config: Mapping[str, Any], service_user: str | None = None) -> None:
+        self.config = config
+        self.service_user = service_user
+
+    @abc.abstractmethod
+    def add_message(self, user: str | None, message: MessageLike) -> str:
+        """Store a message for ``user``; returns the new message's id in the source."""
+
+    @abc.abstractmethod
+    def list_messages(self, user: str | None) -> Sequence[MessageSummary]:
+        """The user's messages, oldest first."""
+
+    def list_users(self) -> Sequence[str]:
+        raise NotSupported(f"{type(self).__name__} has no users to list")
+
+    def add_user(self, name: str, password: str) -> None:
+        raise NotSupported(f"{type(self).__name__} has no users to add")
+
+    def set_password(self, name: str, password: str) -> None:
+        raise NotSupported(f"{type(self).__name__} has no users whose password can be changed")
+
+    def delete_user(self, name: str) -> None:
+        """Remove the user and all their messages."""
+        raise NotSupported(f"{type(self).__name__} has no users to delete")
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections (database sources)."""
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_source(adapter_type: str, adapter_config: Mapping[str, Any],
+                service_user: str | None = None) -> Source:
+    """The :class:`Source` writing to the data of the adapter ``adapter_type`` configured so."""
+    target = REGISTRY.get(adapter_type)
+    if target is None:
+        known = ", ".join(sorted(REGISTRY))
+        raise SourceError(f"no tool support for adapter type {adapter_type!r} (supported: {known})")
+    module_name, _, attr = target.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise SourceError(f"cannot load the {adapter_type} source ({target}): {exc}") from exc
+    source: Source = cls(adapter_config, service_user=service_user)
+    return source
+
+
+# --- helpers for sources ------------------------------------------------------------------
+
+
+def password_bytes(password: str) -> bytes:
+    """A password as it will be hashed: NFC (as the server normalises logins), UTF-8."""
+    if not password:
+        raise SourceError("empty password")
+    return normalize_secret(password).encode("utf-8", "surrogateescape")
+
+
+def message_bytes(message: email.message.Message | bytes) -> bytes:
+    data = message.as_bytes() if isinstance(message, email.message.Message) else bytes(message)
+    if not data.strip():
+        raise BadMessage("empty message")
+    return data
+
+
+def service_owner(service_user: str | None) -> tuple[int, int] | None:
+    """(uid, gid) to give new files: the service user's, when running as root; else None."""
+    if not service_user or os.geteuid() != 0:
+        return None
+    try:
+        entry = pwd.getpwnam(service_user)
+    except KeyError:
+        return None
+    return entry.pw_uid, entry.pw_gid
+
+
+def fsync_directory(path: str | int) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if isinstance(path, str) \
+        else path
+    try:
+        os.fsync(fd)
+    finally:
+        if isinstance(path, str):
+            os.close(fd)
+
+
+def write_atomic(dir_fd: int, name: str, data: bytes, *, owner: tuple[int, int] | None = None,
+                 mode: int = FILE_MODE, replace: bool = True) -> None:
+    """Write ``name`` in the directory ``dir_fd`` so readers see all of it or nothing.
+
+    With ``replace=False`` an existing ``name`` is an error (:class:`FileExistsError`).
+    """
+    tmp = f".{name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 mode, dir_fd=dir_fd)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fchmod(fd, mode)
+            if owner is not None:
+                os.fchown(fd, *owner)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if replace:
+            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        else:  # link + unlink: fails instead of overwriting
+            os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+            os.unlink(tmp, dir_fd=dir_fd)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except OSError:
+            pass
+        raise
+    os.fsync(dir_fd)
