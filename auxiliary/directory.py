@@ -40,6 +40,7 @@ from .sources import (
     BadName,
     MessageLike,
     MessageSummary,
+    NotSupported,
     Source,
     SourceError,
     UnknownUser,
@@ -155,6 +156,19 @@ class DirectorySource(_DirectorySourceBase):
     def list_users(self) -> Sequence[str]:
         return [self.config["username"]]
 
+    def _single(self) -> NotSupported:
+        return NotSupported("a single-user directory source has its one user in the config "
+                            "(username, password_hash); make a hash with `pop3sf-admin hash`")
+
+    def add_user(self, name: str, password: str) -> None:
+        raise self._single()
+
+    def set_password(self, name: str, password: str) -> None:
+        raise self._single()
+
+    def delete_user(self, name: str) -> None:
+        raise self._single()
+
 
 class MultiUserDirectorySource(_DirectorySourceBase):
     """The multi-user directory: one subdirectory per user holding its password file."""
@@ -172,6 +186,9 @@ class MultiUserDirectorySource(_DirectorySourceBase):
         if not is_valid_username(name):
             raise BadName(f"invalid user name {name!r}: use 1-64 of A-Z a-z 0-9 _ -")
         return name
+
+    def check_user_name(self, name: str) -> None:
+        self._check_name(name)
 
     def _user_fd(self, name: str | None) -> int:
         """An fd of an existing user's directory (never through a symlink)."""

@@ -90,6 +90,9 @@ class Source(abc.ABC):
     def list_messages(self, user: str | None) -> Sequence[MessageSummary]:
         """The user's messages, oldest first."""
 
+    def check_user_name(self, name: str) -> None:  # noqa: B027 - optional hook
+        """Raise :class:`BadName` if ``name`` can't be a user of this source (before prompts)."""
+
     def list_users(self) -> Sequence[str]:
         raise NotSupported(f"{type(self).__name__} has no users to list")
 

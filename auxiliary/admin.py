@@ -1,0 +1,281 @@
+"""``pop3sf-admin``: users and messages of the configured data source, from the shell.
+
+The source is the ``[adapter]`` section of ``/etc/pop3sf.conf`` (or ``--config``), so the tool
+always writes where the server reads. Passwords are asked twice on a terminal, or read as one
+line from standard input in scripts (``echo "$pw" | pop3sf-admin user add alice``). Errors go to
+stderr with an exit status from ``sysexits.h``, so scripts can tell them apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+from pop3sf.adapters.plaintext import decode_text
+
+from pop3sf import passwords
+
+from .sources import (
+    BadMessage,
+    BadName,
+    NotSupported,
+    Source,
+    SourceError,
+    UnknownUser,
+    UserExists,
+    open_source,
+    password_bytes,
+)
+
+PROG = "pop3sf-admin"
+DEFAULT_CONFIG = "/etc/pop3sf.conf"
+
+EX_OK = 0
+EX_USAGE = 64
+EX_DATAERR = 65  # bad user name, bad message, passwords differ
+EX_NOINPUT = 66  # an input file can't be read
+EX_NOUSER = 67  # unknown user
+EX_UNAVAILABLE = 69  # the source can't do that (users of a single-user source)
+EX_SOFTWARE = 70
+EX_CANTCREAT = 73  # user already exists
+EX_IOERR = 74
+EX_NOPERM = 77
+EX_CONFIG = 78
+
+EPILOG = """\
+exit status: 0 success, 64 usage, 65 bad name/message/password, 66 unreadable input,
+67 unknown user, 69 not supported by this source, 73 user exists, 74 I/O error,
+77 permission denied, 78 bad configuration, 1 other source errors."""
+
+
+class Failure(Exception):
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class SourceSettings(NamedTuple):
+    adapter_type: str
+    adapter_config: Mapping[str, Any]
+    service_user: str | None
+
+
+def load_settings(path: str) -> SourceSettings:
+    """The configured source, read through the server's own config loader."""
+    from pop3sf.config import ConfigError, load_config
+
+    if not os.path.exists(path):
+        raise Failure(f"config file {path} does not exist", EX_CONFIG)
+    try:
+        settings = load_config(path)
+    except ConfigError as exc:
+        raise Failure(f"bad configuration: {exc}", EX_CONFIG) from exc
+    except PermissionError as exc:
+        raise Failure(f"cannot read {path}: {exc.strerror}", EX_NOPERM) from exc
+    except OSError as exc:
+        raise Failure(f"cannot read {path}: {exc}", EX_CONFIG) from exc
+    return SourceSettings(settings.adapter_type, settings.adapter_config, settings.service_user)
+
+
+# --- input --------------------------------------------------------------------------------
+
+
+def read_password(confirm: bool = True) -> str:
+    """Twice via getpass on a terminal; otherwise one line of standard input."""
+    if sys.stdin.isatty():
+        first = getpass.getpass("Password: ")
+        if confirm and getpass.getpass("Retype password: ") != first:
+            raise Failure("passwords differ; nothing changed", EX_DATAERR)
+        password = first
+    else:
+        line = sys.stdin.buffer.readline()
+        try:
+            password = line.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise Failure("the password read from stdin is not UTF-8", EX_DATAERR) from None
+    if not password:
+        raise Failure("empty password refused", EX_DATAERR)
+    return password
+
+
+def _read_input(path: str) -> bytes:
+    try:
+        if path == "-":
+            return sys.stdin.buffer.read()
+        with open(path, "rb") as f:
+            return f.read()
+    except PermissionError as exc:
+        raise Failure(f"cannot read {path}: permission denied", EX_NOINPUT) from exc
+    except OSError as exc:
+        raise Failure(f"cannot read {path}: {exc.strerror or exc}", EX_NOINPUT) from exc
+
+
+def _looks_like_message(data: bytes) -> bool:
+    first = data.lstrip(b"\r\n").split(b"\n", 1)[0]
+    name, colon, _ = first.partition(b":")
+    return bool(colon) and bool(name) and all(33 <= c <= 126 for c in name)
+
+
+# --- commands -----------------------------------------------------------------------------
+
+
+def cmd_user_add(source: Source, args: argparse.Namespace) -> int:
+    if source.has_users:  # complain before asking for a password
+        source.check_user_name(args.name)
+        if args.name in source.list_users():
+            raise UserExists(f"user {args.name!r} already exists")
+    source.add_user(args.name, read_password())
+    print(f"{PROG}: added user {args.name}", file=sys.stderr)
+    return EX_OK
+
+
+def cmd_user_passwd(source: Source, args: argparse.Namespace) -> int:
+    if source.has_users:  # fails early for bad names and unknown users, before asking
+        source.check_user_name(args.name)
+        source.list_messages(args.name)
+    source.set_password(args.name, read_password())
+    print(f"{PROG}: password of {args.name} changed", file=sys.stderr)
+    return EX_OK
+
+
+def cmd_user_del(source: Source, args: argparse.Namespace) -> int:
+    count = len(source.list_messages(args.name)) if source.has_users else 0
+    if count and not args.force:
+        raise Failure(f"user {args.name} still has {count} message(s); "
+                      "add --force to delete the user and them", EX_DATAERR)
+    source.delete_user(args.name)
+    print(f"{PROG}: deleted user {args.name} and {count} message(s)", file=sys.stderr)
+    return EX_OK
+
+
+def cmd_user_list(source: Source, args: argparse.Namespace) -> int:
+    for name in source.list_users():
+        print(name)
+    return EX_OK
+
+
+def cmd_message_add(source: Source, args: argparse.Namespace) -> int:
+    if args.eml is not None:
+        data = _read_input(args.eml)
+        if not data.strip():
+            raise Failure("empty message refused", EX_DATAERR)
+        if not _looks_like_message(data):
+            raise Failure(f"{args.eml} does not start with a header field; to add plain text, "
+                          "leave out --eml", EX_DATAERR)
+        message_id = source.add_message(args.name, data)
+    else:
+        if args.text == "-" and sys.stdin.isatty():
+            print(f"{PROG}: reading the message text from the terminal; end with Ctrl-D",
+                  file=sys.stderr)
+        data = _read_input(args.text)
+        if not data.strip():
+            raise Failure("empty message refused", EX_DATAERR)
+        message_id = source.add_message(args.name, decode_text(data))
+    print(message_id)
+    return EX_OK
+
+
+def cmd_message_list(source: Source, args: argparse.Namespace) -> int:
+    for m in source.list_messages(args.name):
+        print(f"{m.id}\t{m.size}\t{m.date.strftime('%Y-%m-%d %H:%M:%S')}\t{m.subject}")
+    return EX_OK
+
+
+def cmd_hash(args: argparse.Namespace) -> int:
+    """A bcrypt hash for the single-user sources' ``password_hash`` key."""
+    print(passwords.hash_bcrypt(password_bytes(read_password()), rounds=args.rounds))
+    return EX_OK
+
+
+# --- command line -------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Manage users and messages of the data source pop3sf serves.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
+                        help=f"configuration file (default {DEFAULT_CONFIG})")
+    sub = parser.add_subparsers(dest="area", required=True)
+
+    user = sub.add_parser("user", help="add, change, delete and list users")
+    user_sub = user.add_subparsers(dest="action", required=True)
+    p = user_sub.add_parser("add", help="add a user (password asked, or one line of stdin)")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_user_add)
+    p = user_sub.add_parser("passwd", help="change a user's password")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_user_passwd)
+    p = user_sub.add_parser("del", help="delete a user (and, with --force, their messages)")
+    p.add_argument("name")
+    p.add_argument("--force", action="store_true", help="also when the user has messages")
+    p.set_defaults(func=cmd_user_del)
+    p = user_sub.add_parser("list", help="list users")
+    p.set_defaults(func=cmd_user_list)
+
+    message = sub.add_parser("message", help="add and list messages")
+    message_sub = message.add_subparsers(dest="action", required=True)
+    p = message_sub.add_parser("add", help="add plain text from stdin, or an .eml with --eml")
+    p.add_argument("name")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--eml", metavar="FILE", help="an RFC 5322 message file ('-': stdin)")
+    group.add_argument("--text", metavar="FILE", default="-",
+                       help="a plain text file to wrap (default: stdin)")
+    p.set_defaults(func=cmd_message_add)
+    p = message_sub.add_parser("list", help="list a user's messages (id, size, date, subject)")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_message_list)
+
+    p = sub.add_parser("hash", help="print a bcrypt hash of a password (for password_hash)")
+    p.add_argument("--rounds", type=int, default=12, choices=range(4, 32), metavar="4..31")
+    p.set_defaults(func=None)
+    return parser
+
+
+def _status_of(exc: BaseException) -> int:
+    table: Sequence[tuple[type[BaseException], int]] = (
+        (UnknownUser, EX_NOUSER), (BadName, EX_DATAERR), (BadMessage, EX_DATAERR),
+        (UserExists, EX_CANTCREAT), (NotSupported, EX_UNAVAILABLE), (SourceError, 1),
+        (PermissionError, EX_NOPERM), (OSError, EX_IOERR),
+    )
+    for cls, status in table:
+        if isinstance(exc, cls):
+            return status
+    return EX_SOFTWARE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.area == "hash":
+            return cmd_hash(args)
+        settings = load_settings(args.config)
+        source = open_source(settings.adapter_type, settings.adapter_config,
+                             settings.service_user)
+        func: Callable[[Source, argparse.Namespace], int] = args.func
+        with source:
+            return func(source, args)
+    except Failure as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return exc.status
+    except (SourceError, OSError) as exc:
+        if isinstance(exc, PermissionError):
+            where = f" ({exc.filename})" if exc.filename else ""
+            message = f"permission denied{where}; run as root or as the service user"
+        elif isinstance(exc, OSError):
+            message = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+        else:
+            message = str(exc)
+        print(f"{PROG}: {message}", file=sys.stderr)
+        return _status_of(exc)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
