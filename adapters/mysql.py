@@ -1,0 +1,765 @@
+"""MySQL/MariaDB sources: messages in a table, one account or many (SPEC §A7).
+
+The tables are the original pop3sf's, so existing databases keep working unchanged::
+
+    messages: id INT UNSIGNED AUTO_INCREMENT PRIMARY KEY   -- the unique id (UIDL)
+              [user_id INT UNSIGNED]                       -- multi-user only
+              message MEDIUMTEXT, is_plaintext BOOL, added_timestamp DATETIME
+    users:    id INT UNSIGNED AUTO_INCREMENT PRIMARY KEY, username VARCHAR(64) UNIQUE,
+              password_bcrypt CHAR(60)                     -- multi-user only
+
+Other programs insert rows; only pop3sf deletes them. Message bodies are read as bytes
+(``CAST(message AS BINARY)``, so the column's character set never re-encodes them) in chunks
+with ``SUBSTRING``; a 50 MB ``LONGTEXT`` row is never held whole. Exact sizes come from one query
+at login that counts octets and bare line ends in SQL and extracts the header section only of
+messages whose header has 8-bit octets (for the RFC 6858 downgraded size). Rows with
+``is_plaintext`` are wrapped like the directory adapter's ``.txt`` files (Subject "Plaintext
+database entry <id>", Date from ``added_timestamp``); their size is measured in Python by reading
+the row once and kept in an LRU keyed by (id, length, CRC32), so it is computed once per row.
+
+Deletions run at QUIT in one transaction, restricted to the logged-in user's rows. Across several
+pop3sf instances on one database, a read-write session holds ``GET_LOCK`` on a connection of its
+own (never pooled: MySQL locks belong to connections and are re-entrant, so a pooled connection
+would hand one account's lock to a second session) and re-checks it holds it before deleting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import hmac
+import io
+import logging
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, BinaryIO, ClassVar
+
+from pop3sf import passwords
+from pop3sf.wire import MAX_DOWNGRADE_HEADER, downgrade_header_section, measure
+
+from .base import (
+    Adapter,
+    AdapterError,
+    AuthenticationFailed,
+    AuthResult,
+    ConfigurationError,
+    Credentials,
+    DeleteResult,
+    MailboxSession,
+    MaildropInUse,
+    MessageGone,
+    MessageInfo,
+    Peer,
+    PermanentFailure,
+    TemporaryFailure,
+    normalize_secret,
+)
+from .directory import validated
+from .mysql_driver import CircuitBreaker, ConnectParams, Driver, Pool, read_password_file
+from .plaintext import PlaintextMessage
+
+log = logging.getLogger("pop3sf.adapters.mysql")
+
+IDENTIFIER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,63}")
+#: Server errors that retrying won't fix: missing table or column, missing privilege.
+PERMANENT_ERRNOS = frozenset({1054, 1142, 1143, 1146, 1049})
+#: How many ids go into one ``DELETE ... IN (...)``.
+DELETE_BATCH = 500
+LOCK_PREFIX = "pop3sf:"
+
+_COMMON_SPEC = """
+driver = option("auto", "mysql-connector", "pymysql", default="auto")
+host = string(default="localhost")
+port = integer(1, 65535, default=3306)
+unix_socket = string(default="")
+user = string(default="pop3sf")
+password = string(default="")
+password_file = string(default="")
+database = string(default="pop3sf")
+ssl = boolean(default=False)
+ssl_ca = string(default="")
+ssl_cert = string(default="")
+ssl_key = string(default="")
+ssl_verify_identity = boolean(default=True)
+connect_timeout = float(0.1, 300, default=5)
+read_timeout = float(1, 3600, default=30)
+write_timeout = float(1, 3600, default=30)
+pool_size = integer(1, 1000, default=10)
+pool_timeout = float(0, 300, default=10)
+breaker_threshold = integer(1, 1000, default=5)
+breaker_cooldown = float(0, 3600, default=10)
+chunk_size = integer(4096, 16777216, default=1048576)
+create_tables = boolean(default=True)
+message_column_type = option("MEDIUMTEXT", "LONGTEXT", "MEDIUMBLOB", "LONGBLOB", default="MEDIUMTEXT")
+cross_instance_lock = boolean(default=True)
+from_address = string(default="nobody <nobody@localhost>")
+to_address = string(default="%u <%u@localhost>")
+plaintext_size_cache = integer(0, 100000000, default=100000)
+"""
+
+_CONNECT_KEYS = ("driver", "host", "port", "unix_socket", "user", "password", "password_file",
+                 "database", "ssl", "ssl_ca", "ssl_cert", "ssl_key", "ssl_verify_identity",
+                 "connect_timeout", "read_timeout", "write_timeout", "pool_size", "pool_timeout",
+                 "breaker_threshold", "breaker_cooldown")
+
+_CONFIG_DOC = """
+    Connection keys (both adapters):
+
+    ``driver``
+        ``auto`` (default: mysql-connector-python when installed, else PyMySQL),
+        ``mysql-connector`` or ``pymysql``.
+    ``host``, ``port``
+        The server over TCP (default ``localhost``, 3306); ignored when ``unix_socket`` is set.
+    ``unix_socket``
+        Path of the server's unix socket (e.g. ``/run/mysqld/mysqld.sock``).
+    ``user``, ``password``
+        The database account (default user ``pop3sf``); see docs/mysql.md for its grants.
+    ``password_file``
+        Read the password from this file's first line instead; it must not be readable by
+        others (``chown root:pop3sf``, ``chmod 0640``), or the adapter refuses to start.
+    ``database``
+        The database (schema) holding the tables (default ``pop3sf``).
+    ``ssl``, ``ssl_ca``, ``ssl_cert``, ``ssl_key``, ``ssl_verify_identity``
+        TLS to the database: on with ``ssl = yes``; the server certificate is checked against
+        ``ssl_ca`` (default: the system's trust store) and, unless ``ssl_verify_identity = no``,
+        its host name; ``ssl_cert``/``ssl_key`` give a client certificate.
+    ``connect_timeout``, ``read_timeout``, ``write_timeout``
+        Seconds (defaults 5, 30, 30), so a hung database can't pin worker threads.
+    ``pool_size``, ``pool_timeout``
+        At most this many pooled connections (default 10); a call waits this long for a free
+        one (default 10 s) before failing with ``[SYS/TEMP]``. Each read-write session also
+        holds one lock connection while logged in (``cross_instance_lock``).
+    ``breaker_threshold``, ``breaker_cooldown``
+        After this many consecutive failed connects (default 5), calls fail at once with
+        ``[SYS/TEMP]`` for this many seconds (default 10) before one new attempt.
+
+    Other keys (both adapters):
+
+    ``chunk_size``
+        Octets fetched per ``SUBSTRING`` query when sending a message (default 1 MiB).
+    ``create_tables``
+        Create missing tables at start (default yes). New tables get ``INDEX(user_id)``.
+    ``message_column_type``
+        ``MEDIUMTEXT`` (default, the original's, up to 16 MiB) or ``LONGTEXT`` for the
+        ``message`` column of tables this adapter creates.
+    ``cross_instance_lock``
+        Hold ``GET_LOCK`` per account during read-write sessions (default yes), so several
+        pop3sf instances on one database serve an account once. Galera does not support it:
+        set ``no`` there and route each account to one instance.
+    ``from_address``, ``to_address``
+        From and To of wrapped ``is_plaintext`` rows; ``%u`` is the account name.
+    ``plaintext_size_cache``
+        How many wrapped sizes of ``is_plaintext`` rows to remember (default 100000).
+"""
+
+
+def check_identifier(name: str, key: str) -> str:
+    """``name`` back-quoted, after checking it is a plain identifier (never formatted raw)."""
+    if not isinstance(name, str) or IDENTIFIER_RE.fullmatch(name) is None:
+        raise ConfigurationError(
+            f"{key} = {name!r}: not a plain table name ([A-Za-z_][A-Za-z0-9_$]{{0,63}})")
+    return f"`{name}`"
+
+
+def lock_name(database: str, table: str, account_id: str) -> str:
+    """``pop3sf:`` + a hash of where the account's messages are: 64 characters, MySQL's limit."""
+    key = "\0".join((database, table, account_id)).encode("utf-8", "surrogateescape")
+    return LOCK_PREFIX + hashlib.sha256(key).hexdigest()[: 64 - len(LOCK_PREFIX)]
+
+
+def plaintext_subject(row_id: int) -> str:
+    return f"Plaintext database entry {row_id}"
+
+
+@dataclass(frozen=True)
+class _Row:
+    id: int
+    plaintext: bool
+    timestamp: int
+    length: int
+
+
+class _LRU:
+    """A small thread-safe LRU (plain-text rows' wrapped sizes)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._data: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            value = self._data.get(key)
+            if value is not None:
+                self._data.move_to_end(key)
+            return value
+
+    def put(self, key: Any, value: Any) -> None:
+        if self.size <= 0:
+            return
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.size:
+                self._data.popitem(last=False)
+
+
+class RowStream(io.RawIOBase):
+    """A seekable binary stream over one row's ``message``, fetched ``chunk`` octets per query.
+
+    Only the current chunk is held; seeking back into it costs no query (small rows are read
+    once even when the plain-text wrapper reads them twice).
+    """
+
+    def __init__(self, fetch: Callable[[int, int], bytes | None], length: int, chunk: int) -> None:
+        super().__init__()
+        self._fetch = fetch
+        self.length = length
+        self._chunk = chunk
+        self._pos = 0
+        self._buf = b""
+        self._buf_start = 0
+        #: Octets fetched from the database so far (tests check memory stays bounded).
+        self.fetched = 0
+        self.queries = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.length}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        if self._pos >= self.length:
+            return 0
+        offset = self._pos - self._buf_start
+        if not 0 <= offset < len(self._buf):
+            self._buf = b""  # drop the old chunk before fetching the next
+            data = self._fetch(self._pos, min(self._chunk, self.length - self._pos))
+            self.queries += 1
+            if data is None:
+                raise MessageGone("message deleted while it was being read")
+            if not data:
+                self.length = self._pos  # the row shrank: end here
+                return 0
+            self.fetched += len(data)
+            self._buf, self._buf_start, offset = data, self._pos, 0
+        view = memoryview(buffer)
+        n = min(len(view), len(self._buf) - offset)
+        view[:n] = self._buf[offset:offset + n]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._buf = b""
+        super().close()
+
+
+class _MySQLAdapterBase(Adapter):
+    """What both MySQL adapters share: settings, pool, schema, the session class."""
+
+    blocking = True
+    allows_read_only = True
+    multi_user: ClassVar[bool] = False
+    default_messages_table: ClassVar[str] = ""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        super().__init__(config)
+        self.options = self._check(config)
+        self.driver = Driver.choose(self.options["driver"])
+        self.params = self._params(self.options)
+        self.pool = self._make_pool(self.options)
+        self.plaintext_sizes = _LRU(self.options["plaintext_size_cache"])
+        self._schema_ready = False
+        self._schema_lock = threading.Lock()
+
+    # --- settings --------------------------------------------------------------------------
+
+    def _check(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        options = validated(self.configspec, config, f"[adapter] of {type(self).__name__}")
+        options["messages_sql"] = check_identifier(options["messages_table"], "messages_table")
+        if self.multi_user:
+            options["users_sql"] = check_identifier(options["users_table"], "users_table")
+        if options["password_file"]:
+            options["password"] = read_password_file(options["password_file"])
+        for key in ("ssl_ca", "ssl_cert", "ssl_key"):
+            if options[key] and not options["ssl"]:
+                raise ConfigurationError(f"{key} is set but ssl = no; set ssl = yes to use TLS")
+        return options
+
+    @staticmethod
+    def _params(o: Mapping[str, Any]) -> ConnectParams:
+        return ConnectParams(
+            host=o["host"], port=o["port"], unix_socket=o["unix_socket"], user=o["user"],
+            password=o["password"], database=o["database"], connect_timeout=o["connect_timeout"],
+            read_timeout=o["read_timeout"], write_timeout=o["write_timeout"], ssl=o["ssl"],
+            ssl_ca=o["ssl_ca"], ssl_cert=o["ssl_cert"], ssl_key=o["ssl_key"],
+            ssl_verify_identity=o["ssl_verify_identity"])
+
+    def _make_pool(self, o: Mapping[str, Any]) -> Pool:
+        breaker = CircuitBreaker(o["breaker_threshold"], o["breaker_cooldown"])
+        return Pool(self.driver, self._params(o), size=o["pool_size"],
+                    timeout=o["pool_timeout"], breaker=breaker)
+
+    # --- life cycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        try:
+            self.ensure_schema()
+        except TemporaryFailure as exc:  # the server runs; logins work once the database is up
+            log.warning("mysql: tables not checked at start (%s); will retry at first login", exc)
+
+    def reload(self, config: Mapping[str, Any]) -> None:
+        options = self._check(config)
+        driver = Driver.choose(options["driver"])
+        old_pool = None
+        if any(options[k] != self.options[k] for k in _CONNECT_KEYS) or \
+                driver.name != self.driver.name:
+            old_pool = self.pool
+            self.driver = driver
+            self.pool = self._make_pool(options)
+        if self.options["plaintext_size_cache"] != options["plaintext_size_cache"]:
+            self.plaintext_sizes = _LRU(options["plaintext_size_cache"])
+        tables = ("messages_table", "users_table", "database", "create_tables")
+        if any(options.get(k) != self.options.get(k) for k in tables):
+            self._schema_ready = False
+        self.config, self.options = config, options
+        self.params = self._params(options)
+        if old_pool is not None:
+            old_pool.close()  # connections in use are closed when given back
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def new_session(self, peer: Peer) -> MySQLSession:
+        return MySQLSession(self, peer)
+
+    # --- SQL helpers -----------------------------------------------------------------------
+
+    def query(self, sql: str, args: Sequence[Any] = (), retry: bool = True) -> list[Any]:
+        """Rows of one read-only statement on a pooled connection."""
+        def run(conn: Any) -> list[Any]:
+            return self.fetch_all(conn, sql, args)
+        return list(self.pool.run(run, retry=retry))
+
+    def fetch_all(self, conn: Any, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        cur = conn.cursor(buffered=True) if self.driver.name == "mysql-connector" \
+            else conn.cursor()
+        try:
+            cur.execute(sql, tuple(args))
+            return list(cur.fetchall()) if cur.description else []
+        finally:
+            cur.close()
+
+    def execute(self, conn: Any, sql: str, args: Sequence[Any] = ()) -> int:
+        cur = conn.cursor()
+        try:
+            cur.execute(sql, tuple(args))
+            return int(cur.rowcount)
+        finally:
+            cur.close()
+
+    @contextlib.contextmanager
+    def guard(self, what: str) -> Iterator[None]:
+        """Driver errors -> :class:`TemporaryFailure` (or :class:`PermanentFailure`), logged."""
+        try:
+            yield
+        except AdapterError:
+            raise
+        except Exception as exc:
+            num = self.driver.errno(exc)
+            if isinstance(exc, self.driver.Error) and num in PERMANENT_ERRNOS:
+                log.error("mysql: %s failed: %s (check the tables and grants; docs/mysql.md)",
+                          what, exc)
+                raise PermanentFailure(f"database error during {what}") from exc
+            log.error("mysql: %s failed: %s: %s", what, type(exc).__name__,
+                      str(exc).strip() or "(no message)")
+            raise TemporaryFailure(f"database error during {what}") from exc
+
+    # --- schema ----------------------------------------------------------------------------
+
+    def schema_sql(self) -> list[str]:
+        """CREATE TABLE IF NOT EXISTS statements: the original's columns, plus the index."""
+        o = self.options
+        user_col = "user_id INT UNSIGNED NOT NULL,\n" if self.multi_user else ""
+        user_idx = ",\nINDEX user_id (user_id)" if self.multi_user else ""
+        stmts = [f"""CREATE TABLE IF NOT EXISTS {o["messages_sql"]} (
+id INT UNSIGNED AUTO_INCREMENT PRIMARY KEY NOT NULL,
+{user_col}message {o["message_column_type"]} NOT NULL,
+is_plaintext BOOL NOT NULL,
+added_timestamp DATETIME DEFAULT CURRENT_TIMESTAMP NOT NULL{user_idx}
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"""]
+        if self.multi_user:
+            stmts.append(f"""CREATE TABLE IF NOT EXISTS {o["users_sql"]} (
+id INT UNSIGNED AUTO_INCREMENT PRIMARY KEY NOT NULL,
+username VARCHAR(64) UNIQUE NOT NULL,
+password_bcrypt CHAR(60) NOT NULL
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4""")
+        return stmts
+
+    def ensure_schema(self) -> None:
+        if self._schema_ready or not self.options["create_tables"]:
+            return
+        with self._schema_lock:
+            if self._schema_ready:
+                return
+
+            def create(conn: Any) -> None:
+                for stmt in self.schema_sql():
+                    self.execute(conn, stmt)
+            with self.guard("creating tables"):
+                self.pool.run(create)
+            self._schema_ready = True
+
+    # --- accounts --------------------------------------------------------------------------
+
+    def authenticate(self, credentials: Credentials) -> tuple[str, int | None]:
+        """(canonical account id, user_id or None) or :class:`AuthenticationFailed`."""
+        raise NotImplementedError
+
+    def address(self, template: str, account: str) -> str:
+        return template.replace("%u", account)
+
+
+def _verify(stored: str, password: bytes) -> None:
+    try:
+        ok = passwords.verify(stored, password)
+    except passwords.UnknownScheme as exc:
+        log.warning("mysql: password hash of unknown scheme %s; login denied", exc)
+        raise AuthenticationFailed("unknown password scheme") from None
+    if not ok:
+        raise AuthenticationFailed("wrong password")
+
+
+class MySQLAdapter(_MySQLAdapterBase):
+    """One account whose messages are the rows of one table (the original's single-user table).
+
+    Config keys (``[adapter]``, ``type = mysql``):
+
+    ``username``
+        The one user name accepted (compared exactly, after NFC normalisation).
+    ``password_hash``
+        Its password hash: bcrypt (``$2b$...``) or a scheme of :mod:`pop3sf.passwords`.
+    ``messages_table``
+        Table name (default ``pop3sf_singleuser_messages``).
+
+    Plus the connection and other keys listed below.
+    """
+
+    configspec = """
+username = string
+password_hash = string
+messages_table = string(default="pop3sf_singleuser_messages")
+""" + _COMMON_SPEC
+
+    def _check(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        options = super()._check(config)
+        try:
+            passwords.scheme_of(options["password_hash"])
+        except passwords.UnknownScheme as exc:
+            raise ConfigurationError(f"password_hash: unknown scheme {exc}") from exc
+        return options
+
+    def authenticate(self, credentials: Credentials) -> tuple[str, int | None]:
+        stored: str = self.options["password_hash"]
+        username = normalize_secret(self.options["username"])
+        if not hmac.compare_digest(credentials.username.encode("utf-8", "surrogateescape"),
+                                   username.encode("utf-8", "surrogateescape")):
+            passwords.dummy_verify(credentials.password_bytes(), like=stored)
+            raise AuthenticationFailed("unknown user")
+        _verify(stored, credentials.password_bytes())
+        return username, None
+
+
+class MultiUserMySQLAdapter(_MySQLAdapterBase):
+    """Many accounts: a users table and one messages table with ``user_id`` (the original's).
+
+    User names are matched by the users table's collation (case-insensitive by default); the
+    name as stored is the canonical account id. Hashes are bcrypt as ``pop3sf-admin`` writes
+    them, or any scheme of :mod:`pop3sf.passwords` that fits the column.
+
+    Config keys (``[adapter]``, ``type = mysql_multi``):
+
+    ``messages_table``
+        Table name (default ``pop3sf_multiuser_messages``).
+    ``users_table``
+        Table name (default ``pop3sf_multiuser_users``).
+    ``bcrypt_rounds``
+        Cost of the hashes ``pop3sf-admin`` writes (default 12; the server reads any cost).
+
+    Plus the connection and other keys listed below.
+    """
+
+    multi_user = True
+    configspec = """
+messages_table = string(default="pop3sf_multiuser_messages")
+users_table = string(default="pop3sf_multiuser_users")
+bcrypt_rounds = integer(4, 31, default=12)
+""" + _COMMON_SPEC
+
+    def authenticate(self, credentials: Credentials) -> tuple[str, int | None]:
+        password = credentials.password_bytes()
+        name = credentials.username
+        rows: list[Any] = []
+        if 0 < len(name) <= 64:
+            self.ensure_schema()
+            with self.guard("looking up a user"):
+                rows = self.query(f"SELECT id, username, password_bcrypt FROM "
+                                  f"{self.options['users_sql']} WHERE username = %s", (name,))
+        if len(rows) > 1:  # several names equal under the collation: only an exact one counts
+            rows = [r for r in rows if r[1] == name]
+        if len(rows) != 1:
+            passwords.dummy_verify(password)
+            raise AuthenticationFailed("unknown user")
+        user_id, stored_name, stored = rows[0]
+        _verify(_text(stored).strip(), password)
+        return _text(stored_name), int(user_id)
+
+
+MySQLAdapter.__doc__ = (MySQLAdapter.__doc__ or "") + _CONFIG_DOC
+MultiUserMySQLAdapter.__doc__ = (MultiUserMySQLAdapter.__doc__ or "") + _CONFIG_DOC
+
+
+def _text(value: Any) -> str:
+    return bytes(value).decode("utf-8", "surrogateescape") \
+        if isinstance(value, bytes | bytearray) else str(value)
+
+
+def _bytes(value: Any) -> bytes:
+    if value is None:
+        return b""
+    if isinstance(value, str):  # a driver that decoded a binary column: undo it exactly
+        return value.encode("utf-8", "surrogateescape")
+    return bytes(value)
+
+
+class MySQLSession(MailboxSession):
+    """One client's view of the table; keeps the login snapshot and the lock connection."""
+
+    def __init__(self, adapter: _MySQLAdapterBase, peer: Peer) -> None:
+        self.adapter = adapter
+        self.peer = peer
+        self.account: str | None = None
+        self.user_id: int | None = None
+        self.read_only = False
+        self.rows: dict[str, _Row] = {}
+        self.lock_conn: Any = None
+        self.lock_name: str | None = None
+
+    # SQL fragments restricting statements to this account's rows.
+    def _owner(self) -> tuple[str, tuple[Any, ...]]:
+        if self.adapter.multi_user:
+            return " AND user_id = %s", (self.user_id,)
+        return "", ()
+
+    @property
+    def _table(self) -> str:
+        return str(self.adapter.options["messages_sql"])
+
+    def authenticate(self, credentials: Credentials) -> AuthResult:
+        account, user_id = self.adapter.authenticate(credentials)
+        self.account, self.user_id = account, user_id
+        return AuthResult(account)
+
+    def login_succeeded(self, account: AuthResult, read_only: bool) -> None:
+        self.read_only = read_only
+        if read_only or not self.adapter.options["cross_instance_lock"]:
+            return
+        o = self.adapter.options
+        name = lock_name(o["database"], o["messages_table"], account.account_id)
+        conn = self.adapter.pool.open_connection()
+        try:
+            with self.adapter.guard("taking the account lock"):
+                got = self.adapter.fetch_all(conn, "SELECT GET_LOCK(%s, 0)", (name,))[0][0]
+        except BaseException:
+            _close_quietly(conn)
+            raise
+        if got is None or int(got) != 1:
+            _close_quietly(conn)
+            if got is None:
+                raise TemporaryFailure("GET_LOCK failed")
+            raise MaildropInUse("account in use by another session")
+        self.lock_conn, self.lock_name = conn, name
+
+    def list_messages(self) -> Sequence[MessageInfo]:
+        adapter = self.adapter
+        adapter.ensure_schema()
+        where, args = self._owner()
+        b = "CAST(message AS BINARY)"
+        # LF-normalised start of the message, up to the header section's blank line.
+        hp = (f"REPLACE(REPLACE(LEFT(b, {MAX_DOWNGRADE_HEADER + 2}), CHAR(13,10), CHAR(10)), "
+              f"CHAR(13), CHAR(10))")
+        sql = f"""SELECT id, is_plaintext, ts, len, lf, cr, crlf, last, crc,
+  IF(CAST(CONVERT(CONVERT(h USING latin1) USING ascii) AS BINARY) <> h, h, NULL)
+FROM (SELECT id, is_plaintext, ts, len, lf, cr, crlf, last, crc,
+        IF(LEFT(hp, 1) = CHAR(10), CHAR(10),
+           IF(LOCATE(CHAR(10,10), hp) = 0, hp, LEFT(hp, LOCATE(CHAR(10,10), hp) + 1))) AS h
+      FROM (SELECT id, is_plaintext, ts, LENGTH(b) AS len,
+              LENGTH(b) - LENGTH(REPLACE(b, CHAR(10), '')) AS lf,
+              LENGTH(b) - LENGTH(REPLACE(b, CHAR(13), '')) AS cr,
+              (LENGTH(b) - LENGTH(REPLACE(b, CHAR(13,10), ''))) DIV 2 AS crlf,
+              RIGHT(b, 1) AS last, IF(is_plaintext, CRC32(b), NULL) AS crc,
+              IF(is_plaintext, '', {hp}) AS hp
+            FROM (SELECT id, is_plaintext, UNIX_TIMESTAMP(added_timestamp) AS ts, {b} AS b
+                  FROM {self._table} WHERE 1 = 1{where}) AS m1) AS m2) AS m3
+ORDER BY id"""
+        with adapter.guard("listing messages"):
+            result = adapter.query(sql, args)
+        infos: list[MessageInfo] = []
+        rows: dict[str, _Row] = {}
+        for rid, plain, ts, length, lf, cr, crlf, last, crc, head in result:
+            row = _Row(int(rid), bool(plain), int(ts or 0), int(length))
+            uid = str(row.id)
+            rows[uid] = row
+            if row.plaintext:
+                infos.append(self._plaintext_info(row, int(crc or 0)))
+                continue
+            lf, cr, crlf = int(lf), int(cr), int(crlf)
+            size = row.length + (lf - crlf) + (cr - crlf)
+            if row.length and _bytes(last) not in (b"\n", b"\r"):
+                size += 2
+            infos.append(self._info(uid, size, row.length, _bytes(head) if head is not None
+                                    else None))
+        self.rows = rows
+        return infos
+
+    @staticmethod
+    def _info(uid: str, size: int, length: int, head: bytes | None) -> MessageInfo:
+        if head is None:
+            return MessageInfo(uid, size)
+        complete = head == b"\n" or head.endswith(b"\n\n") or length <= MAX_DOWNGRADE_HEADER
+        if not complete or len(head) > MAX_DOWNGRADE_HEADER:
+            return MessageInfo(uid, size, True, None)
+        down = downgrade_header_section(head)
+        return MessageInfo(uid, size, True, size - _crlf_len(head) + _crlf_len(down))
+
+    def _plaintext_info(self, row: _Row, crc: int) -> MessageInfo:
+        o = self.adapter.options
+        key = (o["database"], o["messages_table"], row.id, row.length, crc, row.timestamp,
+               o["from_address"], o["to_address"], self.account)
+        found = self.adapter.plaintext_sizes.get(key)
+        if found is None:
+            with self._open(row) as stream:
+                found = measure(stream)
+            self.adapter.plaintext_sizes.put(key, found)
+        return MessageInfo(str(row.id), found.size, found.utf8_header, found.downgraded_size)
+
+    def open_message(self, uid: str) -> BinaryIO:
+        row = self.rows.get(uid)
+        if row is None:
+            raise MessageGone("no such message")
+        where, args = self._owner()
+        with self.adapter.guard("opening a message"):
+            found = self.adapter.query(
+                f"SELECT LENGTH(CAST(message AS BINARY)) FROM {self._table} "
+                f"WHERE id = %s{where}", (row.id, *args))
+        if not found:
+            raise MessageGone("message no longer exists")
+        return self._open(row, int(found[0][0]))
+
+    def _open(self, row: _Row, length: int | None = None) -> BinaryIO:
+        adapter = self.adapter
+        where, args = self._owner()
+        sql = (f"SELECT SUBSTRING(CAST(message AS BINARY), %s, %s) FROM {self._table} "
+               f"WHERE id = %s{where}")
+
+        def fetch(pos: int, size: int) -> bytes | None:
+            with adapter.guard("reading a message"):
+                found = adapter.query(sql, (pos + 1, size, row.id, *args))
+            return _bytes(found[0][0]) if found else None
+
+        stream = RowStream(fetch, row.length if length is None else length,
+                           adapter.options["chunk_size"])
+        if not row.plaintext:
+            return stream  # type: ignore[return-value]
+        o = adapter.options
+        account = self.account or ""
+        date = datetime.datetime.fromtimestamp(row.timestamp, tz=datetime.UTC)
+        return PlaintextMessage(stream, uid=str(row.id),  # type: ignore[arg-type, return-value]
+                                name=plaintext_subject(row.id), date=date,
+                                from_addr=adapter.address(o["from_address"], account),
+                                to_addr=adapter.address(o["to_address"], account),
+                                chunk=min(o["chunk_size"], 256 * 1024))
+
+    def delete_messages(self, uids: Collection[str]) -> DeleteResult:
+        failed: dict[str, str] = {}
+        ids: list[int] = []
+        for uid in uids:
+            row = self.rows.get(uid)
+            if row is None:
+                failed[uid] = "not in this session's listing"
+            else:
+                ids.append(row.id)
+        if not ids:
+            return DeleteResult(failed)
+        if self.read_only:
+            raise PermanentFailure("read-only session")
+        if self.lock_conn is not None:
+            with self.adapter.guard("deleting messages"):
+                self._delete_on(self.lock_conn, ids, check_lock=True)
+        else:
+            committing: list[bool] = []
+
+            def run(conn: Any) -> None:
+                self._delete_on(conn, ids, check_lock=False, committing=committing)
+
+            with self.adapter.guard("deleting messages"):
+                self.adapter.pool.run(run, retry=True)
+        return DeleteResult(failed)
+
+    def _delete_on(self, conn: Any, ids: list[int], check_lock: bool,
+                   committing: list[bool] | None = None) -> None:
+        if committing:  # a COMMIT was sent on a connection that died: don't guess, give up
+            raise TemporaryFailure("connection lost while committing deletions")
+        adapter = self.adapter
+        where, args = self._owner()
+        adapter.execute(conn, "START TRANSACTION")
+        try:
+            if check_lock:
+                held = adapter.fetch_all(conn, "SELECT IS_USED_LOCK(%s) = CONNECTION_ID()",
+                                         (self.lock_name,))[0][0]
+                if held is None or int(held) != 1:
+                    log.error("mysql: account lock of %s lost before QUIT; nothing deleted",
+                              self.account)
+                    raise TemporaryFailure("account lock lost; nothing deleted")
+            for start in range(0, len(ids), DELETE_BATCH):
+                batch = ids[start:start + DELETE_BATCH]
+                marks = ", ".join(["%s"] * len(batch))
+                adapter.execute(conn, f"DELETE FROM {self._table} WHERE id IN ({marks}){where}",
+                                (*batch, *args))
+            if committing is not None:
+                committing.append(True)
+            conn.commit()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.rollback()
+            raise
+
+    def connection_closed(self) -> None:
+        conn, self.lock_conn = self.lock_conn, None
+        if conn is None:
+            return
+        with contextlib.suppress(Exception):
+            self.adapter.fetch_all(conn, "SELECT RELEASE_LOCK(%s)", (self.lock_name,))
+        _close_quietly(conn)
+
+
+def _crlf_len(lf_data: bytes) -> int:
+    return len(lf_data) + lf_data.count(b"\n")
+
+
+def _close_quietly(conn: Any) -> None:
+    with contextlib.suppress(Exception):
+        conn.close()
