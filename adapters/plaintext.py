@@ -115,7 +115,7 @@ def encode_words(text: str) -> str:
     pieces: list[str] = []
     current = ""
     for ch in text:
-        if len((current + ch).encode()) > 45:
+        if len((current + ch).encode()) > 42:  # 56 base64 chars: lines stay within 78
             pieces.append(current)
             current = ""
         current += ch
@@ -124,16 +124,30 @@ def encode_words(text: str) -> str:
     return "\r\n ".join(f"=?utf-8?B?{base64.b64encode(p.encode()).decode()}?=" for p in pieces)
 
 
-def _unstructured(text: str) -> str:
+def _fold(text: str, first: int) -> str:
+    """Fold ASCII text at spaces so lines stay within 78 characters where words allow."""
+    lines: list[str] = []
+    current, limit = "", 78 - first
+    for word in text.split(" "):
+        if current and len(current) + 1 + len(word) > limit:
+            lines.append(current)
+            current, limit = word, 77
+        else:
+            current = f"{current} {word}" if current else word
+    lines.append(current)
+    return "\r\n ".join(lines)
+
+
+def _unstructured(text: str, first: int) -> str:
     if text.isascii() and "=?" not in text:
-        return text
+        return _fold(text, first)
     return encode_words(text)
 
 
 def subject_for(name: str) -> str:
     """The Subject field body for a file name: sanitised, shortened, encoded if not ASCII."""
     text = _clean(name)[:MAX_SUBJECT] or "(no name)"
-    return _unstructured(text)
+    return _unstructured(text, len("Subject: "))
 
 
 def address_field(value: str) -> str:
