@@ -43,6 +43,7 @@ _CRYPT_SCHEMES = {"CRYPT": None, "DES-CRYPT": None, "MD5-CRYPT": "$1$", "MD5": "
                   "SHA256-CRYPT": "$5$", "SHA512-CRYPT": "$6$"}
 _SALTED = {"SSHA256": hashlib.sha256, "SSHA512": hashlib.sha512}
 _PLAIN = frozenset({"PLAIN", "CLEAR", "CLEARTEXT", "PLAINTEXT"})
+_ENCODINGS = {"": "B64", "B64": "B64", "BASE64": "B64", "HEX": "HEX"}
 
 
 class UnknownScheme(ValueError):
@@ -169,13 +170,49 @@ def split_scheme(stored: str) -> tuple[str, str]:
 
 
 def scheme_of(stored: str) -> str:
-    """The scheme name a secret uses, as :func:`verify` sees it (``CRYPT`` when un-prefixed)."""
+    """The scheme of a secret :func:`verify` can check (``CRYPT`` for an un-prefixed crypt(3)
+    hash, ``BLF-CRYPT`` for a bare bcrypt one); :class:`UnknownScheme` for any other."""
+    kind, scheme, _ = _classify(stored)
+    if not kind:
+        raise UnknownScheme(_unknown_name(stored, scheme))
+    return scheme
+
+
+def _unknown_name(stored: str, scheme: str) -> str:
+    """How an unknown scheme is named in errors and logs: never any part of the secret."""
+    if stored.startswith("{"):
+        return "".join(c for c in scheme[:32] if c.isprintable())
+    return "(no {SCHEME} prefix and not a crypt hash)"
+
+
+def _classify(stored: str) -> tuple[str, str, str]:
+    """(kind, scheme, value): kind is plain, salted, bcrypt, crypt or "" (unknown);
+    ``scheme`` keeps an encoding suffix (``SSHA256.HEX``)."""
     scheme, value = split_scheme(stored)
-    if scheme:
-        return scheme
-    if stored.startswith(_BCRYPT_PREFIXES):
-        return "BLF-CRYPT"
-    return "CRYPT" if _CRYPT_SHAPE.fullmatch(value) else "UNKNOWN"
+    if not scheme:
+        if stored.startswith(_BCRYPT_PREFIXES):
+            return "bcrypt", "BLF-CRYPT", stored
+        return ("crypt" if _CRYPT_SHAPE.fullmatch(stored) else ""), "CRYPT", stored
+    base, _, encoding = scheme.partition(".")
+    if encoding not in _ENCODINGS:
+        return "", scheme, value
+    if base in _PLAIN:
+        return "plain", scheme, value
+    if base in _SALTED:
+        return "salted", scheme, value
+    if encoding:
+        return "", scheme, value
+    if scheme in ("BLF-CRYPT", "BCRYPT"):
+        return "bcrypt", scheme, value
+    if scheme in _CRYPT_SCHEMES:
+        return "crypt", scheme, value
+    return "", scheme, value
+
+
+def is_supported(stored: str) -> bool:
+    """Whether :func:`verify` can check this secret (instead of raising UnknownScheme)."""
+    kind = _classify(stored)[0]
+    return bool(kind) and (kind != "crypt" or crypt_available())
 
 
 def verify(stored: str, password: bytes) -> bool:
@@ -183,30 +220,24 @@ def verify(stored: str, password: bytes) -> bool:
 
     Raises :class:`UnknownScheme` for a scheme it can't check (the caller denies the login).
     """
-    scheme, value = split_scheme(stored)
-    if not scheme:
-        if stored.startswith(_BCRYPT_PREFIXES):
-            return check_bcrypt(stored, password)
-        if _CRYPT_SHAPE.fullmatch(stored):
-            return check_crypt(stored, password)
-        raise UnknownScheme(stored[:4])
+    kind, scheme, value = _classify(stored)
     base, _, encoding = scheme.partition(".")
-    encoding = {"": "B64", "B64": "B64", "BASE64": "B64", "HEX": "HEX"}.get(encoding, "?")
-    if base in _PLAIN:
+    encoding = _ENCODINGS.get(encoding, "B64")
+    if kind == "plain":
         if scheme == base:
             return hmac.compare_digest(value.encode("utf-8", "surrogateescape"), password)
         raw = _decode(value, encoding)
         return raw is not None and hmac.compare_digest(raw, password)
-    if base in _SALTED and encoding != "?":
+    if kind == "salted":
         return check_salted(base, value, password, encoding)
-    if scheme in ("BLF-CRYPT", "BCRYPT"):
+    if kind == "bcrypt":
         return check_bcrypt(value, password)
-    if scheme in _CRYPT_SCHEMES:
+    if kind == "crypt":
         prefix = _CRYPT_SCHEMES[scheme]
         if prefix is not None and not value.startswith(prefix):
             return False
         return check_crypt(value, password)
-    raise UnknownScheme(scheme)
+    raise UnknownScheme(_unknown_name(stored, scheme))
 
 
 @functools.cache

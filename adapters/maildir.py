@@ -1,0 +1,829 @@
+"""Maildir sources: an existing Dovecot/Postfix virtual-mail installation served as it is (§A6).
+
+Users come from a Dovecot passwd-file (:mod:`.passwdfile`), each user's Maildir from a location
+template, and messages from its ``new/`` and ``cur/`` (``tmp/`` holds deliveries in progress and
+is never read). UIDLs can be exactly the ones Dovecot's POP3 server gave, read from Dovecot's
+``dovecot-uidlist``, so clients that "leave mail on the server" don't fetch everything again
+after a migration; or they are derived from the Maildir base names, stable across flag changes.
+
+A Maildir message's file name changes while it lives (``new/`` to ``cur/``, flags after ``:2,``)
+but its base name (the part before ``:``) never does, so the session remembers base names and
+finds the current file again whenever a name it listed has gone. Sizes come from ``,W=<n>`` in
+the name when a delivery agent put it there (Dovecot, and pop3sf's own tools, do), else from one
+measured read cached per file version (:mod:`.sizecache`).
+
+Safety: user names can't name path components (no ``/``, no leading dot); with ``root`` set the
+resolved Maildir must lie inside it; each session keeps a descriptor of its Maildir and opens
+``new``/``cur`` and the message files relative to it with ``O_NOFOLLOW``, so a symlink can't lead
+out of it, and only regular files are served.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import re
+import stat
+import threading
+from collections import Counter
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, NamedTuple
+
+from pop3sf import passwords
+
+from .base import (
+    Adapter,
+    AuthenticationFailed,
+    AuthResult,
+    ConfigurationError,
+    Credentials,
+    DeleteResult,
+    MailboxSession,
+    MessageGone,
+    MessageInfo,
+    Peer,
+    PermanentFailure,
+    TemporaryFailure,
+)
+from .passwdfile import PasswdEntry, PasswdFile
+from .sizecache import FileChanged, SizeCache
+
+log = logging.getLogger("pop3sf.adapters.maildir")
+
+UIDLIST = "dovecot-uidlist"
+SUBDIRS = ("new", "cur")
+#: Dovecot's default ``pop3_uidl_format``: the IMAP uid and the uidvalidity, 8 hex digits each.
+DOVECOT_UIDL_FORMAT = "%08Xu%08Xv"
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_SUBDIR_FLAGS = _DIR_FLAGS | os.O_NOFOLLOW
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+_W_SIZE = re.compile(r",W=(\d+)(?=[,:]|$)")
+_DELIVERY = re.compile(r"(\d+)(?:\.[^.:]*?M(\d+))?")
+_UIDL_CHARS = re.compile(r"[\x21-\x7e]{1,70}")
+_NAME_FORBIDDEN = re.compile(r"[\x00-\x20\x7f/\\:%]")
+
+
+def is_valid_uidl(text: str) -> bool:
+    """1-70 octets of 0x21-0x7E (RFC 1939 §7)."""
+    return _UIDL_CHARS.fullmatch(text) is not None
+
+
+def basename_uidl(base: str) -> str:
+    """The ``basename`` UIDL: the base name when it is a valid UIDL, else its SHA-1 hex."""
+    if is_valid_uidl(base):
+        return base
+    return hashlib.sha1(base.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """(base name, flags) of a Maildir file name; flags are the letters after ``:2,``."""
+    base, _, info = name.partition(":")
+    return base, info[2:] if info.startswith("2,") else ""
+
+
+def w_size(base: str) -> int | None:
+    """The ``,W=<n>`` size (the message with CRLF line ends) in a base name, if any."""
+    m = _W_SIZE.search(base)
+    return int(m.group(1)) if m else None
+
+
+def delivery_key(base: str) -> tuple[int, int] | None:
+    """(seconds, microseconds) of delivery from a base name ``<time>.M<usec>...``, if it has one."""
+    m = _DELIVERY.match(base)
+    if m is None:
+        return None
+    return int(m.group(1)), int(m.group(2) or 0)
+
+
+def is_valid_username(name: str) -> bool:
+    """Whether a login name can safely fill a path template (``%u``, ``%n``, ``%d``)."""
+    if not 0 < len(name) <= 255 or _NAME_FORBIDDEN.search(name) or name.count("@") > 1:
+        return False
+    local, _, domain = name.partition("@")
+    if not local or local.startswith("."):
+        return False
+    return "@" not in name or (bool(domain) and not domain.startswith(".") and ".." not in domain)
+
+
+# --- templates ------------------------------------------------------------------------------
+
+_VAR = re.compile(r"%(?:(?P<mod>[LU]?)(?P<short>[undh%])|\{(?P<long>[a-z]+)\}|(?P<bad>.?))")
+_LONG = {"user": "u", "username": "n", "domain": "d", "home": "h"}
+
+
+def expand(template: str, user: str, entry: PasswdEntry | None) -> str:
+    """Dovecot-style ``%u`` (user), ``%n`` (local part), ``%d`` (domain), ``%h`` (home), ``%%``,
+    the ``%L``/``%U`` case modifiers and the long forms ``%{user}`` etc.; ``~`` leading = home."""
+    local, _, domain = user.partition("@")
+    values = {"u": user, "n": local, "d": domain, "h": entry.home if entry else "", "%": "%"}
+    if template.startswith("~") and (len(template) == 1 or template[1] == "/"):
+        template = "%h" + template[1:]
+
+    def sub(m: re.Match[str]) -> str:
+        key = m.group("short") or _LONG.get(m.group("long") or "", "")
+        if not key:
+            raise ConfigurationError(f"unsupported variable {m.group(0)!r} in {template!r} "
+                                     "(use %u %n %d %h %%)")
+        if key == "h" and not values["h"]:
+            raise PermanentFailure(f"no home directory for {user!r} in the passwd-file")
+        value = values[key]
+        mod = m.group("mod")
+        return value.lower() if mod == "L" else value.upper() if mod == "U" else value
+
+    return _VAR.sub(sub, template)
+
+
+class Location(NamedTuple):
+    """A parsed ``mail_location``: the Maildir template and Dovecot's CONTROL= directory."""
+
+    path: str
+    control: str | None
+
+
+def parse_location(text: str) -> Location:
+    """``[maildir:]PATH[:KEY=VALUE...]`` as in Dovecot's ``mail_location``."""
+    text = text.strip()
+    if text.startswith("maildir:"):
+        text = text[len("maildir:"):]
+    elif re.match(r"[a-z0-9]+:", text):
+        raise ConfigurationError(f"mail_location {text!r}: only maildir is supported")
+    path, *options = text.split(":")
+    control = None
+    for option in options:
+        key, _, value = option.partition("=")
+        if key.upper() == "CONTROL" and value:
+            control = value
+    if not path:
+        raise ConfigurationError("mail_location: no path")
+    # Check the variables now, with a made-up user, so a typo fails at start.
+    probe = PasswdEntry("probe@example.org", "", home="/home/probe")
+    for template in filter(None, (path, control)):
+        expand(template, probe.user, probe)
+    return Location(path, control)
+
+
+# --- dovecot-uidlist --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class UidRecord:
+    uid: int
+    ext: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Uidlist:
+    """What pop3sf needs of a ``dovecot-uidlist``: uidvalidity and base name -> record."""
+
+    uidvalidity: int
+    next_uid: int
+    guid: str
+    records: Mapping[str, UidRecord]
+
+
+def parse_uidlist(data: bytes) -> Uidlist | None:
+    """Dovecot's uidlist, versions 1 and 3; None when the header is unusable.
+
+    v3: header ``3 V<uidvalidity> N<nextuid> G<guid> ...``, records
+    ``<uid> [<key><value> ...] :<filename>`` (keys: ``P`` POP3 UIDL, ``O`` POP3 order,
+    ``W``/``S`` sizes, ``G`` GUID). v1: header ``1 <uidvalidity> <nextuid>``, records
+    ``<uid> <filename>``. Records are matched by base name, as Dovecot does.
+    """
+    lines = data.decode("utf-8", "surrogateescape").split("\n")
+    header = lines[0].split()
+    if not header or header[0] not in ("1", "3"):
+        return None
+    version = int(header[0])
+    uidvalidity = next_uid = 0
+    guid = ""
+    try:
+        if version == 1:
+            uidvalidity, next_uid = int(header[1]), int(header[2])
+        else:
+            for item in header[1:]:
+                if item[:1] == "V":
+                    uidvalidity = int(item[1:])
+                elif item[:1] == "N":
+                    next_uid = int(item[1:])
+                elif item[:1] == "G":
+                    guid = item[1:]
+    except (ValueError, IndexError):
+        return None
+    records: dict[str, UidRecord] = {}
+    prev = 0
+    for line in lines[1:]:
+        parsed = _uidlist_record(line, version)
+        if parsed is None:
+            continue
+        uid, ext, filename = parsed
+        if uid <= prev:  # Dovecot treats unordered uids as corruption; keep what came first
+            continue
+        prev = uid
+        base = filename.partition(":")[0]
+        records[base] = UidRecord(uid, ext)
+    return Uidlist(uidvalidity, next_uid, guid, records)
+
+
+def _uidlist_record(line: str, version: int) -> tuple[int, dict[str, str], str] | None:
+    uid_text, sep, rest = line.rstrip("\r").partition(" ")
+    if not sep or not uid_text.isdigit() or int(uid_text) == 0:
+        return None
+    rest = rest.lstrip(" ")
+    ext: dict[str, str] = {}
+    if version == 3:
+        while rest and not rest.startswith(":"):
+            token, _, rest = rest.partition(" ")
+            rest = rest.lstrip(" ")
+            if token:
+                ext.setdefault(token[0], token[1:])
+        if not rest.startswith(":"):
+            return None
+        rest = rest[1:]
+    if not rest or "/" in rest:
+        return None
+    return int(uid_text), ext, rest
+
+
+_UIDL_VAR = re.compile(r"%(0?)(\d*)([LUX]*)(?:([uvgf%])|\{([a-z]+)\})")
+
+
+def format_uidl(fmt: str, uid: int, uidvalidity: int, base: str, guid: str) -> str:
+    """Dovecot's ``pop3_uidl_format`` for one message: ``%u`` uid, ``%v`` uidvalidity, ``%f``
+    base name, ``%g`` GUID (the base name unless the uidlist stores one), with ``0``-padding,
+    width and the ``X`` (lowercase hex, as Dovecot prints it), ``L``, ``U`` modifiers."""
+    values = {"u": str(uid), "v": str(uidvalidity), "f": base, "g": guid or base, "%": "%"}
+    longs = {"uid": "u", "uidvalidity": "v", "filename": "f", "guid": "g"}
+
+    def sub(m: re.Match[str]) -> str:
+        key = m.group(4) or longs.get(m.group(5) or "", "")
+        if not key:
+            raise ConfigurationError(f"pop3_uidl_format: unsupported variable {m.group(0)!r}")
+        value = values[key]
+        for mod in m.group(3):
+            if mod == "X":
+                value = format(int(value) if value.isdigit() else 0, "x")
+            elif mod == "L":
+                value = value.lower()
+            elif mod == "U":
+                value = value.upper()
+        width = int(m.group(2) or 0)
+        if width and m.group(1):
+            value = value.rjust(width, "0")
+        elif width:
+            value = value[:width]
+        return value
+
+    return _UIDL_VAR.sub(sub, fmt)
+
+
+# --- the adapter ------------------------------------------------------------------------------
+
+def _validated(configspec: str, config: Mapping[str, Any], what: str) -> dict[str, Any]:
+    from .directory import validated
+
+    return validated(configspec, config, what)
+
+
+class MaildirAdapter(Adapter):
+    """Dovecot-style virtual mail: a passwd-file of users and one Maildir each.
+
+    Config keys (``[adapter]``, ``type = maildir``):
+
+    ``passwd_file``
+        Absolute path of a Dovecot passwd-file, ``user:password:uid:gid:gecos:home:shell:extra``
+        (``user`` may be ``user@domain``). Password schemes: ``{PLAIN}``, ``{CRYPT}`` and
+        un-prefixed crypt(3) hashes, ``{MD5-CRYPT}``, ``{SHA256-CRYPT}``, ``{SHA512-CRYPT}``,
+        ``{BLF-CRYPT}``, ``{SSHA256}``, ``{SSHA512}``. A user with another scheme can't log in
+        (one warning per scheme in the log). Reread whenever the file changes.
+    ``mail_location``
+        Where a user's Maildir is, as Dovecot's ``mail_location``: ``%u`` the user name,
+        ``%n`` its local part, ``%d`` its domain, ``%h`` (or a leading ``~``) the passwd-file
+        home field, ``%Lu`` etc. lowercased; a ``maildir:`` prefix and ``:KEY=VALUE`` options
+        are accepted (``:CONTROL=`` says where ``dovecot-uidlist`` is). A passwd-file extra
+        field ``userdb_mail=`` overrides it per user. Default ``%h/Maildir``; typical for
+        virtual mail: ``/var/vmail/%d/%n/Maildir``.
+    ``root``
+        If set, every Maildir must resolve (symlinks followed) to a path inside this directory;
+        users whose Maildir doesn't are refused. Default: empty (no restriction).
+    ``uidl_format``
+        ``dovecot`` (default): the UIDLs Dovecot's POP3 server gives, from ``dovecot-uidlist``
+        (a stored POP3 UIDL if there is one, else ``pop3_uidl_format``); messages Dovecot hasn't
+        seen yet get ``basename`` UIDLs. ``basename``: the base name of the file (the part
+        before ``:``) when it is a valid UIDL, else its SHA-1 in hex.
+    ``pop3_uidl_format``
+        Dovecot's setting of the same name, for ``uidl_format = dovecot``: ``%u`` uid, ``%v``
+        uidvalidity, ``%f`` base name, ``%g`` GUID. Default ``%08Xu%08Xv``, Dovecot's default.
+    ``deleted``
+        ``unlink`` (default): DELE+QUIT removes the file. ``flag``: it gets the Maildir ``T``
+        (trashed) flag instead, and messages with ``T`` are no longer listed.
+    ``measure_all``
+        Measure every message once (cached) even when its name carries ``,W=``, so 8-bit
+        header sections are detected for the UTF-8 downgrade (SPEC §P4). Default no: ``,W=``
+        is trusted as Dovecot trusts it, and such headers are then sent unchanged.
+    ``size_cache_dir``
+        Where measured sizes persist across restarts; empty (default) keeps them in memory.
+    ``size_cache_entries``
+        How many file versions the size cache remembers (default 100000).
+    ``read_only``
+        Offer read-only (XPRO) sessions (default yes).
+    """
+
+    configspec = """
+passwd_file = string
+mail_location = string(default="%h/Maildir")
+root = string(default="")
+uidl_format = option("dovecot", "basename", default="dovecot")
+pop3_uidl_format = string(default="%08Xu%08Xv")
+deleted = option("unlink", "flag", default="unlink")
+measure_all = boolean(default=False)
+size_cache_dir = string(default="")
+size_cache_entries = integer(100, 10000000, default=100000)
+read_only = boolean(default=True)
+"""
+
+    blocking = True
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        super().__init__(config)
+        self.options = self._check(config)
+        self.location = parse_location(self.options["mail_location"])
+        self.passwd = PasswdFile(self.options["passwd_file"])
+        self.size_cache = SizeCache(self.options["size_cache_dir"] or None,
+                                    self.options["size_cache_entries"])
+        self.allows_read_only = bool(self.options["read_only"])  # type: ignore[misc]
+        self._warned: set[str] = set()
+        self._warn_lock = threading.Lock()
+        self._like_source: object = None
+        self._like: str | None = None
+
+    def _check(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        options = _validated(self.configspec, config, "[adapter] of MaildirAdapter")
+        if not os.path.isabs(options["passwd_file"]):
+            raise ConfigurationError(f"passwd_file = {options['passwd_file']!r}: "
+                                     "must be an absolute path")
+        if options["root"] and not os.path.isabs(options["root"]):
+            raise ConfigurationError(f"root = {options['root']!r}: must be an absolute path")
+        if not is_valid_uidl(format_uidl(options["pop3_uidl_format"], 1, 1, "x", "")):
+            raise ConfigurationError("pop3_uidl_format gives no valid UIDL")
+        return options
+
+    def start(self) -> None:
+        try:
+            self.passwd.entries()
+        except OSError as exc:
+            raise ConfigurationError(f"passwd_file {self.passwd.path}: {exc.strerror}") from exc
+        root = self.options["root"]
+        if root and not os.path.isdir(root):
+            raise ConfigurationError(f"root = {root!r}: not an existing directory")
+
+    def reload(self, config: Mapping[str, Any]) -> None:
+        options = self._check(config)
+        location = parse_location(options["mail_location"])
+        if options["passwd_file"] != self.options["passwd_file"]:
+            self.passwd = PasswdFile(options["passwd_file"])
+        if (options["size_cache_dir"], options["size_cache_entries"]) != \
+                (self.options["size_cache_dir"], self.options["size_cache_entries"]):
+            old, self.size_cache = self.size_cache, SizeCache(
+                options["size_cache_dir"] or None, options["size_cache_entries"])
+            old.close()
+        self.config, self.options, self.location = config, options, location
+        self.allows_read_only = bool(options["read_only"])  # type: ignore[misc]
+
+    def close(self) -> None:
+        self.size_cache.close()
+
+    def new_session(self, peer: Peer) -> MaildirSession:
+        return MaildirSession(self, peer)
+
+    # --- authentication helpers ------------------------------------------------------------
+
+    def warn_scheme(self, scheme: str, user: str) -> None:
+        with self._warn_lock:
+            if scheme in self._warned:
+                return
+            self._warned.add(scheme)
+        log.warning("passwd-file %s: user %r has a password of unknown scheme %s; such logins "
+                    "are denied (logged once per scheme)", self.passwd.path, user, scheme)
+
+    def dummy_like(self) -> str | None:
+        """A real user's secret of the most common scheme, so that dummy verifications for
+        unknown names cost what real ones do (same scheme, same cost parameters)."""
+        try:
+            entries = self.passwd.snapshot()
+        except OSError:
+            return None
+        if entries is not self._like_source:
+            first: dict[str, str] = {}
+            counts: Counter[str] = Counter()
+            for entry in entries.values():
+                if passwords.is_supported(entry.password):
+                    scheme = passwords.scheme_of(entry.password)
+                    counts[scheme] += 1
+                    first.setdefault(scheme, entry.password)
+            self._like = first[counts.most_common(1)[0][0]] if counts else None
+            self._like_source = entries
+        return self._like
+
+    def authenticate(self, credentials: Credentials) -> PasswdEntry:
+        """The passwd-file entry of a verified login, or :class:`AuthenticationFailed`."""
+        name = credentials.username
+        password = credentials.password_bytes()
+        if not is_valid_username(name):
+            passwords.dummy_verify(password, like=self.dummy_like())
+            raise AuthenticationFailed("invalid user name")
+        try:
+            entry = self.passwd.lookup(name)
+        except OSError as exc:
+            raise TemporaryFailure(f"cannot read passwd_file: {exc.strerror}") from exc
+        if entry is None or not entry.password or not is_valid_username(entry.user):
+            passwords.dummy_verify(password, like=self.dummy_like())
+            raise AuthenticationFailed("unknown user")
+        try:
+            ok = passwords.verify(entry.password, password)
+        except passwords.UnknownScheme as exc:
+            self.warn_scheme(str(exc), entry.user)
+            passwords.dummy_verify(password, like=self.dummy_like())
+            raise AuthenticationFailed("unknown password scheme") from None
+        if not ok:
+            raise AuthenticationFailed("wrong password")
+        return entry
+
+    def maildir_of(self, entry: PasswdEntry) -> tuple[str, str | None]:
+        """(Maildir path, control directory or None) of a user, checked against ``root``."""
+        override = entry.extra.get("userdb_mail") or entry.extra.get("mail")
+        location = parse_location(override) if override else self.location
+        path = os.path.normpath(expand(location.path, entry.user, entry))
+        control = os.path.normpath(expand(location.control, entry.user, entry)) \
+            if location.control else None
+        if not os.path.isabs(path):
+            raise PermanentFailure(f"Maildir of {entry.user!r} is not an absolute path")
+        root = self.options["root"]
+        if root and not _inside(os.path.realpath(path), os.path.realpath(root)):
+            log.warning("Maildir %s of %r is outside root %s; refused", path, entry.user, root)
+            raise PermanentFailure("Maildir outside the configured root")
+        return path, control
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+@dataclass
+class _Msg:
+    """A listed message: where it was last seen. The base name identifies it for good."""
+
+    base: str
+    sub: str
+    name: str
+
+
+class _Listed(NamedTuple):
+    order: tuple[int, int, int, int, str]
+    base: str
+    uid: str
+    msg: _Msg
+    info: MessageInfo
+
+
+class MaildirSession(MailboxSession):
+    """One connection's view of one Maildir (held by an open directory descriptor)."""
+
+    def __init__(self, adapter: MaildirAdapter, peer: Peer) -> None:
+        self.adapter = adapter
+        self.peer = peer
+        self.options = adapter.options
+        self.account: str | None = None
+        self.read_only = False
+        self.path = ""
+        self._control: str | None = None
+        self._fd: int | None = None
+        self._missing = False
+        self._msgs: dict[str, _Msg] = {}
+
+    # --- authentication ---------------------------------------------------------------------
+
+    def authenticate(self, credentials: Credentials) -> AuthResult:
+        entry = self.adapter.authenticate(credentials)
+        self.path, self._control = self.adapter.maildir_of(entry)
+        self.account = entry.user
+        return AuthResult(entry.user)
+
+    def login_succeeded(self, account: AuthResult, read_only: bool) -> None:
+        self.read_only = read_only
+
+    def _open_maildir(self) -> int | None:
+        """The Maildir's descriptor; None when it doesn't exist yet (no mail delivered)."""
+        if self._fd is not None or self._missing:
+            return self._fd
+        if not self.path:
+            raise TemporaryFailure("not logged in")
+        root = self.options["root"]
+        real = os.path.realpath(self.path)
+        if root and not _inside(real, os.path.realpath(root)):
+            raise PermanentFailure("Maildir outside the configured root")
+        try:
+            fd = os.open(real, _DIR_FLAGS | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            self._missing = True
+            return None
+        except OSError as exc:
+            raise TemporaryFailure(f"cannot open Maildir {self.path}: {exc.strerror}") from exc
+        if root:
+            try:  # what was opened, whatever was swapped in between
+                opened = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                opened = real
+            if not _inside(opened, os.path.realpath(root)):
+                os.close(fd)
+                raise PermanentFailure("Maildir outside the configured root")
+        self._fd = fd
+        return fd
+
+    @contextmanager
+    def _subdir(self, sub: str) -> Iterator[int | None]:
+        """``new``/``cur`` of the Maildir (never through a symlink); None if absent."""
+        fd = self._open_maildir()
+        if fd is None:
+            yield None
+            return
+        try:
+            dfd = os.open(sub, _SUBDIR_FLAGS, dir_fd=fd)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                raise TemporaryFailure(f"cannot open {self.path}/{sub}: {exc.strerror}") from exc
+            if exc.errno != errno.ENOENT:
+                log.warning("%s/%s is not a directory (symlink?); ignored", self.path, sub)
+            yield None
+            return
+        try:
+            yield dfd
+        finally:
+            os.close(dfd)
+
+    # --- listing ----------------------------------------------------------------------------
+
+    def _uidlist(self) -> Uidlist | None:
+        """Dovecot's uidlist: UIDLs in ``dovecot`` mode, the message order in both modes."""
+        try:
+            if self._control:
+                fd = os.open(os.path.join(self._control, UIDLIST), _FILE_FLAGS)
+            else:
+                mfd = self._open_maildir()
+                if mfd is None:
+                    return None
+                fd = os.open(UIDLIST, _FILE_FLAGS, dir_fd=mfd)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                log.warning("%s of %s unreadable (%s); UIDLs from base names", UIDLIST,
+                            self.account, exc.strerror)
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            with os.fdopen(fd, "rb") as f:
+                fd = -1
+                data = f.read()
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        uidlist = parse_uidlist(data)
+        if uidlist is None:
+            log.warning("%s of %s has an unknown format; UIDLs from base names", UIDLIST,
+                        self.account)
+        return uidlist
+
+    def _hidden(self, flags: str) -> bool:
+        return self.options["deleted"] == "flag" and "T" in flags
+
+    def list_messages(self) -> Sequence[MessageInfo]:
+        self._msgs = {}
+        if self._open_maildir() is None:
+            return []
+        uidlist = self._uidlist()
+        found: dict[str, _Listed] = {}
+        for sub in SUBDIRS:  # cur/ last: a message moved meanwhile is taken from there
+            with self._subdir(sub) as dfd:
+                if dfd is None:
+                    continue
+                try:
+                    entries = list(os.scandir(dfd))
+                except OSError as exc:
+                    raise TemporaryFailure(f"cannot list {self.path}/{sub}: {exc}") from exc
+                for de in entries:
+                    listed = self._list_one(sub, dfd, de, uidlist)
+                    if listed is not None:
+                        found[listed.base] = listed
+        ordered = sorted(found.values(), key=lambda item: item.order)
+        infos: list[MessageInfo] = []
+        seen: set[str] = set()
+        for item in ordered:
+            uid = _unique(item.uid, seen)
+            self._msgs[uid] = item.msg
+            infos.append(item.info._replace(uid=uid))
+        return infos
+
+    def _list_one(self, sub: str, dfd: int, de: os.DirEntry[str],
+                  uidlist: Uidlist | None) -> _Listed | None:
+        name = de.name
+        if name.startswith("."):
+            return None
+        try:
+            if not de.is_file(follow_symlinks=False):
+                return None
+        except OSError:
+            return None
+        base, flags = split_name(name)
+        if not base or self._hidden(flags):
+            return None
+        record = uidlist.records.get(base) if uidlist is not None else None
+        size = w_size(base)
+        if size is None and record is not None and record.ext.get("W", "").isdigit():
+            size = int(record.ext["W"])
+        info: MessageInfo | None = None
+        mtime = 0
+        if size is None or self.options["measure_all"]:
+            measured = self._measure(sub, dfd, name)
+            if measured is None:
+                return None
+            info, mtime = measured
+        else:
+            info = MessageInfo("", size)
+        # Order: what Dovecot's POP3 lists first (O, then uid), then new mail by delivery time.
+        if record is not None and uidlist is not None:
+            uid = self._dovecot_uidl(record, uidlist, base) \
+                if self.options["uidl_format"] == "dovecot" else basename_uidl(base)
+            order_ext = record.ext.get("O", "")
+            order = (0, int(order_ext) if order_ext.isdigit() else 1 << 32, record.uid, 0, base)
+        else:
+            uid = basename_uidl(base)
+            when = delivery_key(base)
+            if when is None:
+                if not mtime:
+                    try:
+                        mtime = int(de.stat(follow_symlinks=False).st_mtime)
+                    except OSError:
+                        return None
+                when = (mtime, 0)
+            order = (1, 0, when[0], when[1], base)
+        return _Listed(order, base, uid, _Msg(base, sub, name), info._replace(uid=uid))
+
+    def _dovecot_uidl(self, record: UidRecord, uidlist: Uidlist, base: str) -> str:
+        stored = record.ext.get("P")
+        if stored and is_valid_uidl(stored):
+            return stored
+        uidl = format_uidl(self.options["pop3_uidl_format"], record.uid, uidlist.uidvalidity,
+                           base, record.ext.get("G", ""))
+        return uidl if is_valid_uidl(uidl) else basename_uidl(base)
+
+    def _measure(self, sub: str, dfd: int, name: str) -> tuple[MessageInfo, int] | None:
+        """Exact size by one cached read (the name had no ``,W=``); None if it went away."""
+        for _ in range(2):
+            try:
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                if not stat.S_ISREG(st.st_mode):
+                    return None
+                m = self.adapter.size_cache.get_or_measure(
+                    st, lambda: os.fdopen(_open_regular(dfd, name), "rb"))
+            except FileChanged:
+                continue
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ELOOP):
+                    log.warning("skipping %s/%s/%s: %s", self.path, sub, name, exc)
+                return None
+            return MessageInfo("", m.size, m.utf8_header, m.downgraded_size), int(st.st_mtime)
+        return None
+
+    # --- finding a message again -------------------------------------------------------------
+
+    def _relocate(self, msg: _Msg) -> bool:
+        """Find the message's current file by its base name (flags or new->cur changed it)."""
+        for sub in SUBDIRS[::-1]:
+            with self._subdir(sub) as dfd:
+                if dfd is None:
+                    continue
+                try:
+                    names = os.listdir(dfd)
+                except OSError as exc:
+                    raise TemporaryFailure(f"cannot list {self.path}/{sub}: {exc}") from exc
+                for name in names:
+                    if name.partition(":")[0] == msg.base and not name.startswith("."):
+                        msg.sub, msg.name = sub, name
+                        return True
+        return False
+
+    def open_message(self, uid: str) -> BinaryIO:
+        msg = self._msgs.get(uid)
+        if msg is None:
+            raise MessageGone(uid)
+        for attempt in range(3):
+            if attempt and not self._relocate(msg):
+                break
+            if self._hidden(split_name(msg.name)[1]):
+                break
+            with self._subdir(msg.sub) as dfd:
+                if dfd is None:
+                    continue
+                try:
+                    fd = _open_regular(dfd, msg.name)
+                except OSError as exc:
+                    if exc.errno in (errno.ENOENT, errno.ELOOP, errno.EISDIR):
+                        continue
+                    raise TemporaryFailure(f"cannot open message: {exc.strerror}") from exc
+                os.set_blocking(fd, True)
+                return os.fdopen(fd, "rb")
+        raise MessageGone(uid)
+
+    # --- deletion ----------------------------------------------------------------------------
+
+    def delete_messages(self, uids: Collection[str]) -> DeleteResult:
+        if self.read_only:
+            return DeleteResult({uid: "read-only session" for uid in uids})
+        failed: dict[str, str] = {}
+        touched: set[str] = set()
+        for uid in uids:
+            msg = self._msgs.get(uid)
+            if msg is None:
+                failed[uid] = "not in this session's listing"
+                continue
+            try:
+                touched.update(self._delete_one(msg))
+            except OSError as exc:
+                failed[uid] = exc.strerror or str(exc)
+            except TemporaryFailure as exc:
+                failed[uid] = str(exc)
+            else:
+                del self._msgs[uid]
+        for sub in touched:
+            with self._subdir(sub) as dfd:
+                if dfd is not None:
+                    try:
+                        os.fsync(dfd)
+                    except OSError as exc:
+                        log.warning("fsync of %s/%s after deletions: %s", self.path, sub, exc)
+        return DeleteResult(failed)
+
+    def _delete_one(self, msg: _Msg) -> set[str]:
+        """Unlink or T-flag the message; the directories changed (none if already gone)."""
+        for attempt in range(3):
+            if attempt and not self._relocate(msg):
+                return set()  # removed by someone else: what was wanted
+            try:
+                if self.options["deleted"] == "flag":
+                    return self._flag_trashed(msg)
+                with self._subdir(msg.sub) as dfd:
+                    if dfd is None:
+                        continue
+                    os.unlink(msg.name, dir_fd=dfd)
+                    return {msg.sub}
+            except FileNotFoundError:
+                continue
+        return set()
+
+    def _flag_trashed(self, msg: _Msg) -> set[str]:
+        base, flags = split_name(msg.name)
+        if "T" in flags:
+            return set()
+        new_name = f"{base}:2,{''.join(sorted(flags + 'T'))}"
+        with self._subdir(msg.sub) as src, self._subdir("cur") as dst:
+            if src is None or dst is None:
+                raise FileNotFoundError(errno.ENOENT, "Maildir directory missing")
+            os.rename(msg.name, new_name, src_dir_fd=src, dst_dir_fd=dst)
+        changed = {msg.sub, "cur"}
+        msg.sub, msg.name = "cur", new_name
+        return changed
+
+    def connection_closed(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._msgs = {}
+
+
+def _open_regular(dfd: int, name: str) -> int:
+    """Open a message file without following symlinks or blocking on a FIFO."""
+    fd = os.open(name, _FILE_FLAGS, dir_fd=dfd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.ELOOP, "not a regular file", name)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _unique(uid: str, seen: set[str]) -> str:
+    """A uid not used yet in this listing (a duplicate stored UIDL gets a stable suffix)."""
+    candidate, n = uid, 1
+    while candidate in seen:
+        n += 1
+        suffix = f"-{n}"
+        candidate = uid[: 70 - len(suffix)] + suffix
+    if candidate != uid:
+        log.warning("duplicate UIDL %r in a Maildir; listed as %r", uid, candidate)
+    seen.add(candidate)
+    return candidate
