@@ -13,19 +13,31 @@ from .base import (
     ConfigurationError,
     Credentials,
     DeleteResult,
-    MaildropInUse,
     MailboxSession,
+    MaildropInUse,
     MessageGone,
     MessageInfo,
-    PermanentFailure,
     Peer,
+    PermanentFailure,
     TemporaryFailure,
 )
 
 __all__ = [
-    "Adapter", "AdapterError", "AuthenticationFailed", "AuthResult", "ConfigurationError",
-    "Credentials", "DeleteResult", "MaildropInUse", "MailboxSession", "MessageGone",
-    "MessageInfo", "PermanentFailure", "Peer", "TemporaryFailure", "load_adapter_class",
+    "Adapter",
+    "AdapterError",
+    "AuthResult",
+    "AuthenticationFailed",
+    "ConfigurationError",
+    "Credentials",
+    "DeleteResult",
+    "MailboxSession",
+    "MaildropInUse",
+    "MessageGone",
+    "MessageInfo",
+    "Peer",
+    "PermanentFailure",
+    "TemporaryFailure",
+    "load_adapter_class",
 ]
 
 #: The bundled adapters, found even when the package metadata is not installed.

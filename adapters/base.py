@@ -166,9 +166,9 @@ class Adapter(abc.ABC):
     #: configobj configspec lines for this adapter's keys in the ``[adapter]`` section.
     configspec: ClassVar[str] = ""
     #: Whether ``XPRO`` read-only sessions are offered.
-    allows_read_only: ClassVar[bool] = True
+    allows_read_only: bool = True
     #: False if no call can block; the server then calls the session inline on its loop.
-    blocking: ClassVar[bool] = True
+    blocking: bool = True
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.config = config

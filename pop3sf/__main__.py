@@ -1,0 +1,5 @@
+import sys
+
+from pop3sf.cli import main
+
+sys.exit(main())

@@ -1,0 +1,248 @@
+"""Reading and validating /etc/pop3sf.conf (configobj + the configspec shipped in the package).
+
+Every problem is reported as one :class:`ConfigError` naming the file, section, key and what is
+allowed, so the server never starts half-configured.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib.resources import files
+from typing import Any
+
+from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_values
+from validate import Validator
+
+from pop3sf.adapters import Adapter, ConfigurationError, load_adapter_class
+
+log = logging.getLogger("pop3sf.config")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(Exception):
+    """The configuration can't be used; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    user: str
+    group: str
+    pidfile: str
+    shutdown_grace: float
+
+
+@dataclass(frozen=True)
+class LoggingSection:
+    target: str
+    level: str
+    queue_size: int
+
+
+@dataclass(frozen=True)
+class Listener:
+    name: str
+    addresses: tuple[tuple[str, int], ...]
+    tls: bool
+
+
+@dataclass(frozen=True)
+class TLSSection:
+    certificate: str
+    private_key: str
+    ciphers: str
+
+
+@dataclass(frozen=True)
+class ProtocolSection:
+    implementation_version: bool
+    non_utf8_clients: str
+    max_line_length: int
+    max_auth_line_length: int
+    output_backlog: int
+
+
+@dataclass(frozen=True)
+class AuthSection:
+    plaintext_auth_networks: tuple[Network, ...]
+    penalty_initial: float
+    penalty_max: float
+    penalty_decay: float
+    penalty_table_size: int
+    max_auth_in_flight: int
+    max_auth_in_flight_per_address: int
+
+
+@dataclass(frozen=True)
+class LimitsSection:
+    max_connections: int
+    max_connections_per_address: int
+    max_sessions_per_user: int
+    max_bad_commands: int
+    max_messages: int
+    authorization_timeout: float
+    tls_handshake_timeout: float
+    idle_timeout: float
+    send_stall_timeout: float
+    tcp_keepalive: bool
+
+
+@dataclass(frozen=True)
+class WorkersSection:
+    auth_threads: int
+    mailbox_threads: int
+    call_timeout: float
+    max_stuck_calls: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    source: str
+    server: ServerSection
+    logging: LoggingSection
+    listeners: tuple[Listener, ...]
+    tls: TLSSection
+    protocol: ProtocolSection
+    auth: AuthSection
+    limits: LimitsSection
+    workers: WorkersSection
+    adapter_type: str
+    adapter_class: type[Adapter]
+    adapter_config: dict[str, Any]
+    raw: ConfigObj = field(repr=False, compare=False)
+
+    @property
+    def service_user(self) -> str:
+        return self.server.user
+
+
+def _spec(text: str) -> ConfigObj:
+    return ConfigObj(text.splitlines(), list_values=False, _inspec=True)
+
+
+def _validate(cfg: ConfigObj, source: str, what: str = "") -> None:
+    """Validate in place; raise ConfigError for the first bad, missing or unknown key."""
+    result = cfg.validate(Validator(), preserve_errors=True, copy=True)
+    if result is not True:
+        for sections, key, error in flatten_errors(cfg, result):
+            where = "[" + "][".join(sections) + "]" if sections else "top level"
+            if key is None:
+                raise ConfigError(f"{source}: section {where} is missing{what}")
+            spec = cfg.configspec
+            for s in sections:
+                spec = spec.get(s, spec.get("__many__", {}))
+            allowed = spec.get(key, "?") if hasattr(spec, "get") else "?"
+            problem = "is missing" if error is False else f"is invalid: {error}"
+            raise ConfigError(f"{source}: {where} {key} {problem} (allowed: {allowed})")
+    extra = get_extra_values(cfg)
+    if extra:
+        sections, name = extra[0]
+        where = "[" + "][".join(sections) + "]" if sections else "top level"
+        raise ConfigError(f"{source}: {where} has an unknown key or section {name!r}{what}")
+
+
+def parse_address(text: str, source: str, listener: str) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or ``*:port`` (all IPv6 and IPv4 addresses)."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{source}: [listeners][{listener}] addresses: {text!r} is not "
+                          "HOST:PORT (e.g. 0.0.0.0:110 or [::]:995)")
+    host = host.strip("[]")
+    if host == "*":
+        host = "::"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"{source}: [listeners][{listener}] addresses: {host!r} is not an "
+                          "IP address") from None
+    return host, int(port)
+
+
+def load_config(path: str) -> Settings:
+    """Read and validate a config file."""
+    try:
+        cfg = ConfigObj(path, file_error=True, encoding="utf-8", interpolation=False)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except ConfigObjError as exc:
+        raise ConfigError(f"{path}: syntax error: {exc}") from None
+    return settings_from(cfg, path)
+
+
+def settings_from_dict(data: Mapping[str, Any], source: str = "<config>") -> Settings:
+    """Validate settings given as nested dicts (tests, embedding)."""
+    return settings_from(ConfigObj(dict(data), interpolation=False), source)
+
+
+def settings_from(cfg: ConfigObj, source: str) -> Settings:
+    cfg.configspec = _spec(files("pop3sf").joinpath("configspec.ini").read_text())
+    adapter_section = cfg.get("adapter")
+    adapter_keys = dict(adapter_section) if isinstance(adapter_section, Mapping) else None
+    # Validate the server's sections with the adapter's keys set aside; they get their own spec.
+    if adapter_keys is not None:
+        cfg["adapter"] = {"type": adapter_keys.get("type", "")} if "type" in adapter_keys else {}
+    _validate(cfg, source)
+    if not cfg["listeners"]:
+        raise ConfigError(f"{source}: [listeners] needs at least one [[name]] subsection")
+    adapter_type = cfg["adapter"]["type"]
+    try:
+        adapter_class = load_adapter_class(adapter_type)
+    except ConfigurationError as exc:
+        raise ConfigError(f"{source}: [adapter] type: {exc}") from None
+    section = ConfigObj(adapter_keys or {}, interpolation=False)
+    section.configspec = _spec("type = string(min=1)\n" + adapter_class.configspec)
+    try:
+        _validate(section, source, f" (adapter {adapter_type!r})")
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("top level", "[adapter]")) from None
+    adapter_config = {k: v for k, v in section.items() if k != "type"}
+    return _build(cfg, source, adapter_type, adapter_class, adapter_config)
+
+
+def _build(cfg: ConfigObj, source: str, adapter_type: str, adapter_class: type[Adapter],
+           adapter_config: dict[str, Any]) -> Settings:
+    listeners = tuple(
+        Listener(name, tuple(parse_address(a, source, name) for a in sec["addresses"]),
+                 sec["tls"])
+        for name, sec in cfg["listeners"].items()
+    )
+    tls = TLSSection(**cfg["tls"])
+    if any(lst.tls for lst in listeners) and not (tls.certificate and tls.private_key):
+        raise ConfigError(f"{source}: [tls] certificate and private_key are required by the "
+                          "implicit-TLS listener(s)")
+    if bool(tls.certificate) != bool(tls.private_key):
+        raise ConfigError(f"{source}: [tls] certificate and private_key go together")
+    auth = dict(cfg["auth"])
+    networks = []
+    for text in auth.pop("plaintext_auth_networks"):
+        try:
+            networks.append(ipaddress.ip_network(text.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(f"{source}: [auth] plaintext_auth_networks: {text!r} is not a "
+                              "network (e.g. 127.0.0.0/8, ::1/128, 0.0.0.0/0)") from None
+    protocol = ProtocolSection(**cfg["protocol"])
+    if protocol.max_auth_line_length < protocol.max_line_length:
+        raise ConfigError(f"{source}: [protocol] max_auth_line_length must be at least "
+                          "max_line_length")
+    limits = LimitsSection(**cfg["limits"])
+    if limits.idle_timeout < 600:
+        log.warning("%s: [limits] idle_timeout %s s is below RFC 1939's 10-minute autologout "
+                    "floor", source, limits.idle_timeout)
+    return Settings(
+        source=source,
+        server=ServerSection(**cfg["server"]),
+        logging=LoggingSection(**cfg["logging"]),
+        listeners=listeners,
+        tls=tls,
+        protocol=protocol,
+        auth=AuthSection(plaintext_auth_networks=tuple(networks), **auth),
+        limits=limits,
+        workers=WorkersSection(**cfg["workers"]),
+        adapter_type=adapter_type,
+        adapter_class=adapter_class,
+        adapter_config=adapter_config,
+        raw=cfg,
+    )

@@ -1,0 +1,341 @@
+"""One client socket: non-blocking I/O, TLS through memory BIOs, lines in, bytes out, timers.
+
+TLS runs through ``ssl.MemoryBIO`` so handshakes never block and there is no hidden buffer to
+drain: every read empties the ``SSLObject`` (SPEC §P5). Output goes to one byte buffer whose
+size the session watches for backpressure (§P10). Four deadlines share one loop timer (§P8).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import selectors
+import socket
+import ssl
+import time
+from typing import TYPE_CHECKING
+
+from .loop import Timer
+
+if TYPE_CHECKING:
+    from .server import Server
+    from .session import Session
+
+log = logging.getLogger("pop3sf.connection")
+
+READ = selectors.EVENT_READ
+WRITE = selectors.EVENT_WRITE
+RECV_SIZE = 256 * 1024
+#: Returned by :meth:`Connection.next_line` once per over-long line.
+TOO_LONG = b"\0too-long"
+
+
+class Connection:
+    __slots__ = (
+        "server", "sock", "fd", "address", "port", "listener", "group", "tls_listener",
+        "created", "inbuf", "outbuf", "ssl", "bio_in", "bio_out", "handshaking", "closed",
+        "eof", "discarding", "line_limit", "events", "reading_paused", "session", "timer",
+        "auth_deadline", "handshake_deadline", "idle_deadline", "stall_deadline",
+        "close_when_flushed", "authenticated", "auth_in_flight", "bytes_out", "__weakref__",
+    )
+
+    def __init__(self, server: Server, sock: socket.socket, address: str, port: int,
+                 listener: str, group: str, tls_listener: bool) -> None:
+        self.server = server
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.address = address
+        self.port = port
+        self.listener = listener
+        self.group = group
+        self.tls_listener = tls_listener
+        self.created = time.monotonic()
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+        self.ssl: ssl.SSLObject | None = None
+        self.bio_in: ssl.MemoryBIO | None = None
+        self.bio_out: ssl.MemoryBIO | None = None
+        self.handshaking = False
+        self.closed = False
+        self.eof = False
+        self.discarding = False
+        self.line_limit = server.settings.protocol.max_line_length
+        self.events = READ
+        self.reading_paused = False
+        self.session: Session | None = None
+        self.timer: Timer | None = None
+        limits = server.settings.limits
+        self.auth_deadline = self.created + limits.authorization_timeout
+        self.handshake_deadline = float("inf")
+        self.idle_deadline = self.created + limits.idle_timeout
+        self.stall_deadline = float("inf")
+        self.close_when_flushed = False
+        self.authenticated = False
+        self.auth_in_flight = False
+        self.bytes_out = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self, session: Session) -> None:
+        self.session = session
+        self.server.loop.selector.register(self.sock, READ, self.on_event)
+        self._arm()
+        if self.tls_listener:
+            self.start_tls()
+        else:
+            session.start()
+
+    def close(self, reason: str = "") -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.events:
+            self.server.loop.selector.unregister(self.sock)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+        self.ssl = self.bio_in = self.bio_out = None
+        if self.session is not None:
+            self.session.on_close(reason)
+        self.server.connection_closed(self)
+
+    # -- timers ------------------------------------------------------------------------------
+    def _next_deadline(self) -> float:
+        deadline = min(self.idle_deadline, self.stall_deadline, self.handshake_deadline)
+        if not self.authenticated:
+            deadline = min(deadline, self.auth_deadline)
+        return deadline
+
+    def _arm(self) -> None:
+        deadline = self._next_deadline()
+        if self.timer is None or self.timer.cancelled:
+            self.timer = self.server.loop.call_at(deadline, self._on_timer)
+        else:
+            self.server.loop.rearm(self.timer, deadline)
+
+    def touch(self) -> None:
+        """A complete command arrived: reset the idle timer (cheap: no heap push)."""
+        self.idle_deadline = time.monotonic() + self.server.settings.limits.idle_timeout
+        self._arm()
+
+    def _on_timer(self) -> None:
+        now = time.monotonic()
+        if self.closed:
+            return
+        if now >= self.handshake_deadline:
+            self.close("TLS handshake timeout")
+        elif not self.authenticated and now >= self.auth_deadline:
+            self.close("authorization timeout")
+        elif now >= self.stall_deadline:
+            self.close("send stalled")
+        elif now >= self.idle_deadline:
+            if self.session is not None and self.session.busy():
+                self.idle_deadline = now + self.server.settings.limits.idle_timeout
+            else:
+                self.close("idle timeout")
+        if not self.closed:
+            self.timer = None
+            self._arm()
+
+    # -- TLS ---------------------------------------------------------------------------------
+    def start_tls(self) -> None:
+        """Begin a server-side handshake; bytes already buffered in plaintext are discarded."""
+        ctx = self.server.tls_context
+        assert ctx is not None
+        self.inbuf = bytearray()
+        self.bio_in, self.bio_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.ssl = ctx.wrap_bio(self.bio_in, self.bio_out, server_side=True)
+        self.handshaking = True
+        self.handshake_deadline = time.monotonic() + \
+            self.server.settings.limits.tls_handshake_timeout
+        self._arm()
+
+    def _handshake(self) -> None:
+        assert self.ssl is not None
+        try:
+            self.ssl.do_handshake()
+        except ssl.SSLWantReadError:
+            self._pump_tls_out()
+            return
+        except (ssl.SSLError, OSError) as exc:
+            self._pump_tls_out()
+            self.flush()
+            log.info("TLS handshake with %s failed: %s", self.address,
+                     getattr(exc, "reason", None) or exc,
+                     extra={"POP3SF_CLIENT": self.address, "POP3SF_EVENT": "tls-failed"})
+            self.close("TLS handshake failed")
+            return
+        self.handshaking = False
+        self.handshake_deadline = float("inf")
+        self._pump_tls_out()
+        assert self.session is not None
+        self.session.tls_established()
+
+    def _pump_tls_out(self) -> None:
+        if self.bio_out is not None and self.bio_out.pending:
+            self.outbuf += self.bio_out.read()
+
+    # -- input -------------------------------------------------------------------------------
+    def on_event(self, mask: int) -> None:
+        if mask & WRITE:
+            self.flush()
+            if (not self.closed and self.session is not None
+                    and len(self.outbuf) < self.server.settings.protocol.output_backlog):
+                self.session.on_drain()
+        if mask & READ and not self.closed:
+            self._read()
+
+    def _read(self) -> None:
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.close(f"read error: {exc.strerror or exc}")
+            return
+        if not data:
+            self.eof = True
+            self._set_events(self.events & ~READ)
+            if self.ssl is not None and self.handshaking:
+                self.close("EOF during TLS handshake")
+                return
+        elif self.ssl is not None:
+            assert self.bio_in is not None
+            self.bio_in.write(data)
+            if self.handshaking:
+                self._handshake()
+                if self.handshaking or self.closed:
+                    self.flush()
+                    return
+            self._read_tls()
+            if self.closed:
+                return
+        else:
+            self.inbuf += data
+        if len(self.inbuf) > 4 * self.line_limit + RECV_SIZE:
+            self.reading_paused = True
+            self._set_events(self.events & ~READ)
+        assert self.session is not None
+        self.session.on_input()
+
+    def _read_tls(self) -> None:
+        assert self.ssl is not None
+        while True:
+            try:
+                chunk = self.ssl.read(RECV_SIZE)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                self.eof = True
+                break
+            except ssl.SSLError as exc:
+                self.close(f"TLS error: {exc.reason or exc}")
+                return
+            if not chunk:
+                self.eof = True
+                break
+            self.inbuf += chunk
+        self._pump_tls_out()
+
+    def next_line(self) -> bytes | None:
+        """The next complete line without its line end, TOO_LONG, or None."""
+        buf = self.inbuf
+        limit = self.line_limit  # counts the CRLF, as RFC 2449 §4 does
+        while True:
+            idx = buf.find(b"\n", 0, limit)
+            if self.discarding:
+                if idx < 0:
+                    buf.clear()
+                    return None
+                del buf[: idx + 1]
+                self.discarding = False
+                continue
+            if idx < 0:
+                if len(buf) >= limit:
+                    buf.clear()
+                    self.discarding = True
+                    self._maybe_resume_reading()
+                    return TOO_LONG
+                self._maybe_resume_reading()
+                return None
+            line = bytes(buf[:idx])
+            del buf[: idx + 1]
+            self._maybe_resume_reading()
+            return line[:-1] if line[-1:] == b"\r" else line
+
+    def _maybe_resume_reading(self) -> None:
+        if self.reading_paused and len(self.inbuf) <= self.line_limit + RECV_SIZE:
+            self.reading_paused = False
+            if not self.eof:
+                self._set_events(self.events | READ)
+
+    def discard_input(self) -> None:
+        self.inbuf.clear()
+        self.discarding = False
+
+    # -- output ------------------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if self.closed or not data:
+            return
+        if self.ssl is not None and not self.handshaking:
+            view = memoryview(data)
+            while view:
+                n = self.ssl.write(view)
+                view = view[n:]
+            self._pump_tls_out()
+        else:
+            self.outbuf += data
+
+    def backlog(self) -> int:
+        return len(self.outbuf)
+
+    def flush(self) -> None:
+        if self.closed:
+            return
+        buf = self.outbuf
+        if buf:
+            try:
+                sent = self.sock.send(buf)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
+                    log.debug("send to %s failed: %s", self.address, exc)
+                self.close("write error")
+                return
+            if sent:
+                del buf[:sent]
+                self.bytes_out += sent
+                self.stall_deadline = float("inf")
+        if buf:
+            if self.stall_deadline == float("inf"):
+                self.stall_deadline = time.monotonic() + \
+                    self.server.settings.limits.send_stall_timeout
+                self._arm()
+            self._set_events(self.events | WRITE)
+            return
+        self.stall_deadline = float("inf")
+        self._set_events(self.events & ~WRITE)
+        if self.close_when_flushed:
+            self.close(self.session.close_reason if self.session else "")
+
+    def _set_events(self, events: int) -> None:
+        if events == self.events or self.closed:
+            return
+        selector = self.server.loop.selector
+        if not events:  # EOF and nothing to send: a registered fd would spin on its EOF
+            selector.unregister(self.sock)
+        elif not self.events:
+            selector.register(self.sock, events, self.on_event)
+        else:
+            selector.modify(self.sock, events, self.on_event)
+        self.events = events
+
+    def finish(self) -> None:
+        """Close once everything written so far has been sent."""
+        self.close_when_flushed = True
+        self.flush()

@@ -1,0 +1,349 @@
+"""The server: accepts connections, admits or sheds them, and owns what spans sessions.
+
+Per-address and global connection caps, shedding (SPEC §P9), the per-account lock (§A4), auth
+in-flight caps and penalties (§P7), worker pools (§A3), reload and graceful shutdown (§D3).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import resource
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from pop3sf.adapters import Adapter
+
+from .config import ConfigError, Settings
+from .connection import Connection
+from .listeners import ListeningSocket
+from .loop import EventLoop
+from .session import ERR_IN_USE, ERR_TEMP, Session
+from .throttle import Penalties, address_group, in_networks, normalize_address
+from .tls import make_context
+from .workers import WorkerPool, run_inline
+
+log = logging.getLogger("pop3sf.server")
+
+FD_RESERVE = 64
+ACCEPTS_PER_EVENT = 64
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft fd limit to the hard one; return it (the connection cap derives from it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+class Server:
+    def __init__(self, settings: Settings, adapter: Adapter | None = None) -> None:
+        self.settings = settings
+        self.loop = EventLoop()
+        self.adapter = adapter if adapter is not None else \
+            settings.adapter_class(settings.adapter_config)
+        self.tls_context = make_context(settings.tls, settings.source)
+        auth = settings.auth
+        self.penalties = Penalties(auth.penalty_initial, auth.penalty_max, auth.penalty_decay,
+                                   auth.penalty_table_size)
+        workers = settings.workers
+        auth_threads = workers.auth_threads or max(2, os.cpu_count() or 2)
+        self.pools = {
+            "auth": WorkerPool(self.loop, "auth", auth_threads, workers.call_timeout),
+            "mail": WorkerPool(self.loop, "mail", workers.mailbox_threads, workers.call_timeout),
+        }
+        self.listeners: list[ListeningSocket] = []
+        self.connections: set[Connection] = set()
+        self.by_group: dict[str, dict[Connection, None]] = {}
+        self.sessions_alive = 0
+        self.locks: dict[str, Session] = {}
+        self.user_sessions: collections.Counter[str] = collections.Counter()
+        self.auth_in_flight = 0
+        self.auth_by_group: collections.Counter[str] = collections.Counter()
+        self.commits_in_flight = 0
+        self.stopping = False
+        self.nofile = raise_nofile_limit()
+        self.started = False
+        self.stats = collections.Counter[str]()
+        self.on_tick: list[Callable[[], None]] = []
+
+    # -- limits ---------------------------------------------------------------------------------
+    @property
+    def max_connections(self) -> int:
+        derived = max(16, self.nofile - FD_RESERVE - 2 * sum(p.size for p in self.pools.values()))
+        configured = self.settings.limits.max_connections
+        return min(configured, derived) if configured else derived
+
+    def plaintext_allowed(self, address: str) -> bool:
+        return in_networks(address, self.settings.auth.plaintext_auth_networks)
+
+    @staticmethod
+    def penalty_group(address: str) -> str:
+        return address_group(address, 48)
+
+    # -- start and run --------------------------------------------------------------------------
+    def start(self, listeners: list[ListeningSocket]) -> None:
+        self.listeners = listeners
+        for ls in listeners:
+            self.loop.selector.register(ls.sock, 1, lambda _m, ls=ls: self._accept(ls))
+        self.adapter.start()
+        self.started = True
+        self.loop.call_later(1.0, self._tick)
+
+    def _tick(self) -> None:
+        for callback in self.on_tick:
+            try:
+                callback()
+            except Exception:
+                log.exception("periodic callback failed")
+        if not self.stopping or self.connections:
+            self.loop.call_later(1.0, self._tick)
+
+    def status(self) -> str:
+        logged_in = sum(1 for c in self.connections if c.authenticated)
+        return (f"{len(self.connections)} connections, {logged_in} logged in, "
+                f"{self.pools['auth'].stuck + self.pools['mail'].stuck} stuck adapter calls")
+
+    def serve_forever(self) -> None:
+        try:
+            self.loop.run(until=lambda: self.stopping and not self.connections
+                          and not self.commits_in_flight)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for ls in self.listeners:
+            try:
+                self.loop.selector.unregister(ls.sock)
+            except (KeyError, ValueError):
+                pass
+            ls.sock.close()
+        self.listeners = []
+        for conn in list(self.connections):
+            conn.close("server stopped")
+        for pool in self.pools.values():
+            pool.shutdown()
+        if self.started:
+            self.started = False
+            try:
+                self.adapter.close()
+            except Exception:
+                log.exception("adapter close() failed")
+        self.loop.close()
+
+    # -- accepting ------------------------------------------------------------------------------
+    def _accept(self, ls: ListeningSocket) -> None:
+        for _ in range(ACCEPTS_PER_EVENT):
+            try:
+                sock, addr = ls.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept on %s failed: %s", ls.name, exc)
+                return
+            self._admit(ls, sock, addr)
+
+    def _admit(self, ls: ListeningSocket, sock: socket.socket, addr: Any) -> None:
+        sock.setblocking(False)
+        address = normalize_address(addr[0]) if isinstance(addr, tuple) else "local"
+        port = addr[1] if isinstance(addr, tuple) else 0
+        group = address_group(address, 64)
+        limits = self.settings.limits
+        if self.stopping:
+            sock.close()
+            return
+        if len(self.by_group.get(group, ())) >= limits.max_connections_per_address:
+            self._refuse(sock, ls.tls, address, "too many connections from this address")
+            return
+        if len(self.connections) >= self.max_connections and not self._shed():
+            self._refuse(sock, ls.tls, address, "server full")
+            return
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if limits.tcp_keepalive:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 15)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4)
+        except OSError:
+            pass
+        conn = Connection(self, sock, address, port, ls.name, group, ls.tls)
+        self.connections.add(conn)
+        self.by_group.setdefault(group, {})[conn] = None
+        self.sessions_alive += 1
+        log.info("connect %s:%d on %s", address, port, ls.name,
+                 extra={"POP3SF_CLIENT": address, "POP3SF_EVENT": "connect"})
+        conn.start(Session(self, conn))
+
+    def _refuse(self, sock: socket.socket, tls: bool, address: str, why: str) -> None:
+        self.stats["refused"] += 1
+        log.warning("refused %s: %s", address, why,
+                    extra={"POP3SF_CLIENT": address, "POP3SF_EVENT": "refused"})
+        if not tls:
+            try:
+                sock.send(b"-ERR [SYS/TEMP] Too many connections, try again later\r\n")
+            except OSError:
+                pass
+        sock.close()
+
+    def _shed(self) -> bool:
+        """Close the oldest not-yet-authenticated connection of the busiest address (§P9)."""
+        for group in sorted(self.by_group, key=lambda g: len(self.by_group[g]), reverse=True):
+            for conn in self.by_group[group]:
+                if not conn.authenticated and not conn.auth_in_flight and not conn.closed:
+                    self.stats["shed"] += 1
+                    log.warning("shedding %s to admit a new connection (server full)",
+                                conn.address, extra={"POP3SF_CLIENT": conn.address,
+                                                     "POP3SF_EVENT": "shed"})
+                    if not conn.tls_listener and conn.ssl is None:
+                        conn.write(ERR_TEMP)
+                        conn.flush()
+                    conn.close("shed: server full")
+                    return True
+        return False
+
+    def connection_closed(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        members = self.by_group.get(conn.group)
+        if members is not None:
+            members.pop(conn, None)
+            if not members:
+                del self.by_group[conn.group]
+
+    # -- adapter calls --------------------------------------------------------------------------
+    def call_adapter(self, session: Session, pool: str, func: Callable[..., Any],
+                     args: tuple[Any, ...], done: Callable[[Any, BaseException | None], None],
+                     track: bool = True) -> None:
+        self.stats["adapter_calls"] += 1
+        if self.adapter.blocking:
+            self.pools[pool].submit(func, args, done)
+        else:
+            run_inline(func, args, done)
+
+    def auth_refusal(self, conn: Connection) -> str | None:
+        """Why a new authentication can't start now, or None."""
+        stuck = sum(p.stuck for p in self.pools.values())
+        if stuck >= self.settings.workers.max_stuck_calls:
+            return f"{stuck} adapter calls are stuck"
+        if self.stopping:
+            return "server shutting down"
+        auth = self.settings.auth
+        if self.auth_in_flight >= auth.max_auth_in_flight:
+            return "too many authentications in flight"
+        if self.auth_by_group[conn.group] >= auth.max_auth_in_flight_per_address:
+            return "too many authentications in flight from this address"
+        return None
+
+    def auth_started(self, conn: Connection) -> None:
+        conn.auth_in_flight = True
+        self.auth_in_flight += 1
+        self.auth_by_group[conn.group] += 1
+
+    def auth_finished(self, conn: Connection) -> None:
+        if not conn.auth_in_flight:
+            return
+        conn.auth_in_flight = False
+        self.auth_in_flight -= 1
+        self.auth_by_group[conn.group] -= 1
+        if self.auth_by_group[conn.group] <= 0:
+            del self.auth_by_group[conn.group]
+
+    # -- accounts -------------------------------------------------------------------------------
+    def claim_account(self, session: Session, account: str, read_only: bool) -> bytes | None:
+        """Take the per-account lock (read-write sessions) and a per-user slot, or say why not."""
+        if self.user_sessions[account] >= self.settings.limits.max_sessions_per_user:
+            log.warning("%s: too many sessions for %s", session.conn.address, account)
+            return ERR_TEMP
+        if not read_only:
+            if account in self.locks:
+                log.info("%s: %s is already in use", session.conn.address, account)
+                return ERR_IN_USE
+            self.locks[account] = session
+        self.user_sessions[account] += 1
+        session.account = account
+        return None
+
+    def release_account(self, session: Session) -> None:
+        account = session.account
+        if account is None:
+            return
+        if self.locks.get(account) is session:
+            del self.locks[account]
+        self.user_sessions[account] -= 1
+        if self.user_sessions[account] <= 0:
+            del self.user_sessions[account]
+
+    def logged_in(self, session: Session) -> None:
+        self.stats["logins"] += 1
+
+    def session_released(self, session: Session) -> None:
+        self.release_account(session)
+        session.account = None
+        self.sessions_alive -= 1
+
+    def commit_started(self, session: Session) -> None:
+        self.commits_in_flight += 1
+
+    def commit_finished(self, session: Session) -> None:
+        self.commits_in_flight -= 1
+
+    # -- reload and shutdown --------------------------------------------------------------------
+    def reload(self, settings: Settings) -> None:
+        """Apply new settings; on any error keep the old ones (SPEC §D3)."""
+        try:
+            context = make_context(settings.tls, settings.source)
+        except ConfigError as exc:
+            log.error("reload: keeping the old configuration: %s", exc)
+            raise
+        if settings.adapter_type != self.settings.adapter_type:
+            log.warning("reload: the adapter type changed; that needs a restart")
+        else:
+            try:
+                self.adapter.reload(settings.adapter_config)
+            except Exception as exc:
+                log.error("reload: adapter refused the new configuration, keeping the old: %s",
+                          exc)
+                raise ConfigError(str(exc)) from exc
+        if settings.listeners != self.settings.listeners:
+            log.warning("reload: listener changes need a restart; listeners kept as they are")
+        if settings.workers != self.settings.workers:
+            log.warning("reload: [workers] changes need a restart")
+        auth = settings.auth
+        self.penalties.initial, self.penalties.maximum = auth.penalty_initial, auth.penalty_max
+        self.penalties.decay = auth.penalty_decay
+        self.tls_context = context
+        self.settings = settings
+        log.info("configuration reloaded from %s", settings.source)
+
+    def shutdown(self) -> None:
+        """Stop accepting; tell idle clients; let retrievals and commits finish (SPEC §D3)."""
+        if self.stopping:
+            return
+        self.stopping = True
+        log.info("shutting down: %d connections", len(self.connections))
+        for ls in self.listeners:
+            self.loop.selector.unregister(ls.sock)
+            ls.sock.close()
+        self.listeners = []
+        for conn in list(self.connections):
+            if conn.session is not None:
+                conn.session.shutdown()
+        self.loop.call_later(self.settings.server.shutdown_grace, self._grace_over)
+
+    def _grace_over(self) -> None:
+        for conn in list(self.connections):
+            session = conn.session
+            if session is not None and session.waiting == "commit":
+                continue  # a QUIT whose commit started finishes before exit
+            conn.close("shutdown grace period over")
+
+    def request_stop(self) -> None:
+        """Thread-safe: begin a graceful shutdown."""
+        self.loop.call_soon_threadsafe(self.shutdown)

@@ -1,0 +1,241 @@
+"""Test kit for adapter authors: a real server on loopback, and one conformance suite for all.
+
+``running_server`` starts pop3sf in a thread of the test process with real sockets (port 0, read
+back), so tests talk to it with :mod:`poplib` exactly as mail clients do::
+
+    with running_server("directory_multi", {"root": str(tmp)}) as srv:
+        pop = srv.pop3(); pop.user("alice"); pop.pass_("secret")
+
+:class:`AdapterConformance` is a pytest base class: subclass it, provide ``make_source`` (a fresh
+data source holding the given messages for one user), and every protocol-level check runs
+against your adapter the same way it runs against the bundled ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import poplib
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pop3sf.adapters import Adapter
+
+from .config import settings_from_dict
+from .listeners import ListeningSocket, bind_address
+from .server import Server
+from .wire import wire_bytes
+
+
+@dataclass
+class RunningServer:
+    server: Server
+    host: str
+    port: int
+    tls_port: int | None
+    thread: threading.Thread
+    errors: list[BaseException] = field(default_factory=list)
+
+    def pop3(self, timeout: float = 10.0) -> poplib.POP3:
+        return poplib.POP3(self.host, self.port, timeout=timeout)
+
+    def pop3_ssl(self, context: Any, timeout: float = 10.0) -> poplib.POP3_SSL:
+        assert self.tls_port is not None, "start the server with tls=... for a TLS listener"
+        return poplib.POP3_SSL(self.host, self.tls_port, context=context, timeout=timeout)
+
+    def call(self, func: Any) -> Any:
+        """Run ``func()`` on the server's loop thread and return its result (for inspection)."""
+        result: list[Any] = []
+        done = threading.Event()
+
+        def run() -> None:
+            result.append(func())
+            done.set()
+
+        self.server.loop.call_soon_threadsafe(run)
+        if not done.wait(10):
+            raise TimeoutError("server loop did not answer")
+        return result[0]
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.thread.is_alive():
+            self.server.request_stop()
+            self.thread.join(timeout)
+        if self.errors:
+            raise self.errors[0]
+
+
+def server_config(adapter_type: str, adapter_config: Mapping[str, Any],
+                  tls: Mapping[str, str] | None = None,
+                  **sections: Mapping[str, Any]) -> dict[str, Any]:
+    """A config dict: one plain listener (and an implicit-TLS one with ``tls``) on loopback."""
+    listeners: dict[str, Any] = {"pop3": {"addresses": ["127.0.0.1:0"]}}
+    if tls:
+        listeners["pop3s"] = {"addresses": ["127.0.0.1:0"], "tls": True}
+    config: dict[str, Any] = {
+        "logging": {"target": "stderr", "level": "debug"},
+        "listeners": listeners,
+        "adapter": {"type": adapter_type, **adapter_config},
+        "server": {"shutdown_grace": 2},
+    }
+    if tls:
+        config["tls"] = dict(tls)
+    for name, values in sections.items():
+        config.setdefault(name, {}).update(values)
+    return config
+
+
+@contextlib.contextmanager
+def running_server(adapter_type: str = "list", adapter_config: Mapping[str, Any] | None = None,
+                   *, adapter: Adapter | None = None, tls: Mapping[str, str] | None = None,
+                   **sections: Mapping[str, Any]) -> Iterator[RunningServer]:
+    """A pop3sf server on 127.0.0.1 in a background thread; stopped gracefully on exit.
+
+    ``sections`` override config sections, e.g. ``limits={"idle_timeout": 1}``. ``adapter``
+    passes a ready adapter instance (e.g. ``ListAdapter.from_messages(...)``).
+    """
+    settings = settings_from_dict(server_config(adapter_type, adapter_config or {}, tls,
+                                                **sections), "<test>")
+    server = Server(settings, adapter)
+    listeners = []
+    for listener in settings.listeners:
+        for host, port in listener.addresses:
+            listeners.append(ListeningSocket(listener.name, bind_address(host, port),
+                                             listener.tls))
+    server.start(listeners)
+    ports = {ls.name: ls.address[1] for ls in listeners}
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            server.serve_forever()
+        except BaseException as exc:  # surfaced by stop()
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="pop3sf-test-server", daemon=True)
+    running = RunningServer(server, "127.0.0.1", ports["pop3"], ports.get("pop3s"), thread,
+                            errors)
+    thread.start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+# --- the conformance suite -------------------------------------------------------------------
+
+SAMPLE_MESSAGES: tuple[bytes, ...] = (
+    b"From: a@example.org\r\nSubject: one\r\n\r\nfirst body\r\n",
+    b"From: b@example.org\nSubject: two\n\nline 1\n.starts with a dot\nline 3\n",
+    b"Subject: three\r\n\r\n" + b"x" * 300_000 + b"\r\nlast line without newline",
+)
+
+
+class AdapterConformance:
+    """Protocol-level checks every adapter must pass. Subclass in a test module and define:
+
+    * ``adapter_type`` and ``make_source(tmp_path, user, password, messages) -> dict`` returning
+      the adapter's config section for a fresh source holding ``messages`` (oldest first) for
+      ``user`` with ``password``;
+    * optionally ``supports_delete = False`` for sources that cannot delete.
+    """
+
+    adapter_type = "list"
+    supports_delete = True
+    user = "conformance"
+    password = "s3cret pass"
+
+    def make_source(self, tmp_path: Any, user: str, password: str,
+                    messages: Sequence[bytes]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def _server(self, tmp_path: Any,
+                messages: Sequence[bytes] = SAMPLE_MESSAGES) -> Iterator[RunningServer]:
+        config = self.make_source(tmp_path, self.user, self.password, list(messages))
+        with running_server(self.adapter_type, config) as srv:
+            yield srv
+
+    def _login(self, srv: RunningServer) -> poplib.POP3:
+        pop = srv.pop3()
+        pop.user(self.user)
+        pop.pass_(self.password)
+        return pop
+
+    def test_conformance_stat_list_sizes_match_retr(self, tmp_path: Any) -> None:
+        with self._server(tmp_path) as srv:
+            pop = self._login(srv)
+            count, total = pop.stat()
+            assert count == len(SAMPLE_MESSAGES)
+            _, listing, _ = pop.list()
+            sizes = [int(line.split()[1]) for line in listing]
+            assert sum(sizes) == total
+            for i, raw in enumerate(SAMPLE_MESSAGES, 1):
+                _, lines, _ = pop.retr(i)
+                body = b"".join(line + b"\r\n" for line in lines)  # poplib unstuffs
+                assert body == wire_bytes(raw), f"message {i} differs on the wire"
+                assert len(body) == sizes[i - 1], f"message {i}: LIST size != RETR octets"
+            pop.quit()
+
+    def test_conformance_uidl_stable_and_valid(self, tmp_path: Any) -> None:
+        with self._server(tmp_path) as srv:
+            pop = self._login(srv)
+            first = pop.uidl()[1]
+            pop.quit()
+            pop = self._login(srv)
+            assert pop.uidl()[1] == first
+            uids = [line.split()[1] for line in first]
+            assert len(set(uids)) == len(uids)
+            assert all(1 <= len(u) <= 70 and all(0x21 <= c <= 0x7E for c in u) for u in uids)
+            pop.quit()
+
+    def test_conformance_top(self, tmp_path: Any) -> None:
+        with self._server(tmp_path) as srv:
+            pop = self._login(srv)
+            _, lines, _ = pop.top(2, 1)
+            assert lines[-1] == b"line 1" and lines[-2] == b""
+            pop.quit()
+
+    def test_conformance_wrong_password_and_unknown_user(self, tmp_path: Any) -> None:
+        with self._server(tmp_path) as srv:
+            for user, password in ((self.user, "wrong"), ("nobody-here", "wrong")):
+                pop = srv.pop3()
+                pop.user(user)
+                try:
+                    pop.pass_(password)
+                except poplib.error_proto as exc:
+                    assert exc.args[0].startswith(b"-ERR [AUTH]")
+                else:
+                    raise AssertionError("bad credentials were accepted")
+                pop.close()
+
+    def test_conformance_dele_quit_commits_and_drop_does_not(self, tmp_path: Any) -> None:
+        if not self.supports_delete:
+            return
+        with self._server(tmp_path) as srv:
+            pop = self._login(srv)
+            keep = pop.uidl()[1]
+            pop.dele(1)
+            pop.close()  # dropped without QUIT: nothing deleted
+            pop = self._login(srv)
+            assert pop.uidl()[1] == keep
+            pop.dele(1)
+            pop.quit()
+            pop = self._login(srv)
+            assert pop.uidl()[1] == [b"%d %s" % (i, line.split()[1])
+                                     for i, line in enumerate(keep[1:], 1)]
+            pop.quit()
+
+    def test_conformance_in_use(self, tmp_path: Any) -> None:
+        with self._server(tmp_path) as srv:
+            first = self._login(srv)
+            second = srv.pop3()
+            second.user(self.user)
+            try:
+                second.pass_(self.password)
+            except poplib.error_proto as exc:
+                assert exc.args[0].startswith(b"-ERR [IN-USE]")
+            else:
+                raise AssertionError("a second read-write session was allowed")
+            first.quit()

@@ -1,0 +1,47 @@
+"""TLS server contexts (SPEC §P5): TLS 1.2 minimum, no renegotiation, clear errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import stat
+
+from .config import ConfigError, TLSSection
+
+log = logging.getLogger("pop3sf.tls")
+
+
+def make_context(tls: TLSSection, source: str = "config") -> ssl.SSLContext | None:
+    """A server context for the configured certificate, or None when none is configured."""
+    if not tls.certificate:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
+    ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    if tls.ciphers:
+        try:
+            ctx.set_ciphers(tls.ciphers)
+        except ssl.SSLError:
+            raise ConfigError(f"{source}: [tls] ciphers: no cipher matches {tls.ciphers!r}") \
+                from None
+    for key in ("certificate", "private_key"):
+        path = getattr(tls, key)
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"{source}: [tls] {key}: cannot read {path}: "
+                              f"{exc.strerror or exc}") from None
+    try:
+        ctx.load_cert_chain(tls.certificate, tls.private_key)
+    except ssl.SSLError as exc:
+        raise ConfigError(f"{source}: [tls] certificate {tls.certificate} and private_key "
+                          f"{tls.private_key} do not load as a matching PEM pair: "
+                          f"{exc.reason or exc}") from None
+    mode = os.stat(tls.private_key).st_mode
+    if mode & stat.S_IROTH:
+        log.warning("%s: [tls] private_key %s is readable by everyone; chmod o-r it",
+                    source, tls.private_key)
+    return ctx
