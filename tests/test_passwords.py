@@ -1,0 +1,196 @@
+"""Password schemes of SPEC §A6/§P6: Dovecot's hashes, libcrypt without the GIL, dummy costs."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+
+import pytest
+
+from pop3sf import passwords
+from pop3sf.passwords import UnknownScheme, dummy_verify, is_supported, scheme_of, verify
+
+PASSWORD = "Grüße, Welt!".encode()
+
+#: Made by Debian 12's ``doveadm pw -s SCHEME -p 'Grüße, Welt!'`` (dovecot-core 2.3.19).
+DOVEADM_VECTORS = {
+    "CRYPT": "{CRYPT}$2y$05$crM8INoFmWaEU0jTXk8DOeC60FEyRiUa6LbhHOiMYVtp4XAFg/pKC",
+    "MD5-CRYPT": "{MD5-CRYPT}$1$S1JlD0LJ$RJO/9cDtvIv2rV3W8Xc0I0",
+    "SHA256-CRYPT": "{SHA256-CRYPT}$5$YDe7AcnFqsD4.H4v$Sk8T/msYm4yK8aVbpQKtBAGyf1yNn2DKkfMP6my1zY7",
+    "SHA512-CRYPT": "{SHA512-CRYPT}$6$.FsICKRT9Ku20JYH$Xywt1E9izUPIN5Wu0rWXft2M.5gFnd1LWs9p4hu/"
+                    "XmBvUjvcBwqctQUqmadtht/mmqdBQyC7xcqybMpcsYLHU1",
+    "BLF-CRYPT": "{BLF-CRYPT}$2y$05$2FcaxaY9kKaUVVAi/VoBHefFiUA3glffm8NrWf5LJNtcIj7a0aWZi",
+    "SSHA256": "{SSHA256}2Ryhffd/1vZ8YSwBpQQIuqtqAv6oz4TDcRn4Uuhwubgda1Gp",
+    "SSHA512": "{SSHA512}yLjAudV3rByWPKGfsY+1ZdPp2KtY3yTFzqucdzqNDLqo33i4wMKrQIIRYdFRjfqwfTPZg5/"
+               "UNr3uwC3Z+SPRGmzv0yg=",
+    "SSHA256.HEX": "{SSHA256.HEX}ccfd7c84f2fb7aa8d9a0cae193f9c821b2adfc146ee939674eeb2c296210f1e"
+                   "7c7e3f80b",
+    "PLAIN.B64": "{PLAIN.B64}R3LDvMOfZSwgV2VsdCE=",
+    "PLAIN": "{PLAIN}Grüße, Welt!",
+}
+
+#: Every scheme SPEC §A6 lists.
+SPEC_SCHEMES = ["PLAIN", "CRYPT", "MD5-CRYPT", "SHA256-CRYPT", "SHA512-CRYPT", "BLF-CRYPT",
+                "SSHA256", "SSHA512"]
+
+needs_crypt = pytest.mark.skipif(not passwords.crypt_available(), reason="no libcrypt")
+
+
+@needs_crypt
+@pytest.mark.parametrize("scheme", sorted(DOVEADM_VECTORS))
+def test_doveadm_vectors(scheme: str) -> None:
+    stored = DOVEADM_VECTORS[scheme]
+    assert verify(stored, PASSWORD) is True
+    assert verify(stored, PASSWORD + b"x") is False
+    assert verify(stored, b"") is False
+    assert is_supported(stored)
+
+
+@pytest.mark.skipif(shutil.which("doveadm") is None, reason="doveadm (dovecot-core) not installed")
+@needs_crypt
+@pytest.mark.parametrize("scheme", SPEC_SCHEMES)
+def test_fresh_doveadm_hashes(scheme: str) -> None:
+    """Hashes made right now by Dovecot itself, for every scheme of §A6."""
+    for secret in ("s3cret", "pässwörd with spaces"):
+        out = subprocess.run(["doveadm", "pw", "-s", scheme, "-p", secret], check=True,
+                             capture_output=True, text=True).stdout.strip()
+        assert out.startswith("{" + scheme + "}")
+        assert verify(out, secret.encode()) is True
+        assert verify(out, b"wrong") is False
+
+
+@needs_crypt
+def test_unprefixed_crypt_hashes() -> None:
+    sha512 = passwords.crypt(b"secret", "$6$saltsalt")
+    md5 = passwords.crypt(b"secret", "$1$saltsalt")
+    des = "nHK1BpEA0HkVI"  # doveadm pw -s DES-CRYPT -p secret
+    assert sha512 is not None and md5 is not None
+    for stored in (sha512, md5, des):
+        assert scheme_of(stored) == "CRYPT"
+        assert verify(stored, b"secret") is True
+        assert verify(stored, b"Secret") is False
+    assert verify("{DES-CRYPT}" + des, b"secret") is True
+
+
+@needs_crypt
+def test_scheme_prefix_must_match_hash() -> None:
+    sha512 = passwords.crypt(b"secret", "$6$saltsalt")
+    assert verify("{SHA512-CRYPT}" + str(sha512), b"secret") is True
+    assert verify("{MD5-CRYPT}" + str(sha512), b"secret") is False
+
+
+def test_existing_behaviour_kept() -> None:
+    hashed = passwords.hash_bcrypt(b"pw", rounds=4)
+    assert verify(hashed, b"pw") and not verify(hashed, b"pW")
+    assert verify("{BLF-CRYPT}" + hashed, b"pw")
+    assert verify("{BCRYPT}" + hashed, b"pw")
+    assert verify("{PLAIN}pw", b"pw") and not verify("{PLAIN}pw", b"pw ")
+    # bcrypt reads 72 octets; longer inputs are truncated explicitly, never an error
+    long_hash = passwords.hash_bcrypt(b"a" * 100, rounds=4)
+    assert verify(long_hash, b"a" * 72 + b"different tail")
+
+
+def test_plain_keeps_raw_octets() -> None:
+    raw = "pässwörd".encode("latin-1")  # not UTF-8: decoded with surrogateescape by the server
+    stored = "{PLAIN}" + raw.decode("utf-8", "surrogateescape")
+    assert verify(stored, raw)
+    assert not verify(stored, "pässwörd".encode())
+
+
+def test_salted_round_trip_and_garbage() -> None:
+    for scheme in ("SSHA256", "SSHA512"):
+        stored = passwords.hash_salted(scheme, b"pw", b"\x00\x01salt")
+        assert verify(stored, b"pw") and not verify(stored, b"px")
+    assert verify("{SSHA256}not base64!!", b"pw") is False
+    assert verify("{SSHA256}AAAA", b"pw") is False  # shorter than a digest: no salt
+
+
+@pytest.mark.parametrize("stored", ["{MD4}abcd", "{SHA1}abcd", "{PLAIN.ROT13}x", "{NTLM}00",
+                                    "hunter2", "", "{SSHA256.XYZ}00"])
+def test_unknown_schemes(stored: str) -> None:
+    with pytest.raises(UnknownScheme) as info:
+        verify(stored, b"hunter2")
+    assert "hunter2" not in str(info.value)  # never any part of a secret in logs
+    assert not is_supported(stored)
+    with pytest.raises(UnknownScheme):
+        scheme_of(stored)
+    dummy_verify(b"x", like=stored)  # no exception
+
+
+@needs_crypt
+def test_crypt_rejects_what_libcrypt_cannot_take() -> None:
+    stored = str(passwords.crypt(b"secret", "$5$saltsalt"))
+    assert verify(stored, b"secret\0tail") is False
+    assert verify(stored, b"x" * 600) is False
+    assert passwords.crypt(b"secret", "*0") is None
+    assert verify("{CRYPT}*", b"") is False
+
+
+@needs_crypt
+def test_crypt_r_releases_the_gil() -> None:
+    """A slow SHA-512 crypt on one thread must not stop Python code on another."""
+    setting = "$6$rounds=600000$abcdefgh"
+    result: list[str | None] = []
+    worker = threading.Thread(target=lambda: result.append(passwords.crypt(b"pw", setting)))
+    spins = 0
+    started = time.monotonic()
+    worker.start()
+    while worker.is_alive():
+        spins += 1
+    elapsed = time.monotonic() - started
+    worker.join()
+    assert result and result[0] and result[0].startswith(setting + "$")
+    assert elapsed > 0.05
+    # With the GIL held for the whole call this loop would barely run at all.
+    assert spins > 10_000, (spins, elapsed)
+
+
+@needs_crypt
+def test_crypt_is_thread_safe() -> None:
+    """Each call has its own struct crypt_data: concurrent calls give the right answers."""
+    hashes = {f"pw{i}".encode(): passwords.crypt(f"pw{i}".encode(), f"$5$salt{i}")
+              for i in range(8)}
+    errors: list[str] = []
+
+    def check(pw: bytes, stored: str) -> None:
+        for _ in range(20):
+            if not verify(stored, pw) or verify(stored, pw + b"!"):
+                errors.append(pw.decode())
+
+    threads = [threading.Thread(target=check, args=(pw, str(h))) for pw, h in hashes.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def _cost(fn: object, repeat: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()  # type: ignore[operator]
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@needs_crypt
+@pytest.mark.parametrize("stored", [
+    "{SHA512-CRYPT}" + "$6$rounds=200000$abcdefgh$",
+    "{BLF-CRYPT}" + passwords.hash_bcrypt(b"real", rounds=8),
+])
+def test_dummy_verify_costs_like_a_real_verify(stored: str) -> None:
+    if stored.endswith("$"):  # complete the crypt hash
+        stored = "{SHA512-CRYPT}" + str(passwords.crypt(b"real", stored[len("{SHA512-CRYPT}"):]))
+    real = _cost(lambda: verify(stored, b"wrong"))
+    dummy = _cost(lambda: dummy_verify(b"wrong", like=stored))
+    assert real > 0.005
+    assert 0.5 < dummy / real < 2.0, (dummy, real)
+
+
+def test_default_dummy_is_a_cost_12_bcrypt() -> None:
+    cost = _cost(lambda: dummy_verify(b"whatever"), repeat=2)
+    four = _cost(lambda: verify(passwords.hash_bcrypt(b"x", rounds=4), b"y"), repeat=2)
+    assert cost > 20 * four
