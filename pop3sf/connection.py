@@ -256,8 +256,12 @@ class Connection:
                 continue
             if idx < 0:
                 if len(buf) >= limit:
-                    buf.clear()
-                    self.discarding = True
+                    end = buf.find(b"\n", limit)
+                    if end < 0:
+                        buf.clear()
+                        self.discarding = True
+                    else:
+                        del buf[: end + 1]
                     self._maybe_resume_reading()
                     return TOO_LONG
                 self._maybe_resume_reading()
