@@ -195,7 +195,7 @@ def _common_fields(record: logging.LogRecord, identifier: str) -> dict[str, Any]
         "LOGGER": record.name,
         "THREAD_NAME": record.threadName or "",
         "CODE_FILE": record.pathname,
-        "CODE_LINE": str(record.lineno),
+        "CODE_LINE": record.lineno,         # python3-systemd formats it with {:d}
         "CODE_FUNC": record.funcName,
     }
     message_id = getattr(record, "MESSAGE_ID", None)
