@@ -249,7 +249,7 @@ def _uidlist_record(line: str, version: int) -> tuple[int, dict[str, str], str] 
     return int(uid_text), ext, rest
 
 
-_UIDL_VAR = re.compile(r"%(0?)(\d*)([LUX]*)(?:([uvgf%])|\{([a-z]+)\})")
+_UIDL_VAR = re.compile(r"%(0?)(\d*)([LUX]*)(?:([uvgf%])|\{([a-z]+)\}|.?)")
 
 
 def format_uidl(fmt: str, uid: int, uidvalidity: int, base: str, guid: str) -> str:
@@ -262,7 +262,8 @@ def format_uidl(fmt: str, uid: int, uidvalidity: int, base: str, guid: str) -> s
     def sub(m: re.Match[str]) -> str:
         key = m.group(4) or longs.get(m.group(5) or "", "")
         if not key:
-            raise ConfigurationError(f"pop3_uidl_format: unsupported variable {m.group(0)!r}")
+            raise ConfigurationError(f"pop3_uidl_format: unsupported variable {m.group(0)!r} "
+                                     "(supported: %u %v %f %g, %{uid} %{uidvalidity} ...)")
         value = values[key]
         for mod in m.group(3):
             if mod == "X":
@@ -355,7 +356,7 @@ read_only = boolean(default=True)
         self.passwd = PasswdFile(self.options["passwd_file"])
         self.size_cache = SizeCache(self.options["size_cache_dir"] or None,
                                     self.options["size_cache_entries"])
-        self.allows_read_only = bool(self.options["read_only"])  # type: ignore[misc]
+        self.allows_read_only = bool(self.options["read_only"])
         self._warned: set[str] = set()
         self._warn_lock = threading.Lock()
         self._like_source: object = None
@@ -392,7 +393,7 @@ read_only = boolean(default=True)
                 options["size_cache_dir"] or None, options["size_cache_entries"])
             old.close()
         self.config, self.options, self.location = config, options, location
-        self.allows_read_only = bool(options["read_only"])  # type: ignore[misc]
+        self.allows_read_only = bool(options["read_only"])
 
     def close(self) -> None:
         self.size_cache.close()
@@ -641,9 +642,9 @@ class MaildirSession(MailboxSession):
         if not base or self._hidden(flags):
             return None
         record = uidlist.records.get(base) if uidlist is not None else None
+        # The uidlist's W is not used: Dovecot doesn't count the CRLF that completes a message
+        # without a final newline, which pop3sf sends (SPEC §P3); one measured read is exact.
         size = w_size(base)
-        if size is None and record is not None and record.ext.get("W", "").isdigit():
-            size = int(record.ext["W"])
         info: MessageInfo | None = None
         mtime = 0
         if size is None or self.options["measure_all"]:

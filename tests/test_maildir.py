@@ -1,0 +1,587 @@
+"""The Maildir adapter (SPEC §A6) on real Maildirs in temporary directories."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pop3sf.adapters.base import (
+    AuthenticationFailed,
+    AuthResult,
+    ConfigurationError,
+    Credentials,
+    MessageGone,
+    MessageInfo,
+    Peer,
+    PermanentFailure,
+)
+from pop3sf.adapters.maildir import (
+    MaildirAdapter,
+    MaildirSession,
+    basename_uidl,
+    format_uidl,
+    parse_uidlist,
+)
+
+from pop3sf import passwords
+from pop3sf.wire import wire_bytes
+
+PEER = Peer("127.0.0.1", 40000)
+MSG_A = b"From: a@example.org\nSubject: first\n\nhello\n"
+MSG_B = b"From: b@example.org\nSubject: second\n\nworld\r\nline two\n"
+MSG_C = b"From: c@example.org\nSubject: third\n\n.dot line\n"
+
+
+def make_maildir(path: Path) -> Path:
+    for sub in ("new", "cur", "tmp"):
+        (path / sub).mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def deliver(maildir: Path, name: str, data: bytes, sub: str = "new") -> Path:
+    target = maildir / sub / name
+    target.write_bytes(data)
+    return target
+
+
+class Env:
+    """A vmail root, a passwd-file and helpers to log in."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root / "vmail"
+        self.root.mkdir()
+        self.passwd = root / "passwd"
+        self.users: dict[str, str] = {}
+
+    def add_user(self, user: str, secret: str = "{PLAIN}pw", home: str = "",
+                 extra: str = "") -> Path:
+        local, _, domain = user.partition("@")
+        self.users[user] = ":".join([user, secret, "5000", "5000", "", home, "", extra])
+        self.passwd.write_text("\n".join(self.users.values()) + "\n")
+        return self.root / domain / local / "Maildir"
+
+    def adapter(self, **options: Any) -> MaildirAdapter:
+        config = {"passwd_file": str(self.passwd), "root": str(self.root),
+                  "mail_location": str(self.root) + "/%d/%n/Maildir"}
+        config.update(options)
+        adapter = MaildirAdapter(config)
+        adapter.start()
+        return adapter
+
+    @staticmethod
+    def login(adapter: MaildirAdapter, user: str, password: str = "pw",
+              read_only: bool = False) -> tuple[MaildirSession, list[MessageInfo]]:
+        session = adapter.new_session(PEER)
+        result = session.authenticate(Credentials(user, password))
+        session.login_succeeded(result, read_only)
+        return session, list(session.list_messages())
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Env:
+    return Env(tmp_path)
+
+
+def read(session: MaildirSession, uid: str) -> bytes:
+    with session.open_message(uid) as stream:
+        return stream.read()
+
+
+# --- UIDLs ----------------------------------------------------------------------------------
+
+def test_dovecot_uidlist_gives_dovecots_uidls(env: Env) -> None:
+    md = make_maildir(env.add_user("alice@example.org"))
+    deliver(md, "1700000000.M1P1.host,S=42,W=45:2,S", MSG_A, "cur")
+    deliver(md, "1700000001.M2P1.host:2,", MSG_B, "cur")
+    deliver(md, "1700000002.M3P1.host", MSG_C)
+    deliver(md, "1699999999.M9P1.host", MSG_A)  # older, but not in the uidlist yet
+    (md / "dovecot-uidlist").write_text(
+        "3 V1795703107 N4 Gb7ff612a4341086b623c000083ecc375\n"
+        "1 :1700000000.M1P1.host,S=42,W=45\n"
+        "2 W57 :1700000001.M2P1.host\n"
+        "3 P+OLD-SERVER-UIDL-17 :1700000002.M3P1.host\n"
+        "5 :1600000000.gone.host\n")
+    session, infos = env.login(env.adapter(), "alice@example.org")
+    # uid 1, 2 by Dovecot's %08Xu%08Xv (lowercase hex, as Dovecot prints it), 3 its stored
+    # POP3 UIDL, then the message Dovecot hasn't seen, by base name
+    assert [i.uid for i in infos] == ["000000016b084143", "000000026b084143",
+                                     "+OLD-SERVER-UIDL-17", "1699999999.M9P1.host"]
+    assert read(session, "+OLD-SERVER-UIDL-17") == MSG_C
+    assert infos[0].size == 45  # from ,W= in the name
+    assert infos[1].size == len(wire_bytes(MSG_B))  # measured, not the uidlist's W
+    assert infos[3].size == len(wire_bytes(MSG_A))
+
+
+def test_pop3_order_extension_and_uid_order(env: Env) -> None:
+    md = make_maildir(env.add_user("o@example.org"))
+    for n in (1, 2, 3):
+        deliver(md, f"170000000{n}.M{n}P1.h", MSG_A, "cur")
+    (md / "dovecot-uidlist").write_text(
+        "3 V7 N4\n1 :1700000001.M1P1.h\n2 O1 :1700000002.M2P1.h\n3 :1700000003.M3P1.h\n")
+    _, infos = env.login(env.adapter(), "o@example.org")
+    # O-numbered messages first (Dovecot's migration ordering), then by uid
+    assert [i.uid for i in infos] == ["0000000200000007", "0000000100000007",
+                                     "0000000300000007"]
+
+
+def test_uidlist_v1_and_broken_uidlist(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    md = make_maildir(env.add_user("v1@example.org"))
+    deliver(md, "1700000001.M1P1.h", MSG_A)
+    (md / "dovecot-uidlist").write_text("1 1234 2\n1 1700000001.M1P1.h:2,S\n")
+    adapter = env.adapter()
+    _, infos = env.login(adapter, "v1@example.org")
+    assert [i.uid for i in infos] == ["00000001000004d2"]
+    (md / "dovecot-uidlist").write_text("garbage\n")
+    with caplog.at_level(logging.WARNING, "pop3sf.adapters.maildir"):
+        _, infos = env.login(adapter, "v1@example.org")
+    assert [i.uid for i in infos] == ["1700000001.M1P1.h"]
+    assert "unknown format" in caplog.text
+
+
+def test_pop3_uidl_format_setting(env: Env) -> None:
+    md = make_maildir(env.add_user("f@example.org"))
+    deliver(md, "1700000001.M1P1.h", MSG_A)
+    (md / "dovecot-uidlist").write_text("3 V255 N2 Gabc\n1 :1700000001.M1P1.h\n")
+    _, infos = env.login(env.adapter(pop3_uidl_format="%v.%u-%f"), "f@example.org")
+    assert [i.uid for i in infos] == ["255.1-1700000001.M1P1.h"]
+    assert format_uidl("%08Xu%08Xv", 0x1F, 0xABCDEF12, "b", "") == "0000001fabcdef12"
+    assert format_uidl("%g", 1, 1, "base", "") == "base"
+
+
+def test_basename_uidls(env: Env) -> None:
+    md = make_maildir(env.add_user("b@example.org"))
+    long_base = "1700000000.M123456P7890V0000000000000801I00000000000A1B2C.mail.example.org,S=42"
+    assert len(long_base) > 70
+    deliver(md, long_base + ",W=45:2,S", MSG_A, "cur")
+    deliver(md, "1700000001.short.host", MSG_B)
+    deliver(md, "1700000002.ünïcode.host", MSG_C)
+    (md / "dovecot-uidlist").write_text("3 V1 N2\n1 :1700000001.short.host\n")
+    _, infos = env.login(env.adapter(uidl_format="basename"), "b@example.org")
+    sha = hashlib.sha1((long_base + ",W=45").encode()).hexdigest()
+    uids = [i.uid for i in infos]
+    # the uidlist still orders (uid 1 first), but UIDLs are base names
+    assert uids[0] == "1700000001.short.host"
+    assert set(uids[1:]) == {sha, hashlib.sha1("1700000002.ünïcode.host".encode()).hexdigest()}
+    assert uids[1] == sha  # older delivery time first
+    assert basename_uidl("x" * 70) == "x" * 70
+    assert basename_uidl("x" * 71) == hashlib.sha1(b"x" * 71).hexdigest()
+
+
+def test_duplicate_stored_uidls_made_unique(env: Env) -> None:
+    md = make_maildir(env.add_user("d@example.org"))
+    deliver(md, "1700000001.M1P1.h", MSG_A)
+    deliver(md, "1700000002.M2P1.h", MSG_B)
+    (md / "dovecot-uidlist").write_text(
+        "3 V1 N3\n1 Psame :1700000001.M1P1.h\n2 Psame :1700000002.M2P1.h\n")
+    session, infos = env.login(env.adapter(), "d@example.org")
+    assert [i.uid for i in infos] == ["same", "same-2"]
+    assert read(session, "same-2") == MSG_B
+
+
+def test_parse_uidlist_ignores_bad_lines() -> None:
+    parsed = parse_uidlist(b"3 V9 N5 Gxyz\n1 :a\n0 :zero\nx :bad\n2 P1 W2\n1 :again\n"
+                           b"3 :sub/dir\n4 P:colon :d:2,S\n")
+    assert parsed is not None
+    assert (parsed.uidvalidity, parsed.next_uid, parsed.guid) == (9, 5, "xyz")
+    assert {k: v.uid for k, v in parsed.records.items()} == {"a": 1, "d": 4}
+    assert parsed.records["d"].ext == {"P": ":colon"}
+    assert parse_uidlist(b"2 whatever\n") is None
+
+
+# --- sizes and order --------------------------------------------------------------------------
+
+def test_w_sizes_trusted_and_others_measured_once(env: Env) -> None:
+    md = make_maildir(env.add_user("s@example.org"))
+    deliver(md, "1700000001.M1P1.h,S=10,W=999", MSG_A)  # W wins: the body isn't read
+    deliver(md, "1700000002.M2P1.h", MSG_B)
+    adapter = env.adapter(uidl_format="basename")
+    _, infos = env.login(adapter, "s@example.org")
+    assert [i.size for i in infos] == [999, len(wire_bytes(MSG_B))]
+    assert (adapter.size_cache.hits, adapter.size_cache.misses) == (0, 1)
+    # a flag change renames the file but keeps the measured size cached
+    os.rename(md / "new" / "1700000002.M2P1.h", md / "cur" / "1700000002.M2P1.h:2,S")
+    _, infos = env.login(adapter, "s@example.org")
+    assert infos[1].size == len(wire_bytes(MSG_B))
+    assert (adapter.size_cache.hits, adapter.size_cache.misses) == (1, 1)
+    _, infos = env.login(env.adapter(uidl_format="basename", measure_all=True), "s@example.org")
+    assert infos[0].size == len(wire_bytes(MSG_A))
+
+
+def test_utf8_header_measured(env: Env) -> None:
+    md = make_maildir(env.add_user("u@example.org"))
+    deliver(md, "1700000001.M1P1.h", "Subject: Grüße\n\nbody\n".encode())
+    _, infos = env.login(env.adapter(), "u@example.org")
+    assert infos[0].utf8_header and infos[0].downgraded_size is not None
+
+
+def test_order_by_delivery_time_then_mtime(env: Env) -> None:
+    md = make_maildir(env.add_user("t@example.org"))
+    deliver(md, "1700000005.M2P1.h", MSG_A)
+    deliver(md, "1700000005.M10P1.h", MSG_A)  # same second: microseconds decide
+    deliver(md, "1700000001.M99P1.h", MSG_A, "cur")
+    odd = deliver(md, "no-timestamp-name", MSG_A)
+    os.utime(odd, (1600000000, 1600000000))
+    deliver(md, ".hidden", MSG_A)
+    deliver(md, "1500000000.intmp", MSG_A, "tmp")
+    _, infos = env.login(env.adapter(uidl_format="basename"), "t@example.org")
+    assert [i.uid for i in infos] == ["no-timestamp-name", "1700000001.M99P1.h",
+                                     "1700000005.M2P1.h", "1700000005.M10P1.h"]
+
+
+def test_missing_maildir_is_empty(env: Env) -> None:
+    env.add_user("new@example.org")
+    session, infos = env.login(env.adapter(), "new@example.org")
+    assert infos == []
+    session.connection_closed()
+
+
+# --- renames, removal, deletion ---------------------------------------------------------------
+
+def test_open_follows_flag_changes_and_new_to_cur(env: Env) -> None:
+    md = make_maildir(env.add_user("r@example.org"))
+    deliver(md, "1700000001.M1P1.h", MSG_A)
+    deliver(md, "1700000002.M2P1.h:2,", MSG_B, "cur")
+    session, infos = env.login(env.adapter(uidl_format="basename"), "r@example.org")
+    os.rename(md / "new/1700000001.M1P1.h", md / "cur/1700000001.M1P1.h:2,S")
+    os.rename(md / "cur/1700000002.M2P1.h:2,", md / "cur/1700000002.M2P1.h:2,FRS")
+    assert read(session, infos[0].uid) == MSG_A
+    assert read(session, infos[1].uid) == MSG_B
+    os.rename(md / "cur/1700000001.M1P1.h:2,S", md / "cur/1700000001.M1P1.h:2,RS")
+    assert read(session, infos[0].uid) == MSG_A
+
+
+def test_removed_by_someone_else_is_gone(env: Env) -> None:
+    md = make_maildir(env.add_user("g@example.org"))
+    path = deliver(md, "1700000001.M1P1.h", MSG_A)
+    session, infos = env.login(env.adapter(), "g@example.org")
+    path.unlink()
+    with pytest.raises(MessageGone):
+        session.open_message(infos[0].uid)
+    with pytest.raises(MessageGone):
+        session.open_message("never-listed")
+    # deleting what is already gone is no failure: the wanted state holds
+    assert session.delete_messages([infos[0].uid]).failed == {}
+
+
+def test_delete_unlink_exactly_the_marked(env: Env) -> None:
+    md = make_maildir(env.add_user("del@example.org"))
+    deliver(md, "1700000001.M1P1.h", MSG_A)
+    deliver(md, "1700000002.M2P1.h", MSG_B)
+    deliver(md, "1700000003.M3P1.h:2,S", MSG_C, "cur")
+    session, infos = env.login(env.adapter(uidl_format="basename"), "del@example.org")
+    # one of them is renamed by an IMAP client meanwhile, and new mail arrives
+    os.rename(md / "new/1700000002.M2P1.h", md / "cur/1700000002.M2P1.h:2,S")
+    deliver(md, "1700000009.M9P1.h", MSG_A)
+    result = session.delete_messages([infos[1].uid, infos[2].uid])
+    assert result.failed == {}
+    assert sorted(os.listdir(md / "new")) == ["1700000001.M1P1.h", "1700000009.M9P1.h"]
+    assert os.listdir(md / "cur") == []
+    session.connection_closed()
+
+
+def test_delete_flag_mode(env: Env) -> None:
+    md = make_maildir(env.add_user("fl@example.org"))
+    deliver(md, "1700000001.M1P1.h", MSG_A)
+    deliver(md, "1700000002.M2P1.h:2,RS", MSG_B, "cur")
+    deliver(md, "1700000003.M3P1.h:2,T", MSG_C, "cur")  # trashed already: hidden
+    adapter = env.adapter(deleted="flag", uidl_format="basename")
+    session, infos = env.login(adapter, "fl@example.org")
+    assert [i.uid for i in infos] == ["1700000001.M1P1.h", "1700000002.M2P1.h"]
+    assert session.delete_messages([i.uid for i in infos]).failed == {}
+    assert os.listdir(md / "new") == []
+    assert sorted(os.listdir(md / "cur")) == ["1700000001.M1P1.h:2,T",
+                                             "1700000002.M2P1.h:2,RST",
+                                             "1700000003.M3P1.h:2,T"]
+    _, infos = env.login(adapter, "fl@example.org")
+    assert infos == []
+    # unlink mode lists T-flagged messages (Dovecot's POP3 ignores \\Deleted)
+    _, infos = env.login(env.adapter(uidl_format="basename"), "fl@example.org")
+    assert len(infos) == 3
+
+
+def test_flagged_by_someone_else_is_gone_in_flag_mode(env: Env) -> None:
+    md = make_maildir(env.add_user("x@example.org"))
+    deliver(md, "1700000001.M1P1.h", MSG_A)
+    session, infos = env.login(env.adapter(deleted="flag"), "x@example.org")
+    os.rename(md / "new/1700000001.M1P1.h", md / "cur/1700000001.M1P1.h:2,ST")
+    with pytest.raises(MessageGone):
+        session.open_message(infos[0].uid)
+
+
+def test_read_only_session_deletes_nothing(env: Env) -> None:
+    md = make_maildir(env.add_user("ro@example.org"))
+    deliver(md, "1700000001.M1P1.h", MSG_A)
+    session, infos = env.login(env.adapter(), "ro@example.org", read_only=True)
+    assert set(session.delete_messages([infos[0].uid]).failed) == {infos[0].uid}
+    assert os.listdir(md / "new") == ["1700000001.M1P1.h"]
+
+
+# --- users, passwords, locations ---------------------------------------------------------------
+
+def test_canonical_account_and_wrong_password(env: Env) -> None:
+    env.add_user("alice@example.org")
+    adapter = env.adapter()
+    session = adapter.new_session(PEER)
+    assert session.authenticate(Credentials("ALICE@Example.ORG", "pw")) == \
+        AuthResult("alice@example.org")
+    with pytest.raises(AuthenticationFailed):
+        adapter.new_session(PEER).authenticate(Credentials("alice@example.org", "PW"))
+    with pytest.raises(AuthenticationFailed):
+        adapter.new_session(PEER).authenticate(Credentials("nobody@example.org", "pw"))
+
+
+def test_unknown_scheme_denied_with_one_warning(env: Env,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    env.add_user("m1@example.org", "{MD4}0123456789abcdef")
+    env.add_user("m2@example.org", "{MD4}fedcba9876543210")
+    env.add_user("ok@example.org")
+    adapter = env.adapter()
+    with caplog.at_level(logging.WARNING, "pop3sf.adapters.maildir"):
+        for user in ("m1@example.org", "m2@example.org", "m1@example.org"):
+            with pytest.raises(AuthenticationFailed):
+                adapter.new_session(PEER).authenticate(Credentials(user, "0123456789abcdef"))
+    warnings = [r for r in caplog.records if "unknown scheme" in r.getMessage()]
+    assert len(warnings) == 1 and "MD4" in warnings[0].getMessage()
+    assert "0123456789abcdef" not in caplog.text
+    env.login(adapter, "ok@example.org")  # others still log in
+
+
+@pytest.mark.skipif(not passwords.crypt_available(), reason="no libcrypt")
+def test_unknown_user_costs_like_a_wrong_password(env: Env) -> None:
+    stored = passwords.crypt(b"pw", "$6$rounds=100000$saltsalt")
+    env.add_user("slow@example.org", "{SHA512-CRYPT}" + str(stored))
+    adapter = env.adapter()
+
+    def attempt(user: str) -> float:
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            with pytest.raises(AuthenticationFailed):
+                adapter.new_session(PEER).authenticate(Credentials(user, "wrong"))
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    known, unknown, invalid = attempt("slow@example.org"), attempt("ghost@example.org"), \
+        attempt("../../etc")
+    assert known > 0.01
+    assert 0.5 < unknown / known < 2.0 and 0.5 < invalid / known < 2.0, (known, unknown, invalid)
+
+
+def test_passwd_file_change_needs_no_reload(env: Env) -> None:
+    env.add_user("a@example.org")
+    adapter = env.adapter()
+    with pytest.raises(AuthenticationFailed):
+        adapter.new_session(PEER).authenticate(Credentials("late@example.org", "pw"))
+    time.sleep(0.01)
+    env.add_user("late@example.org")
+    assert adapter.new_session(PEER).authenticate(Credentials("late@example.org", "pw")) == \
+        AuthResult("late@example.org")
+
+
+def test_locations(env: Env) -> None:
+    home = env.root / "homes" / "h1"
+    make_maildir(home / "Maildir")
+    deliver(home / "Maildir", "1700000001.M1P1.h", MSG_A)
+    env.add_user("h1", home=str(home))
+    other = make_maildir(env.root / "custom" / "box")
+    deliver(other, "1700000002.M2P1.h", MSG_B)
+    env.add_user("c1@example.org", extra=f"userdb_mail=maildir:{other}:LAYOUT=fs")
+    adapter = env.adapter(mail_location="maildir:~/Maildir")
+    _, infos = env.login(adapter, "h1")
+    assert len(infos) == 1
+    _, infos = env.login(adapter, "c1@example.org")
+    assert [i.size for i in infos] == [len(wire_bytes(MSG_B))]
+    lower = make_maildir(env.root / "example.org" / "mixed")
+    deliver(lower, "1700000003.M3P1.h", MSG_C)
+    env.add_user("Mixed@Example.org")
+    _, infos = env.login(env.adapter(mail_location=str(env.root) + "/%Ld/%Ln"),
+                         "Mixed@Example.org")
+    assert len(infos) == 1
+
+
+def test_control_dir_uidlist(env: Env) -> None:
+    md = make_maildir(env.add_user("ctl@example.org"))
+    deliver(md, "1700000001.M1P1.h", MSG_A)
+    control = env.root.parent / "control" / "ctl@example.org"
+    control.mkdir(parents=True)
+    (control / "dovecot-uidlist").write_text("3 V16 N2\n1 :1700000001.M1P1.h\n")
+    location = f"maildir:{env.root}/%d/%n/Maildir:CONTROL={env.root.parent}/control/%u"
+    _, infos = env.login(env.adapter(mail_location=location), "ctl@example.org")
+    assert [i.uid for i in infos] == ["0000000100000010"]
+
+
+@pytest.mark.parametrize("options", [
+    {"uidl_format": "imap"}, {"deleted": "shred"}, {"passwd_file": "relative/passwd"},
+    {"mail_location": "mbox:~/mail"}, {"mail_location": "/var/vmail/%x/%n"},
+    {"root": "relative"}, {"pop3_uidl_format": "%u %v"}, {"pop3_uidl_format": "%m"},
+])
+def test_bad_config(env: Env, options: dict[str, str]) -> None:
+    env.add_user("a@example.org")
+    with pytest.raises(ConfigurationError):
+        env.adapter(**options)
+
+
+def test_missing_passwd_file_at_start(tmp_path: Path) -> None:
+    adapter = MaildirAdapter({"passwd_file": str(tmp_path / "nope")})
+    with pytest.raises(ConfigurationError, match="nope"):
+        adapter.start()
+
+
+# --- traversal ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["../x", "a/b", ".hidden", "x@..", "x@../../etc", "..",
+                                  "a@b@c", "", "a\0b", "x@.example.org", "%u", "a:b"])
+def test_bad_user_names(env: Env, name: str) -> None:
+    env.users[name] = f"{name}:{{PLAIN}}pw"  # even a passwd-file entry can't make them valid
+    env.passwd.write_text("\n".join(env.users.values()) + "\n")
+    with pytest.raises(AuthenticationFailed):
+        env.adapter().new_session(PEER).authenticate(Credentials(name, "pw"))
+
+
+def test_maildir_outside_root_refused(env: Env, tmp_path: Path) -> None:
+    outside = make_maildir(tmp_path / "outside" / "Maildir")
+    deliver(outside, "1700000001.M1P1.h", MSG_A)
+    env.add_user("home@example.org", home=str(tmp_path / "outside"))
+    adapter = env.adapter(mail_location="%h/Maildir")
+    with pytest.raises(PermanentFailure):
+        adapter.new_session(PEER).authenticate(Credentials("home@example.org", "pw"))
+    # a symlink inside the root that leads out of it
+    link_parent = env.root / "example.org" / "sym"
+    link_parent.mkdir(parents=True)
+    (link_parent / "Maildir").symlink_to(outside)
+    env.add_user("sym@example.org")
+    with pytest.raises(PermanentFailure):
+        env.login(env.adapter(), "sym@example.org")
+    # without a root, the admin's locations are trusted
+    _, infos = env.login(env.adapter(root=""), "sym@example.org")
+    assert len(infos) == 1
+
+
+def test_symlinks_and_special_files_not_served(env: Env, tmp_path: Path) -> None:
+    md = make_maildir(env.add_user("l@example.org"))
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"Subject: secret\n\nroot's data\n")
+    (md / "new" / "1700000001.M1P1.h").symlink_to(secret)
+    os.mkfifo(md / "new" / "1700000002.M2P1.h")
+    (md / "new" / "1700000003.M3P1.h").mkdir()
+    good = deliver(md, "1700000004.M4P1.h", MSG_A)
+    session, infos = env.login(env.adapter(), "l@example.org")
+    assert [i.uid for i in infos] == ["1700000004.M4P1.h"]
+    # swapped for a symlink between LIST and RETR
+    good.unlink()
+    good.symlink_to(secret)
+    with pytest.raises(MessageGone):
+        session.open_message(infos[0].uid)
+    # and for a FIFO: no hang
+    good.unlink()
+    os.mkfifo(good)
+    with pytest.raises(MessageGone):
+        session.open_message(infos[0].uid)
+
+
+def test_symlinked_subdirectory_ignored(env: Env, tmp_path: Path) -> None:
+    md = env.add_user("sd@example.org")
+    md.mkdir(parents=True)
+    elsewhere = make_maildir(tmp_path / "elsewhere")
+    deliver(elsewhere, "1700000001.M1P1.h", MSG_A)
+    (md / "new").symlink_to(elsewhere / "new")
+    (md / "cur").mkdir()
+    _, infos = env.login(env.adapter(root=""), "sd@example.org")
+    assert infos == []
+
+
+# --- Dovecot itself -----------------------------------------------------------------------------
+
+DOVECOT_POP3 = "/usr/lib/dovecot/pop3"
+
+
+@pytest.fixture
+def dovecot_maildir() -> Iterator[Path]:
+    """A Maildir Dovecot can use: readable by 'nobody' when the tests run as root."""
+    top = Path(tempfile.mkdtemp(prefix="pop3sf-dovecot-"))
+    top.chmod(0o755)
+    try:
+        yield top
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def dovecot_pop3(top: Path, commands: str) -> str:
+    uid = os.getuid()
+    user = "nobody" if uid == 0 else os.environ.get("USER", "pop3sf")
+    mail_uid = 65534 if uid == 0 else uid
+    if uid == 0:
+        subprocess.run(["chown", "-R", f"{mail_uid}:{mail_uid}", str(top / "Maildir")],
+                       check=True)
+    conf = top / "dovecot.conf"
+    conf.write_text(f"mail_location = maildir:{top}/Maildir\nlog_path = /dev/stderr\n"
+                    f"ssl = no\nbase_dir = {top}/run\nstate_dir = {top}/state\n"
+                    f"mail_uid = {mail_uid}\nmail_gid = {mail_uid}\nfirst_valid_uid = 1\n"
+                    "first_valid_gid = 1\n")
+    env = {"USER": user, "HOME": str(top), "PATH": os.environ.get("PATH", "/usr/bin")}
+    out = subprocess.run([DOVECOT_POP3, "-c", str(conf)], input=commands.encode(),
+                         capture_output=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.decode()
+
+
+def blocks(text: str) -> list[list[list[str]]]:
+    """The multi-line responses of a POP3 transcript (preauth mode has no greeting)."""
+    found: list[list[list[str]]] = []
+    block: list[list[str]] | None = None
+    for line in text.split("\r\n"):
+        if block is None:
+            if line.startswith("+OK"):
+                block = []
+        elif line == ".":
+            found.append(block)
+            block = None
+        else:
+            block.append(line.split())
+    return found
+
+
+@pytest.mark.skipif(not os.access(DOVECOT_POP3, os.X_OK),
+                    reason="Dovecot's POP3 server (dovecot-pop3d) not installed")
+def test_same_uidls_sizes_and_order_as_dovecot(dovecot_maildir: Path, tmp_path: Path) -> None:
+    """Dovecot's own POP3 server reads a Maildir first; then pop3sf must list it identically."""
+    md = make_maildir(dovecot_maildir / "Maildir")
+    deliver(md, "1700000300.M3P9.host", MSG_C)
+    deliver(md, f"1700000100.M1P9.host,S={len(MSG_A)},W={len(wire_bytes(MSG_A))}", MSG_A)
+    deliver(md, "1700000200.M2P9.host:2,S", MSG_B, "cur")
+    deliver(md, "1700000200.M10P9.host", b"Subject: no final newline\n\nlast line")
+    first = dovecot_pop3(dovecot_maildir, "UIDL\r\nLIST\r\nQUIT\r\n")
+    assert (md / "dovecot-uidlist").exists()
+    deliver(md, "1700000400.M4P9.host", MSG_A)  # new mail Dovecot hasn't seen
+    second = dovecot_pop3(dovecot_maildir, "UIDL\r\nLIST\r\nQUIT\r\n")
+    (uidl1, _), (uidl2, list2) = blocks(first), blocks(second)
+    dovecot_uidls = [u for _, u in uidl2]
+    assert len(dovecot_uidls) == 5
+    assert [u for _, u in uidl1] == dovecot_uidls[:4]  # stable across Dovecot sessions
+    dovecot_sizes = [int(s) for _, s in list2]
+
+    passwd = tmp_path / "passwd"
+    passwd.write_text("someone:{PLAIN}pw\n")
+    adapter = MaildirAdapter({"passwd_file": str(passwd), "mail_location": str(md)})
+    adapter.start()
+    session = adapter.new_session(PEER)
+    session.login_succeeded(session.authenticate(Credentials("someone", "pw")), False)
+    infos = session.list_messages()
+    assert [i.uid for i in infos] == dovecot_uidls
+    # Dovecot doesn't count the CRLF it sends after a last line without a newline; pop3sf
+    # counts it (SPEC §P3), and so lists 2 more for that message
+    ours = [i.size for i in infos]
+    assert ours[:2] + ours[3:] == dovecot_sizes[:2] + dovecot_sizes[3:]
+    assert ours[2] == dovecot_sizes[2] + 2
+    for info in infos:
+        with session.open_message(info.uid) as stream:
+            assert len(wire_bytes(stream.read())) == info.size
