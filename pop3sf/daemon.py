@@ -8,8 +8,9 @@ as ``User=pop3sf``, with sockets passed in. By hand, the CLI must call things in
     check_pidfile(pidfile)                          # only with --daemon; before binding, so
                                                     # "already running" beats EADDRINUSE
     sockets = pop3sf.systemd.listen_fds() or bind the configured listeners (still root)
-    ctx = daemonize(pidfile, [s.fileno() for s in sockets], on_sighup, on_sigterm,
+    ctx = daemonize(pidfile, [s.fileno() for s in sockets],
                     pidfile_owner=settings.service_user)        # forks; parent exits 0
+                                                    # (optional on_sighup/on_sigterm handlers)
     ... now set up logging (journal_handler() etc.) -- never before daemonize()
     drop_privileges(settings.service_user, group)   # after binding and after logging is set up
     ... start threads (worker pool, log queue listener) and the loop
@@ -132,36 +133,42 @@ def check_pidfile(path: str, owner: str | None = None) -> None:
         raise PidfileError(f"pidfile directory {directory} is not writable")
 
 
-def daemonize(pidfile: str, keep_fds: list[int], on_sighup: SignalHandler,
-              on_sigterm: SignalHandler, umask: int = 0o027, *,
+def daemonize(pidfile: str, keep_fds: list[int], on_sighup: SignalHandler | None = None,
+              on_sigterm: SignalHandler | None = None, umask: int = 0o027, *,
               pidfile_owner: str | None = None) -> Any:
     """Detach into the background with python-daemon and return the open ``DaemonContext``.
 
     Checks *pidfile* first (:func:`check_pidfile`; raises :class:`PidfileError` in the calling
     process, before any fork). Then: double fork and setsid, working directory ``/``, *umask*,
-    stdio on ``/dev/null``, every fd closed except *keep_fds* (the listening sockets), SIGHUP ->
-    *on_sighup*, SIGTERM and SIGINT -> *on_sigterm*, SIGTSTP/SIGTTIN/SIGTTOU ignored, the pid
-    written to *pidfile* (removed at exit). Only the daemon returns; the parent exits 0.
+    stdio on ``/dev/null``, every fd closed except *keep_fds* (the listening sockets), the pid
+    written to *pidfile* (removed when the context closes, also at exit). Only the daemon
+    returns; the parent exits 0.
+
+    Signals: SIGHUP -> *on_sighup* (None: ignored, e.g. until the event loop installs its own
+    handlers; python-daemon leaves SIGHUP at its default action, which would kill the daemon),
+    SIGTERM and SIGINT -> *on_sigterm* (None: python-daemon's ``terminate``, a ``SystemExit``),
+    SIGTSTP/SIGTTIN/SIGTTOU ignored. *pidfile_owner*: see :func:`check_pidfile`.
     """
     check_pidfile(pidfile, pidfile_owner)
     # Imported here: python-daemon 2.3.2 allocates a set of every possible fd number at import.
     import daemon
     import daemon.pidfile
 
+    signal_map: dict[int, Any] = {
+        signal.SIGHUP: on_sighup,
+        signal.SIGTERM: on_sigterm or "terminate",
+        signal.SIGINT: on_sigterm or "terminate",
+        signal.SIGTSTP: None,
+        signal.SIGTTIN: None,
+        signal.SIGTTOU: None,
+    }
     context = daemon.DaemonContext(
         detach_process=True,                 # never trust the ppid == 1 autodetection
         working_directory="/",
         umask=umask,                          # python-daemon's default would be 0
         pidfile=daemon.pidfile.TimeoutPIDLockFile(os.path.abspath(pidfile), acquire_timeout=0),
         files_preserve=list(keep_fds),
-        signal_map={
-            signal.SIGHUP: on_sighup,        # not mapped by default: SIGHUP would kill us
-            signal.SIGTERM: on_sigterm,
-            signal.SIGINT: on_sigterm,
-            signal.SIGTSTP: None,
-            signal.SIGTTIN: None,
-            signal.SIGTTOU: None,
-        },
+        signal_map=signal_map,
     )
     context.open()
     return context
