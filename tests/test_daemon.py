@@ -1,0 +1,313 @@
+"""``pop3sf --daemon`` and pop3sf.daemon for real: forked daemons, pidfiles, signals, a private
+journald, and privilege dropping in child processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pop3sf import daemon
+
+HERE = Path(__file__).parent / "deb"
+DAEMON_CHILD = HERE / "daemon_child.py"
+WITH_JOURNALD = HERE / "with-journald.sh"
+IS_ROOT = os.geteuid() == 0
+
+
+def _journald_missing() -> str | None:
+    if not IS_ROOT:
+        return "needs root (private journald in a mount namespace)"
+    if not (shutil.which("unshare") and shutil.which("journalctl")
+            and os.path.exists("/lib/systemd/systemd-journald")):
+        return "systemd-journald, journalctl or unshare missing"
+    return None
+
+
+needs_journald = pytest.mark.skipif(_journald_missing() is not None,
+                                    reason=str(_journald_missing()))
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is not alive for our purposes
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def _wait(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def _terminate(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        _wait(lambda: not _alive(pid), 10, f"pid {pid} to exit")
+    except AssertionError:
+        os.kill(pid, signal.SIGKILL)
+
+
+def _line(port: int) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        rest = s.recv(4096)
+    assert rest == b"", f"stray data after the reply: {rest[:200]!r}"
+    return data.decode()
+
+
+# --------------------------------------------------------------------------- check_pidfile
+
+def test_check_pidfile_live_pid_is_refused(tmp_path: Path) -> None:
+    pidfile = tmp_path / "p.pid"
+    pidfile.write_text(f"{os.getppid()}\n")          # alive, and not us
+    with pytest.raises(daemon.PidfileError, match=rf"already running as pid {os.getppid()}"):
+        daemon.check_pidfile(str(pidfile))
+    assert pidfile.exists()
+
+
+@pytest.mark.parametrize("content", ["DEAD", "", "garbage\n"])
+def test_check_pidfile_stale_is_removed(tmp_path: Path, content: str) -> None:
+    pidfile = tmp_path / "p.pid"
+    pidfile.write_text(f"{_dead_pid()}\n" if content == "DEAD" else content)
+    daemon.check_pidfile(str(pidfile))
+    assert not pidfile.exists()
+
+
+def test_check_pidfile_creates_directory(tmp_path: Path) -> None:
+    pidfile = tmp_path / "run" / "pop3sf" / "p.pid"
+    daemon.check_pidfile(str(pidfile), owner="nobody")
+    assert pidfile.parent.is_dir()
+    if IS_ROOT:
+        assert pidfile.parent.stat().st_uid == pwd.getpwnam("nobody").pw_uid
+
+
+@needs_root
+def test_check_pidfile_unwritable_directory(tmp_path: Path) -> None:
+    script = textwrap.dedent(f"""
+        import os
+        from pop3sf import daemon
+        os.setuid({pwd.getpwnam("nobody").pw_uid})
+        try:
+            daemon.check_pidfile("/proc/pop3sf-test/p.pid")
+        except daemon.PidfileError as exc:
+            print("ERR", exc)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=30)
+    assert out.stdout.startswith("ERR cannot create pidfile directory /proc/pop3sf-test"), \
+        out.stdout + out.stderr
+
+
+# --------------------------------------------------------------------------- drop_privileges
+
+def _run_dropping(user: str, group: str | None, as_uid: int | None = None) -> dict:
+    script = textwrap.dedent(f"""
+        import json, logging, os, sys
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+        from pop3sf import daemon
+        if {as_uid!r} is not None:
+            os.setgid({as_uid!r}); os.setuid({as_uid!r})
+        try:
+            daemon.drop_privileges({user!r}, {group!r})
+        except daemon.PrivilegeError as exc:
+            print(json.dumps({{"error": str(exc)}}))
+            sys.exit(0)
+        print(json.dumps({{"uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(),
+                          "groups": sorted(os.getgroups()), "home": os.environ.get("HOME")}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=30, check=True)
+    result = json.loads(out.stdout)
+    result["stderr"] = out.stderr
+    return result
+
+
+@needs_root
+def test_drop_privileges_to_user_with_its_groups() -> None:
+    nobody = pwd.getpwnam("nobody")
+    result = _run_dropping("nobody", None)
+    assert result["uid"] == result["euid"] == nobody.pw_uid
+    assert result["gid"] == nobody.pw_gid
+    assert 0 not in result["groups"]
+    assert result["home"] == nobody.pw_dir
+
+
+@needs_root
+def test_drop_privileges_group_override() -> None:
+    result = _run_dropping("nobody", "daemon")
+    import grp
+    assert result["gid"] == grp.getgrnam("daemon").gr_gid
+
+
+@needs_root
+def test_drop_privileges_unknown_user_or_group() -> None:
+    name = "no-such-user-" + uuid.uuid4().hex[:8]
+    assert "unknown user" in _run_dropping(name, None)["error"]
+    assert name in _run_dropping(name, None)["error"]
+    assert "unknown group" in _run_dropping("nobody", name)["error"]
+
+
+@needs_root
+def test_drop_privileges_not_root_is_a_noop_with_warning() -> None:
+    nobody = pwd.getpwnam("nobody").pw_uid
+    result = _run_dropping("pop3sf-other", None, as_uid=nobody)
+    assert result["uid"] == nobody
+    assert "not running as root" in result["stderr"]
+    assert "pop3sf-other" in result["stderr"]
+    same = _run_dropping("nobody", None, as_uid=nobody)
+    assert "not running as root" not in same["stderr"]
+
+
+def test_refuse_daemon_under_systemd(monkeypatch, tmp_path: Path) -> None:
+    for key in ("NOTIFY_SOCKET", "LISTEN_PID", "INVOCATION_ID", "JOURNAL_STREAM"):
+        monkeypatch.delenv(key, raising=False)
+    daemon.refuse_daemon_under_systemd()
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    with pytest.raises(daemon.DaemonError, match="under systemd"):
+        daemon.refuse_daemon_under_systemd()
+
+
+# --------------------------------------------------------------------------- daemonize
+
+def _start_child(pidfile: Path, *extra: str, wrap: list[str] | None = None) -> tuple[int, int]:
+    start = time.monotonic()
+    out = subprocess.run([*(wrap or []), sys.executable, str(DAEMON_CHILD), str(pidfile),
+                          *extra], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert time.monotonic() - start < 10
+    port = int(out.stdout.split()[0])
+    _wait(lambda: pidfile.exists() and pidfile.read_text().strip(), what="pidfile")
+    return port, int(pidfile.read_text().split()[0])
+
+
+def test_daemonize_detaches_and_keeps_the_listening_socket(tmp_path: Path) -> None:
+    pidfile = tmp_path / "run" / "d.pid"
+    port, pid = _start_child(pidfile)
+    try:
+        assert _alive(pid)
+        reply = _line(port)
+        fields = dict(re.findall(r"(\w+)=(\S+)", reply))
+        assert int(fields["pid"]) == pid
+        assert fields["umask"] == "27"
+        assert fields["cwd"] == "/"
+        assert int(fields["sid"]) == pid or int(fields["sid"]) != os.getsid(0)
+        assert os.getsid(pid) != os.getsid(0)                 # own session, no tty
+        for fd in (0, 1, 2):
+            assert os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/null"
+        # stdout pipe of the caller, pytest's files etc. were all closed
+        targets = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        assert not [t for t in targets if t.startswith("pipe:")], targets
+
+        os.kill(pid, signal.SIGHUP)                          # mapped: must not kill it
+        _wait(lambda: "hups=1" in _line(port), what="SIGHUP handled")
+        assert _alive(pid)
+    finally:
+        _terminate(pid)
+    _wait(lambda: not pidfile.exists(), what="pidfile removed")
+
+
+def test_daemonize_refuses_live_pidfile_before_forking(tmp_path: Path) -> None:
+    pidfile = tmp_path / "d.pid"
+    _port, pid = _start_child(pidfile)
+    try:
+        out = subprocess.run([sys.executable, str(DAEMON_CHILD), str(pidfile)],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode != 0
+        assert f"already running as pid {pid}" in out.stderr
+        assert _alive(pid) and pidfile.read_text().split()[0] == str(pid)
+    finally:
+        _terminate(pid)
+
+
+def test_daemonize_replaces_stale_pidfile(tmp_path: Path) -> None:
+    pidfile = tmp_path / "d.pid"
+    dead = _dead_pid()
+    pidfile.write_text(f"{dead}\n")
+    port, pid = _start_child(pidfile)
+    try:
+        assert pid != dead
+        assert _line(port).startswith(f"+OK pid={pid} ")
+    finally:
+        _terminate(pid)
+
+
+@needs_journald
+def test_daemonize_logs_to_journald_not_to_clients(tmp_path: Path) -> None:
+    """Logging set up after daemonize: records written while a client's fd is open go to the
+    journal, and the client receives exactly its one line."""
+    jdir = tmp_path / "journal"
+    pidfile = tmp_path / "d.pid"
+    marker = uuid.uuid4().hex
+    script = tmp_path / "run.sh"
+    script.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        set -e
+        port=$({sys.executable} {DAEMON_CHILD} {pidfile} --journal | head -1)
+        for i in $(seq 200); do [ -s {pidfile} ] && break; sleep 0.05; done
+        pid=$(cat {pidfile})
+        {sys.executable} -c '
+        import socket, sys
+        s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+        data = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        open(sys.argv[2], "wb").write(data)
+        ' "$port" {tmp_path}/client-{marker}.txt
+        kill -TERM "$pid"
+        for i in $(seq 100); do kill -0 "$pid" 2>/dev/null || exit 0; sleep 0.05; done
+        exit 1
+        """))
+    script.chmod(0o755)
+    run = subprocess.run([str(WITH_JOURNALD), str(jdir), "--", str(script)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    client = (tmp_path / f"client-{marker}.txt").read_bytes()
+    assert re.fullmatch(rb"\+OK pid=\d+ hups=0 umask=27 cwd=/ sid=\d+ fds=\[[0-9, ]+\]\r\n",
+                        client), client
+    out = subprocess.run(["journalctl", "-D", str(jdir), "-o", "json", "--no-pager",
+                          "SYSLOG_IDENTIFIER=pop3sf"], capture_output=True, text=True,
+                         check=True, timeout=30)
+    entries = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+    events = [e.get("POP3SF_EVENT") for e in entries]
+    assert events.count("connect") == 1 and events.count("served") == 1, entries
+    assert any(e["MESSAGE"] == "stopping" for e in entries)
+    assert all(e.get("POP3SF_CLIENT") == "127.0.0.1" for e in entries if e.get("POP3SF_EVENT"))
