@@ -332,6 +332,11 @@ class MaildirAdapter(Adapter):
         How many file versions the size cache remembers (default 100000).
     ``read_only``
         Offer read-only (XPRO) sessions (default yes).
+    ``bcrypt_rounds``
+        Cost of the ``{BLF-CRYPT}`` hashes ``pop3sf-admin`` writes (default 12).
+    ``from_address``
+        From of the messages ``pop3sf-admin message add`` makes of plain text
+        (default ``pop3sf <pop3sf@localhost>``).
     """
 
     configspec = """
@@ -345,6 +350,8 @@ measure_all = boolean(default=False)
 size_cache_dir = string(default="")
 size_cache_entries = integer(100, 10000000, default=100000)
 read_only = boolean(default=True)
+bcrypt_rounds = integer(4, 31, default=12)
+from_address = string(default="pop3sf <pop3sf@localhost>")
 """
 
     blocking = True
@@ -453,6 +460,13 @@ read_only = boolean(default=True)
         if not ok:
             raise AuthenticationFailed("wrong password")
         return entry
+
+    def session_for(self, entry: PasswdEntry) -> MaildirSession:
+        """A read-only session on a user's Maildir without a password (for the admin tools)."""
+        session = MaildirSession(self, Peer("local", 0, "admin"))
+        session.path, session._control = self.maildir_of(entry)
+        session.account, session.read_only = entry.user, True
+        return session
 
     def maildir_of(self, entry: PasswdEntry) -> tuple[str, str | None]:
         """(Maildir path, control directory or None) of a user, checked against ``root``."""
@@ -698,6 +712,11 @@ class MaildirSession(MailboxSession):
                 return None
             return MessageInfo("", m.size, m.utf8_header, m.downgraded_size), int(st.st_mtime)
         return None
+
+    def location(self, uid: str) -> tuple[str, str] | None:
+        """(``new``/``cur``, file name) where a listed message was last seen."""
+        msg = self._msgs.get(uid)
+        return (msg.sub, msg.name) if msg is not None else None
 
     # --- finding a message again -------------------------------------------------------------
 

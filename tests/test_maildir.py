@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import email.message
 import hashlib
 import logging
 import os
+import poplib
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +33,14 @@ from pop3sf.adapters.maildir import (
     MaildirSession,
     basename_uidl,
     format_uidl,
+    is_valid_uidl,
     parse_uidlist,
 )
+from pop3sf.auxiliary import BadMessage, BadName, UnknownUser, UserExists, open_source
+from pop3sf.auxiliary.maildir import MaildirSource, unique_name
 
 from pop3sf import passwords
+from pop3sf.testing import AdapterConformance, running_server
 from pop3sf.wire import wire_bytes
 
 PEER = Peer("127.0.0.1", 40000)
@@ -585,3 +593,205 @@ def test_same_uidls_sizes_and_order_as_dovecot(dovecot_maildir: Path, tmp_path: 
     for info in infos:
         with session.open_message(info.uid) as stream:
             assert len(wire_bytes(stream.read())) == info.size
+
+
+# --- the auxiliary source (pop3sf-admin's backend) ----------------------------------------------
+
+def source_for(env: Env, **options: Any) -> MaildirSource:
+    config = {"passwd_file": str(env.passwd), "root": str(env.root), "bcrypt_rounds": 4,
+              "mail_location": str(env.root) + "/%d/%n/Maildir"}
+    config.update(options)
+    return MaildirSource(config)
+
+
+def test_source_users(env: Env) -> None:
+    env.passwd.write_text("# managed by hand and by pop3sf-admin\n"
+                          "old@example.org:{PLAIN}x:5000:5000::/home/old::userdb_quota=1G\n")
+    env.passwd.chmod(0o640)
+    src = open_source("maildir", {"passwd_file": str(env.passwd), "root": str(env.root),
+                                  "mail_location": str(env.root) + "/%d/%n/Maildir",
+                                  "bcrypt_rounds": 4})
+    assert isinstance(src, MaildirSource)
+    src.add_user("alice@example.org", "Grüße 1")
+    with pytest.raises(UserExists):
+        src.add_user("ALICE@example.org", "x")
+    with pytest.raises(BadName):
+        src.add_user("../evil", "x")
+    assert src.list_users() == ["alice@example.org", "old@example.org"]
+    text = env.passwd.read_text()
+    assert text.startswith("# managed by hand")
+    line = text.splitlines()[-1]
+    assert line.startswith("alice@example.org:{BLF-CRYPT}$2b$04$")
+    assert stat.S_IMODE(env.passwd.stat().st_mode) == 0o640
+    adapter = MaildirAdapter({"passwd_file": str(env.passwd), "root": str(env.root),
+                              "mail_location": str(env.root) + "/%d/%n/Maildir"})
+    assert adapter.new_session(PEER).authenticate(Credentials("alice@example.org", "Grüße 1"))
+    if shutil.which("doveadm"):  # Dovecot accepts the hashes pop3sf-admin writes
+        subprocess.run(["doveadm", "pw", "-t", line.split(":")[1], "-p", "Grüße 1"], check=True,
+                       capture_output=True)
+
+    src.set_password("old@example.org", "new secret")
+    old = [ln for ln in env.passwd.read_text().splitlines() if ln.startswith("old@")]
+    assert len(old) == 1 and old[0].endswith(":5000:5000::/home/old::userdb_quota=1G")
+    with pytest.raises(AuthenticationFailed):
+        adapter.new_session(PEER).authenticate(Credentials("old@example.org", "x"))
+    assert adapter.new_session(PEER).authenticate(Credentials("old@example.org", "new secret"))
+    with pytest.raises(UnknownUser):
+        src.set_password("ghost@example.org", "x")
+
+
+def test_source_delete_user_removes_lines_and_mail(env: Env) -> None:
+    md = make_maildir(env.add_user("gone@example.org"))
+    deliver(md, "1700000001.M1P1.h", MSG_A)
+    env.passwd.write_text(env.passwd.read_text() + "gone@example.org:{PLAIN}repeat\n"
+                          "keep@example.org:{PLAIN}k\n")
+    src = source_for(env)
+    src.delete_user("gone@example.org")
+    assert env.passwd.read_text() == "keep@example.org:{PLAIN}k\n"  # the repeat went too
+    assert not md.exists() and md.parent.exists()
+    with pytest.raises(UnknownUser):
+        src.delete_user("gone@example.org")
+
+
+def test_source_concurrent_edits_lose_nothing(env: Env) -> None:
+    env.passwd.write_text("")
+    src = source_for(env)
+    names = [f"u{i}@example.org" for i in range(12)]
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        list(pool.map(lambda n: src.add_user(n, "pw"), names))
+    assert src.list_users() == sorted(names)
+
+
+def test_source_add_and_list_messages(env: Env) -> None:
+    env.add_user("m@example.org")
+    src = source_for(env)
+    msg = email.message.EmailMessage()
+    msg["Subject"] = "from the library"
+    msg.set_content("body\n")
+    ids = [src.add_message("m@example.org", MSG_B),
+           src.add_message("m@example.org", "Grüße aus der Textdatei\nzweite Zeile\n"),
+           src.add_message("m@example.org", msg)]
+    md = env.root / "example.org" / "m" / "Maildir"
+    assert stat.S_IMODE(md.stat().st_mode) == 0o700
+    names = sorted(os.listdir(md / "new"))
+    assert len(names) == 3 and os.listdir(md / "tmp") == []
+    for name in names:
+        data = (md / "new" / name).read_bytes()
+        assert b"\r\n" not in data  # stored with Unix line ends
+        assert f",S={len(data)},W={len(wire_bytes(data))}" in name
+        assert stat.S_IMODE((md / "new" / name).stat().st_mode) == 0o600
+    summaries = src.list_messages("m@example.org")
+    assert [s.id for s in summaries] == ids
+    assert [s.subject for s in summaries] == ["second", "Grüße aus der Textdatei",
+                                              "from the library"]
+    session, infos = env.login(env.adapter(), "m@example.org")
+    assert [i.uid for i in infos] == ids
+    assert [i.size for i in infos] == [s.size for s in summaries]
+    text = read(session, ids[1])
+    assert "Grüße aus der Textdatei\nzweite Zeile\n".encode() in text
+    assert b"Content-Type: text/plain; charset=utf-8" in text
+    with pytest.raises(UnknownUser):
+        src.add_message("ghost@example.org", MSG_A)
+    with pytest.raises(BadMessage):
+        src.add_message("m@example.org", "  \n")
+
+
+def test_unique_names() -> None:
+    names = {unique_name(1, 2) for _ in range(2000)}
+    assert len(names) == 2000
+    assert all(is_valid_uidl(n) or len(n) > 70 for n in names)
+
+
+# --- end to end over POP3 -----------------------------------------------------------------------
+
+class TestMaildirConformance(AdapterConformance):
+    adapter_type = "maildir"
+
+    @pytest.fixture(autouse=True)
+    def _long_lines(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        # The suite's third sample has a 300 kB line; poplib refuses lines over 2048 octets.
+        monkeypatch.setattr(poplib, "_MAXLINE", 1 << 20)
+
+    def make_source(self, tmp_path: Any, user: str, password: str,
+                    messages: Sequence[bytes]) -> dict[str, Any]:
+        (tmp_path / "vmail").mkdir(exist_ok=True)
+        config = {"passwd_file": str(tmp_path / "passwd"), "root": str(tmp_path / "vmail"),
+                  "mail_location": str(tmp_path / "vmail") + "/%u/Maildir", "bcrypt_rounds": 4}
+        src = MaildirSource(config)
+        src.add_user(user, password)
+        for message in messages:
+            src.add_message(user, message)
+        return config
+
+
+def _pop(srv: Any, user: str, password: str = "pw") -> poplib.POP3:
+    pop = srv.pop3()
+    pop.user(user)
+    pop.pass_(password)
+    return pop
+
+
+def test_e2e_dovecot_uidls_gone_files_and_deletion(env: Env) -> None:
+    md = make_maildir(env.add_user("e2e@example.org"))
+    deliver(md, "1700000001.M1P1.h,S=40,W=43:2,S", MSG_A, "cur")
+    deliver(md, "1700000002.M2P1.h", MSG_B)
+    deliver(md, "1700000003.M3P1.h", MSG_C)
+    (md / "dovecot-uidlist").write_text("3 V1000 N3\n1 :1700000001.M1P1.h,S=40,W=43\n"
+                                        "2 :1700000002.M2P1.h\n")
+    config = {"passwd_file": str(env.passwd), "root": str(env.root),
+              "mail_location": str(env.root) + "/%d/%n/Maildir"}
+    with running_server("maildir", config) as srv:
+        pop = _pop(srv, "e2e@example.org")
+        uidls = [line.split()[1] for line in pop.uidl()[1]]
+        assert uidls == [b"00000001000003e8", b"00000002000003e8", b"1700000003.M3P1.h"]
+        # another client marks one read (new -> cur) and removes another
+        os.rename(md / "new/1700000002.M2P1.h", md / "cur/1700000002.M2P1.h:2,S")
+        (md / "new/1700000003.M3P1.h").unlink()
+        _, lines, _ = pop.retr(2)
+        assert b"".join(line + b"\r\n" for line in lines) == wire_bytes(MSG_B)
+        with pytest.raises(poplib.error_proto, match="no longer exists"):
+            pop.retr(3)
+        pop.dele(1)
+        pop.close()  # dropped: nothing deleted
+        assert (md / "cur/1700000001.M1P1.h,S=40,W=43:2,S").exists()
+
+        pop = _pop(srv, "e2e@example.org")
+        deliver(md, "1700000009.M9P1.h", MSG_C)  # arrives during the session
+        count, _ = pop.stat()
+        for n in range(1, count + 1):
+            pop.dele(n)
+        pop.quit()
+        assert os.listdir(md / "cur") == []
+        assert os.listdir(md / "new") == ["1700000009.M9P1.h"]
+
+
+def test_e2e_flag_mode_and_unknown_scheme(env: Env) -> None:
+    md = make_maildir(env.add_user("fl@example.org"))
+    env.add_user("md4@example.org", "{MD4}abcdef")
+    deliver(md, "1700000001.M1P1.h", MSG_A)
+    config = {"passwd_file": str(env.passwd), "root": str(env.root), "deleted": "flag",
+              "mail_location": str(env.root) + "/%d/%n/Maildir"}
+    with running_server("maildir", config) as srv:
+        pop = _pop(srv, "fl@example.org")
+        pop.dele(1)
+        pop.quit()
+        assert os.listdir(md / "cur") == ["1700000001.M1P1.h:2,T"]
+        pop = _pop(srv, "fl@example.org")
+        assert pop.stat() == (0, 0)
+        pop.quit()
+        with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
+            _pop(srv, "md4@example.org", "abcdef")
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+def test_e2e_curl_reads_a_maildir(env: Env) -> None:
+    md = make_maildir(env.add_user("curl@example.org"))
+    deliver(md, "1700000001.M1P1.h", MSG_C)
+    config = {"passwd_file": str(env.passwd), "root": str(env.root),
+              "mail_location": str(env.root) + "/%d/%n/Maildir"}
+    with running_server("maildir", config) as srv:
+        out = subprocess.run(["curl", "-sS", "--max-time", "20", "-u", "curl@example.org:pw",
+                              f"pop3://127.0.0.1:{srv.port}/1"], capture_output=True,
+                             timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.replace(b"\r\n", b"\n") == MSG_C
