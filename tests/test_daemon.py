@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import poplib
 import pwd
 import re
 import shutil
@@ -311,3 +312,215 @@ def test_daemonize_logs_to_journald_not_to_clients(tmp_path: Path) -> None:
     assert events.count("connect") == 1 and events.count("served") == 1, entries
     assert any(e["MESSAGE"] == "stopping" for e in entries)
     assert all(e.get("POP3SF_CLIENT") == "127.0.0.1" for e in entries if e.get("POP3SF_EVENT"))
+
+
+# --------------------------------------------------------------------------- pop3sf --daemon
+
+POP3SF = [sys.executable, "-m", "pop3sf"]
+ADMIN = [sys.executable, "-m", "pop3sf.auxiliary.admin"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Instance:
+    """A config + mail directory for one by-hand pop3sf, with user alice and one message."""
+
+    def __init__(self, base: Path, user: str, target: str = "stderr") -> None:
+        self.base = base
+        self.port = _free_port()
+        self.pidfile = base / "run" / "pop3sf.pid"
+        self.mail = base / "mail"
+        self.mail.mkdir(parents=True)
+        self.config = base / "pop3sf.conf"
+        self.write_config(user, target)
+        subprocess.run([*ADMIN, "--config", str(self.config), "user", "add", "alice"],
+                       input="secret\n", text=True, check=True, capture_output=True)
+        subprocess.run([*ADMIN, "--config", str(self.config), "message", "add", "alice"],
+                       input="hello from the daemon test\n", text=True, check=True,
+                       capture_output=True)
+
+    def write_config(self, user: str, target: str, extra: str = "") -> None:
+        self.config.write_text(textwrap.dedent(f"""\
+            [server]
+            user = {user}
+            pidfile = {self.pidfile}
+            [logging]
+            target = {target}
+            [listeners]
+                [[pop3]]
+                addresses = 127.0.0.1:{self.port}
+            [adapter]
+            type = directory_multi
+            root = {self.mail}
+            """) + extra)
+
+    def start(self, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        clean = {k: v for k, v in os.environ.items()
+                 if k not in ("NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES",
+                              "INVOCATION_ID", "JOURNAL_STREAM", "WATCHDOG_USEC")}
+        clean.update(env or {})
+        return subprocess.run([*POP3SF, "--config", str(self.config), "--daemon"], env=clean,
+                              capture_output=True, text=True, timeout=60)
+
+    def pid(self) -> int:
+        _wait(lambda: self.pidfile.exists() and self.pidfile.read_text().strip(),
+              what="pidfile")
+        return int(self.pidfile.read_text().split()[0])
+
+    def read_mail(self) -> list[bytes]:
+        pop = poplib.POP3("127.0.0.1", self.port, timeout=10)
+        try:
+            pop.user("alice")
+            pop.pass_("secret")
+            return pop.retr(1)[1]
+        finally:
+            pop.quit()
+
+
+@pytest.fixture
+def instance(tmp_path: Path):
+    inst = Instance(tmp_path, pwd.getpwuid(os.geteuid()).pw_name)
+    yield inst
+    if inst.pidfile.exists():
+        text = inst.pidfile.read_text().split()
+        if text:
+            _terminate(int(text[0]))
+
+
+def test_cli_daemon_serves_reloads_and_stops(instance: Instance) -> None:
+    start = time.monotonic()
+    run = instance.start()
+    assert run.returncode == 0, run.stderr
+    assert time.monotonic() - start < 30
+    assert f"127.0.0.1:{instance.port}" in run.stderr        # "listening on" before detaching
+    pid = instance.pid()
+    assert _alive(pid) and os.getsid(pid) != os.getsid(0)
+    assert b"hello from the daemon test" in instance.read_mail()
+    os.kill(pid, signal.SIGHUP)                               # reload must not kill it
+    time.sleep(0.5)
+    assert _alive(pid)
+    assert b"hello from the daemon test" in instance.read_mail()
+    os.kill(pid, signal.SIGTERM)
+    _wait(lambda: not _alive(pid), what="daemon exit on SIGTERM")
+    _wait(lambda: not instance.pidfile.exists(), what="pidfile removed")
+
+
+def test_cli_daemon_live_pidfile_is_a_clear_error(instance: Instance) -> None:
+    assert instance.start().returncode == 0
+    pid = instance.pid()
+    second = instance.start()
+    assert second.returncode == 1
+    assert f"already running as pid {pid}" in second.stderr, second.stderr
+    assert _alive(pid) and instance.pidfile.read_text().split()[0] == str(pid)
+
+
+def test_cli_daemon_stale_pidfile_is_removed(instance: Instance) -> None:
+    dead = _dead_pid()
+    instance.pidfile.parent.mkdir(parents=True, exist_ok=True)
+    instance.pidfile.write_text(f"{dead}\n")
+    run = instance.start()
+    assert run.returncode == 0, run.stderr
+    _wait(lambda: instance.pidfile.read_text().split()[:1] != [str(dead)], what="new pidfile")
+    pid = instance.pid()
+    assert pid != dead and _alive(pid)
+    assert b"hello from the daemon test" in instance.read_mail()
+
+
+def test_cli_daemon_refused_under_systemd(instance: Instance, tmp_path: Path) -> None:
+    run = instance.start(env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
+    assert run.returncode == 1
+    assert "systemd" in run.stderr and "--daemon" in run.stderr
+    assert not instance.pidfile.exists()
+
+
+@needs_journald
+def test_cli_daemon_logs_to_private_journald_without_leaking(tmp_path: Path) -> None:
+    """By hand with --daemon: the session is in the journal with its fields, and the client's
+    transcript holds POP3 and nothing else."""
+    inst = Instance(tmp_path / "inst", "root", target="journald")
+    jdir = tmp_path / "journal"
+    transcript = tmp_path / "transcript.bin"
+    script = tmp_path / "run.sh"
+    script.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        set -e
+        {' '.join(POP3SF)} --config {inst.config} --daemon
+        for i in $(seq 200); do [ -s {inst.pidfile} ] && break; sleep 0.05; done
+        pid=$(cat {inst.pidfile})
+        {sys.executable} - <<'PY'
+        import socket
+        s = socket.create_connection(("127.0.0.1", {inst.port}), timeout=10)
+        f = s.makefile("rwb", buffering=0)
+        out = [f.readline()]
+        for cmd in (b"USER alice", b"PASS secret", b"STAT", b"RETR 1", b"QUIT"):
+            f.write(cmd + b"\\r\\n")
+            line = f.readline()
+            out.append(line)
+            if cmd == b"RETR 1" and line.startswith(b"+OK"):
+                while True:
+                    line = f.readline()
+                    out.append(line)
+                    if line == b".\\r\\n":
+                        break
+        out.append(s.recv(65536))          # after QUIT: must be the end of the stream
+        open("{transcript}", "wb").write(b"".join(out))
+        PY
+        kill -TERM "$pid"
+        for i in $(seq 200); do kill -0 "$pid" 2>/dev/null || exit 0; sleep 0.05; done
+        echo "daemon did not stop" >&2
+        exit 1
+        """))
+    script.chmod(0o755)
+    run = subprocess.run([str(WITH_JOURNALD), str(jdir), "--", str(script)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    data = transcript.read_bytes()
+    assert b"MESSAGE=" not in data and b"PRIORITY=" not in data and b"CODE_FILE" not in data
+    lines = data.split(b"\r\n")
+    assert lines[0].startswith(b"+OK")
+    assert b"hello from the daemon test" in data
+    assert data.endswith(b".\r\n+OK") or re.search(rb"\.\r\n\+OK[^\r\n]*\r\n$", data), data[-200:]
+    out = subprocess.run(["journalctl", "-D", str(jdir), "-o", "json", "--no-pager",
+                          "SYSLOG_IDENTIFIER=pop3sf"], capture_output=True, text=True,
+                         check=True, timeout=30)
+    entries = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+    events = {e.get("POP3SF_EVENT") for e in entries}
+    assert {"connect", "login"} <= events, [e.get("MESSAGE") for e in entries]
+    login = next(e for e in entries if e.get("POP3SF_EVENT") == "login")
+    assert login["POP3SF_USER"] == "alice" and login["POP3SF_CLIENT"] == "127.0.0.1"
+    assert login["PRIORITY"] == "6"
+    assert any(e.get("POP3SF_BYTES") for e in entries), "no entry with POP3SF_BYTES"
+    assert not any("secret" in str(e.get("MESSAGE", "")) for e in entries)
+
+
+@needs_root
+def test_cli_daemon_drops_privileges_and_cleans_up(tmp_path: Path) -> None:
+    """Started as root with user = nobody: binds, detaches, runs as nobody, and still removes
+    its pidfile at exit (the pidfile directory belongs to the service user)."""
+    import tempfile
+    base = Path(tempfile.mkdtemp(prefix="pop3sf-daemon-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        inst = Instance(base, "nobody")
+        nobody = pwd.getpwnam("nobody")
+        for path in [inst.mail, *inst.mail.rglob("*")]:
+            os.chown(path, nobody.pw_uid, nobody.pw_gid)
+        run = inst.start()
+        assert run.returncode == 0, run.stderr
+        pid = inst.pid()
+        _wait(lambda: os.stat(f"/proc/{pid}").st_uid == nobody.pw_uid, what="uid switch")
+        status = Path(f"/proc/{pid}/status").read_text()
+        assert re.search(rf"^Uid:\s+{nobody.pw_uid}\s+{nobody.pw_uid}\s+{nobody.pw_uid}", status,
+                         re.M), status
+        assert b"hello from the daemon test" in inst.read_mail()
+        os.kill(pid, signal.SIGTERM)
+        _wait(lambda: not _alive(pid), what="daemon exit")
+        _wait(lambda: not inst.pidfile.exists(), timeout=5, what="pidfile removed by nobody")
+    finally:
+        if (base / "run" / "pop3sf.pid").exists():
+            _terminate(int((base / "run" / "pop3sf.pid").read_text().split()[0]))
+        shutil.rmtree(base, ignore_errors=True)
