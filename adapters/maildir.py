@@ -721,8 +721,13 @@ class MaildirSession(MailboxSession):
     # --- finding a message again -------------------------------------------------------------
 
     def _relocate(self, msg: _Msg) -> bool:
-        """Find the message's current file by its base name (flags or new->cur changed it)."""
-        for sub in SUBDIRS[::-1]:
+        """Find the message's current file by its base name (flags or new->cur changed it).
+
+        One rescan updates every listed message, so a client that marked all mail read
+        elsewhere costs one directory listing, not one per message.
+        """
+        current: dict[str, tuple[str, str]] = {}
+        for sub in SUBDIRS:  # cur/ last, so it wins during a new->cur rename
             with self._subdir(sub) as dfd:
                 if dfd is None:
                     continue
@@ -731,10 +736,17 @@ class MaildirSession(MailboxSession):
                 except OSError as exc:
                     raise TemporaryFailure(f"cannot list {self.path}/{sub}: {exc}") from exc
                 for name in names:
-                    if name.partition(":")[0] == msg.base and not name.startswith("."):
-                        msg.sub, msg.name = sub, name
-                        return True
-        return False
+                    if not name.startswith("."):
+                        current[name.partition(":")[0]] = (sub, name)
+        for listed in self._msgs.values():
+            found = current.get(listed.base)
+            if found is not None:
+                listed.sub, listed.name = found
+        found = current.get(msg.base)
+        if found is None:
+            return False
+        msg.sub, msg.name = found
+        return True
 
     def open_message(self, uid: str) -> BinaryIO:
         msg = self._msgs.get(uid)

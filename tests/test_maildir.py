@@ -11,6 +11,7 @@ import poplib
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -32,6 +33,7 @@ from pop3sf.adapters.maildir import (
     MaildirAdapter,
     MaildirSession,
     basename_uidl,
+    delivery_key,
     format_uidl,
     is_valid_uidl,
     parse_uidlist,
@@ -795,3 +797,61 @@ def test_e2e_curl_reads_a_maildir(env: Env) -> None:
                              timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.replace(b"\r\n", b"\n") == MSG_C
+
+
+def test_many_renames_between_list_and_retr(env: Env) -> None:
+    md = make_maildir(env.add_user("many@example.org"))
+    for n in range(40):
+        deliver(md, f"17000000{n:02d}.M{n}P1.h", MSG_A + b"%d\n" % n)
+    session, infos = env.login(env.adapter(), "many@example.org")
+    for name in os.listdir(md / "new"):  # an IMAP client marks everything read
+        os.rename(md / "new" / name, md / "cur" / f"{name}:2,S")
+    assert [read(session, i.uid) for i in infos] == [MSG_A + b"%d\n" % n for n in range(40)]
+    assert session.delete_messages([i.uid for i in infos[::2]]).failed == {}
+    assert len(os.listdir(md / "cur")) == 20
+
+
+def test_admin_command_with_a_maildir_source(env: Env, tmp_path: Path) -> None:
+    conf = tmp_path / "pop3sf.conf"
+    conf.write_text(f"[listeners]\n[[pop3]]\naddresses = 127.0.0.1:0\n[adapter]\ntype = maildir\n"
+                    f"passwd_file = {env.passwd}\nroot = {env.root}\n"
+                    f"mail_location = {env.root}/%d/%n/Maildir\nbcrypt_rounds = 4\n")
+    admin = [sys.executable, "-m", "pop3sf.auxiliary.admin", "--config", str(conf)]
+
+    def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(admin + list(args), input=stdin, capture_output=True, text=True,
+                              timeout=60)
+
+    assert run("user", "add", "cli@example.org", stdin="pw\n").returncode == 0
+    assert run("user", "add", "cli@example.org", stdin="pw\n").returncode == 73
+    assert run("user", "add", "bad/name", stdin="pw\n").returncode == 65
+    assert run("user", "list").stdout == "cli@example.org\n"
+    added = run("message", "add", "cli@example.org", stdin="Hallo Welt\n")
+    assert added.returncode == 0
+    listed = run("message", "list", "cli@example.org").stdout.split("\t")
+    assert listed[0] == added.stdout.strip() and listed[3] == "Hallo Welt\n"
+    _, infos = env.login(env.adapter(), "cli@example.org")
+    assert [i.uid for i in infos] == [added.stdout.strip()]
+    assert run("message", "list", "ghost@example.org").returncode == 67
+    assert run("user", "del", "cli@example.org").returncode == 65  # still has mail
+    assert run("user", "del", "--force", "cli@example.org").returncode == 0
+    assert run("user", "list").stdout == ""
+
+
+@pytest.mark.skipif(not os.access(DOVECOT_POP3, os.X_OK),
+                    reason="Dovecot's POP3 server (dovecot-pop3d) not installed")
+def test_dovecot_reads_what_pop3sf_admin_delivers(dovecot_maildir: Path) -> None:
+    """Dovecot trusts ,W= for its sizes: the W that MaildirSource writes must be exact."""
+    md = dovecot_maildir / "Maildir"
+    passwd = dovecot_maildir / "passwd"
+    src = MaildirSource({"passwd_file": str(passwd), "mail_location": str(md),
+                         "bcrypt_rounds": 4})
+    src.add_user("someone", "pw")
+    messages = [MSG_A, MSG_B, "Grüße\nzweite Zeile\n"]
+    for message in messages:
+        src.add_message("someone", message)
+    names = sorted(os.listdir(md / "new"), key=delivery_key)
+    wire = [len(wire_bytes((md / "new" / name).read_bytes())) for name in names]
+    uidl, listing = blocks(dovecot_pop3(dovecot_maildir, "UIDL\r\nLIST\r\nQUIT\r\n"))
+    assert [int(size) for _, size in listing] == wire
+    assert len(uidl) == 3
