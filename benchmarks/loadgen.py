@@ -148,7 +148,8 @@ class Worker:
         self.per_client: int = spec.get("per_client", 1)
         self.deadline = 0.0
         self.tally = Tally()
-        self.lines: asyncio.Queue[str] = asyncio.Queue()
+        self.go = asyncio.Event()
+        self.stopped = asyncio.Event()
         self.prepared: list[Conn] = []
 
     # --- control channel ------------------------------------------------------------------
@@ -158,15 +159,15 @@ class Worker:
 
     def _stdin_thread(self, loop: asyncio.AbstractEventLoop) -> None:
         for line in sys.stdin:
-            loop.call_soon_threadsafe(self.lines.put_nowait, line.strip())
-        loop.call_soon_threadsafe(self.lines.put_nowait, "stop")
-
-    async def wait_for(self, word: str) -> None:
-        while (await self.lines.get()) != word:
-            pass
+            word = line.strip()
+            if word == "go":
+                loop.call_soon_threadsafe(self.go.set)
+            elif word == "stop":
+                loop.call_soon_threadsafe(self.stopped.set)
+        loop.call_soon_threadsafe(self.stopped.set)  # the harness went away
 
     def left(self) -> bool:
-        return time.monotonic() < self.deadline
+        return not self.stopped.is_set() and time.monotonic() < self.deadline
 
     # --- tasks ------------------------------------------------------------------------------
     async def connect(self) -> Conn:
@@ -188,7 +189,7 @@ class Worker:
                 for listing in (b"UIDL\r\n", b"LIST\r\n"):
                     c.send(listing)
                     t.bytes += await c.multi()
-                for i in range(1, n + 1):
+                for i in range(1, n + 1 if self.spec.get("retr", True) else 1):
                     c.send(b"RETR %d\r\n" % i)
                     t.bytes += await c.multi()
                 await c.cmd("QUIT")
@@ -355,8 +356,8 @@ class Worker:
 
     async def _until_stop(self) -> None:
         try:
-            await asyncio.wait_for(self.wait_for("stop"), max(0.0, self.deadline
-                                                              - time.monotonic()))
+            await asyncio.wait_for(self.stopped.wait(), max(0.0, self.deadline
+                                                            - time.monotonic()))
         except TimeoutError:
             self.tally.extra["deadline_hit"] = True
 
@@ -377,7 +378,7 @@ class Worker:
         self.deadline = time.monotonic() + self.spec.get("deadline", 60.0) + 60.0
         await self.prepare()
         self.emit("ready")
-        await self.wait_for("go")
+        await self.go.wait()
         self.deadline = time.monotonic() + self.spec.get("deadline", 60.0)
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()

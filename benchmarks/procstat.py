@@ -111,13 +111,20 @@ def snapshot(root: int, with_pss: bool = True) -> Snapshot:
                     pss_kb(pids) if with_pss else 0)
 
 
-def wait_quiet(root: int, max_pids: int, timeout: float = 5.0) -> int:
-    """Wait until the tree is back to ``max_pids`` processes (sessions' processes are gone)."""
+def wait_quiet(root: int, max_pids: int, timeout: float = 5.0, settle: float = 0.3) -> int:
+    """Wait until the sessions' processes are gone: the tree is down to ``max_pids`` processes,
+    or its size hasn't changed for ``settle`` seconds (helpers such as Dovecot's auth process
+    stay once started)."""
     deadline = time.monotonic() + timeout
     n = len(tree_pids(root))
+    since = time.monotonic()
     while n > max_pids and time.monotonic() < deadline:
         time.sleep(0.02)
-        n = len(tree_pids(root))
+        m = len(tree_pids(root))
+        if m != n:
+            n, since = m, time.monotonic()
+        elif time.monotonic() - since >= settle:
+            break
     return n
 
 

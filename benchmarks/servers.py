@@ -8,6 +8,7 @@ SPEC §B asks for it with every fresh server.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -127,3 +128,51 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class Pop3sf(Server):
+    """pop3sf from this checkout (``python -m pop3sf.cli --config CONF``), Maildir adapter."""
+
+    name = "pop3sf"
+
+    def __init__(self, workroot: Path, passwd: Path, cert: Path, key: Path,
+                 python: str, limits: dict[str, int] | None = None) -> None:
+        super().__init__(workroot)
+        self.passwd = passwd
+        self.cert, self.key = cert, key
+        self.python = python
+        self.limits = limits or {}
+        self.conf = self.dir / "pop3sf.conf"
+
+    def config_text(self) -> str:
+        user = "nobody" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
+        limits = "".join(f"{k} = {v}\n" for k, v in self.limits.items())
+        return f"""# written by pop3sf benchmarks/servers.py
+[server]
+user = {user}
+pidfile = {self.dir}/pop3sf.pid
+
+[logging]
+target = stderr
+
+[listeners]
+    [[pop3]]
+    addresses = {HOST}:{self.ports['pop3']}
+    [[pop3s]]
+    addresses = {HOST}:{self.ports['pop3s']}
+    tls = yes
+
+[tls]
+certificate = {self.cert}
+private_key = {self.key}
+
+[limits]
+{limits}
+[adapter]
+type = maildir
+passwd_file = {self.passwd}
+"""
+
+    def prepare(self) -> list[str]:
+        self.conf.write_text(self.config_text())
+        return [self.python, "-m", "pop3sf.cli", "--config", str(self.conf)]

@@ -1,0 +1,611 @@
+"""Run the benchmark: pop3sf against a private Dovecot, interleaved, and write a Markdown report.
+
+    python benchmarks/run.py                 # full data, three rounds (make bench)
+    python benchmarks/run.py --quick         # small data, one round (smoke test)
+    python benchmarks/run.py --only session,login-plain --servers dovecot
+
+Each scenario runs, per round, on a fresh pop3sf and then a fresh Dovecot (A B A B ...), both
+serving the same seeded Maildirs (SPEC §B). Figures are medians over the rounds with min/max and
+the ratio pop3sf/Dovecot, next to issue 6's targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dovecot
+import loadgen
+import procstat
+import seed
+import servers
+
+HERE = Path(__file__).resolve().parent
+PROJECT = HERE.parent
+DEFAULT_PYTHON = str(PROJECT / ".venv" / "bin" / "python")
+
+Figures = dict[str, float]
+
+#: figure key -> (label, number format)
+LABELS: dict[str, tuple[str, str]] = {
+    "cpu_ms_per_session": ("server CPU per session (ms)", "{:.2f}"),
+    "sessions_s": ("sessions/s", "{:.1f}"),
+    "cpu_s_per_gb": ("server CPU per GB (s)", "{:.3f}"),
+    "mb_s": ("throughput (MB/s)", "{:.0f}"),
+    "cpu_ms_per_login": ("server CPU per login (ms)", "{:.3f}"),
+    "logins_s": ("logins/s", "{:.1f}"),
+    "one_core_hash_s": ("bcrypt hashes/s on one core", "{:.1f}"),
+    "x_one_core": ("logins/s ÷ one-core hash rate", "{:.2f}"),
+    "cpu_us_per_cmd": ("server CPU per command (µs)", "{:.2f}"),
+    "cmds_s": ("commands/s", "{:.0f}"),
+    "held": ("connections held", "{:.0f}"),
+    "open_s": ("time to open and log in all (s)", "{:.2f}"),
+    "pss_kb_per_conn": ("server PSS per connection (KB)", "{:.1f}"),
+    "rss_kb_per_conn": ("server RSS per connection (KB)", "{:.1f}"),
+    "cpu_ms_per_conn": ("server CPU per connection opened (ms)", "{:.3f}"),
+    "fresh_login_p50_ms": ("fresh login while held, p50 (ms)", "{:.2f}"),
+    "fresh_login_max_ms": ("fresh login while held, max (ms)", "{:.2f}"),
+    "noop_p50_ms": ("NOOP round trip p50 (ms)", "{:.3f}"),
+    "noop_p99_ms": ("NOOP round trip p99 (ms)", "{:.3f}"),
+    "noop_max_ms": ("NOOP round trip max (ms)", "{:.3f}"),
+    "background": ("background load (connections or logins)", "{:.0f}"),
+    "rss_growth_mb": ("server RSS growth (MB)", "{:.2f}"),
+    "lat_p50_ms": ("latency p50 (ms)", "{:.2f}"),
+    "lat_p99_ms": ("latency p99 (ms)", "{:.2f}"),
+    "client_server_cpu": ("client CPU ÷ server CPU", "{:.2f}"),
+    "errors": ("client errors", "{:.0f}"),
+    "round_trips_per_session": ("worker round trips per session", "{:.1f}"),
+    "startup_cpu_ms": ("start-up CPU (ms)", "{:.0f}"),
+    "startup_rss_mb": ("start-up RSS (MB)", "{:.1f}"),
+}
+
+
+@dataclass
+class Target:
+    """``figure`` of pop3sf (or its ratio to Dovecot if ``relative``) ``op`` ``value``."""
+
+    figure: str
+    op: str  # "<=" or ">="
+    value: float
+    relative: bool
+    text: str
+
+    def check(self, med: dict[str, Figures]) -> tuple[bool | None, str]:
+        a = med.get("pop3sf", {}).get(self.figure)
+        if a is None:
+            return None, "n/a"
+        x = a
+        if self.relative:
+            b = med.get("dovecot", {}).get(self.figure)
+            if not b:
+                return None, "n/a"
+            x = a / b
+        ok = x <= self.value if self.op == "<=" else x >= self.value
+        shown = f"{x:.2f}×" if self.relative else LABELS[self.figure][1].format(x)
+        return ok, shown
+
+
+@dataclass
+class Ctx:
+    ds: seed.Dataset
+    quick: bool
+    work: Path
+    cert: Path
+    key: Path
+    python: str
+    notes: list[str] = field(default_factory=list)
+    _one_core: float = 0.0
+
+    def n(self, full: int, quick: int) -> int:
+        return quick if self.quick else full
+
+    def one_core_hash_rate(self) -> float:
+        """bcrypt checks per second on one core at the dataset's cost (what the pool must beat)."""
+        if not self._one_core:
+            import bcrypt
+            user = self.ds.groups["bcrypt"][0]
+            line = next(ln for ln in self.ds.passwd().read_text().splitlines()
+                        if ln.startswith(user + ":"))
+            stored = line.split(":")[1].removeprefix("{BLF-CRYPT}").encode()
+            pw = seed.password(user).encode()
+            bcrypt.checkpw(pw, stored)
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < 1.0:
+                bcrypt.checkpw(pw, stored)
+                n += 1
+            self._one_core = n / (time.perf_counter() - t0)
+        return self._one_core
+
+
+@dataclass
+class Scenario:
+    name: str
+    title: str
+    fn: Callable[[Ctx, servers.Server], Figures]
+    targets: list[Target]
+    variant: str = "full"
+    many: int = 0  # connections from one address the servers must accept (caps lifted)
+
+
+# --- measuring ---------------------------------------------------------------------------------
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return math.nan
+    s = sorted(values)
+    k = min(len(s) - 1, max(0, math.ceil(p / 100 * len(s)) - 1))
+    return s[k]
+
+
+def measured(srv: servers.Server, specs: list[dict[str, Any]],
+             timeout: float) -> tuple[dict[str, Any], float]:
+    """Run workers to completion; return their merged result and the server's CPU seconds."""
+    with loadgen.Fleet(specs) as fleet:
+        fleet.ready()
+        before = procstat.snapshot(srv.pid, with_pss=False)
+        fleet.go()
+        res = loadgen.merge(fleet.results(timeout))
+    procstat.wait_quiet(srv.pid, srv.base_pids)
+    after = procstat.snapshot(srv.pid, with_pss=False)
+    return res, after.cpu_s - before.cpu_s
+
+
+def common(res: dict[str, Any], cpu: float, ctx: Ctx, what: str) -> Figures:
+    if res["errors"]:
+        ctx.notes.append(f"{what}: {res['errors']} client errors, e.g. {res['err'][:2]}")
+    return {"client_server_cpu": res["cpu"] / cpu if cpu else math.nan,
+            "errors": res["errors"]}
+
+
+def spec(srv: servers.Server, task: str, tls: bool = False, **kw: Any) -> dict[str, Any]:
+    port = srv.ports["pop3s" if tls else "pop3"]
+    return {"task": task, "port": port, "tls": tls, **kw}
+
+
+def clients_for(users: list[str], n: int) -> list[list[str]]:
+    return [c for c in loadgen.split(users, min(n, len(users))) if c]
+
+
+# --- scenarios ---------------------------------------------------------------------------------
+
+def sessions(ctx: Ctx, srv: servers.Server) -> Figures:
+    """16 clients: login, STAT, UIDL, LIST, RETR all, QUIT; two passes over the 100 users."""
+    clients = clients_for(ctx.ds.groups["session"], 16)
+    per = 2 * max(len(c) for c in clients)
+    specs = [spec(srv, "session", clients=part, per_client=per, deadline=90)
+             for part in loadgen.split(clients, 2) if part]
+    res, cpu = measured(srv, specs, 150)
+    ops = max(res["ops"], 1)
+    return {"cpu_ms_per_session": cpu * 1000 / ops, "sessions_s": res["ops"] / res["wall"],
+            "lat_p50_ms": pct(res["lat"], 50) * 1000, "lat_p99_ms": pct(res["lat"], 99) * 1000,
+            **common(res, cpu, ctx, f"{srv.name} session")}
+
+
+def retr_big(n_sessions: int, tls: bool) -> Callable[[Ctx, servers.Server], Figures]:
+    def run(ctx: Ctx, srv: servers.Server) -> Figures:
+        users = ctx.ds.groups["big"][:n_sessions]
+        repeat = ctx.n(15 if n_sessions == 1 else 8, 3)
+        specs = [spec(srv, "retr", tls, clients=[[u] for u in part], repeat=repeat, deadline=120)
+                 for part in loadgen.split(users, min(2, len(users))) if part]
+        res, cpu = measured(srv, specs, 180)
+        gb = max(res["bytes"], 1) / 1e9
+        return {"cpu_s_per_gb": cpu / gb, "mb_s": res["bytes"] / 1e6 / res["wall"],
+                **common(res, cpu, ctx, f"{srv.name} retr")}
+    return run
+
+
+def login_storm(kind: str) -> Callable[[Ctx, servers.Server], Figures]:
+    def run(ctx: Ctx, srv: servers.Server) -> Figures:
+        group = "bcrypt" if kind == "bcrypt" else "small"
+        clients = clients_for(ctx.ds.groups[group], 16)
+        if kind == "bcrypt":
+            per, deadline = 10_000, ctx.n(8, 2)
+        else:
+            per, deadline = ctx.n(125 if kind == "plain" else 50, 10), 90
+        specs = [spec(srv, "login", kind == "tls", clients=part, per_client=per,
+                      deadline=deadline) for part in loadgen.split(clients, 2) if part]
+        res, cpu = measured(srv, specs, deadline + 60)
+        ops = max(res["ops"], 1)
+        out = {"cpu_ms_per_login": cpu * 1000 / ops, "logins_s": res["ops"] / res["wall"],
+               "lat_p50_ms": pct(res["lat"], 50) * 1000, "lat_p99_ms": pct(res["lat"], 99) * 1000,
+               **common(res, cpu, ctx, f"{srv.name} login-{kind}")}
+        if kind == "bcrypt":
+            out["one_core_hash_s"] = ctx.one_core_hash_rate()
+            out["x_one_core"] = out["logins_s"] / out["one_core_hash_s"]
+        return out
+    return run
+
+
+def pipelined(command: str) -> Callable[[Ctx, servers.Server], Figures]:
+    def run(ctx: Ctx, srv: servers.Server) -> Figures:
+        users = ctx.ds.groups["session"][:4]
+        specs = [spec(srv, "pipeline", clients=[[u] for u in users], command=command,
+                      batch=100, batches=ctx.n(100, 5), deadline=90)]
+        res, cpu = measured(srv, specs, 150)
+        ops = max(res["ops"], 1)
+        return {"cpu_us_per_cmd": cpu * 1e6 / ops, "cmds_s": res["ops"] / res["wall"],
+                **common(res, cpu, ctx, f"{srv.name} {command}")}
+    return run
+
+
+def idle(tls: bool) -> Callable[[Ctx, servers.Server], Figures]:
+    def run(ctx: Ctx, srv: servers.Server) -> Figures:
+        users = ctx.ds.groups["small"]
+        holders = [spec(srv, "hold", tls, clients=[part], parallel=100, deadline=300, nofile=1)
+                   for part in loadgen.split(users, 2)]
+        prober = spec(srv, "login", clients=[ctx.ds.groups["session"][-1:]], per_client=20,
+                      deadline=30)
+        with loadgen.Fleet([*holders, prober]) as fleet:
+            hold, probe = fleet.workers[:2], fleet.workers[2]
+            fleet.ready()
+            before = procstat.snapshot(srv.pid)
+            for w in hold:
+                w.send("go")
+            loaded = [w.expect("loaded", 240) for w in hold]
+            time.sleep(0.5)
+            mid = procstat.snapshot(srv.pid)
+            probe.send("go")
+            fresh = probe.expect("result", 60)
+            for w in hold:
+                w.send("stop")
+            res = loadgen.merge([w.expect("result", 120) for w in hold])
+        procstat.wait_quiet(srv.pid, srv.base_pids, timeout=60)
+        held = max(sum(x["held"] for x in loaded), 1)
+        if res["errors"]:
+            ctx.notes.append(f"{srv.name} idle: {res['errors']} errors, e.g. {res['err'][:2]}")
+        return {"held": held, "open_s": max(x["open_s"] for x in loaded),
+                "pss_kb_per_conn": (mid.pss_kb - before.pss_kb) / held,
+                "rss_kb_per_conn": (mid.rss_kb - before.rss_kb) / held,
+                "cpu_ms_per_conn": (mid.cpu_s - before.cpu_s) * 1000 / held,
+                "fresh_login_p50_ms": pct(fresh["lat"], 50) * 1000,
+                "fresh_login_max_ms": max(fresh["lat"] or [math.nan]) * 1000,
+                "errors": res["errors"] + fresh["errors"]}
+    return run
+
+
+def isolation(kind: str) -> Callable[[Ctx, servers.Server], Figures]:
+    def run(ctx: Ctx, srv: servers.Server) -> Figures:
+        if kind == "tls":
+            background = spec(srv, "silent", connections=ctx.n(1000, 100), deadline=120,
+                              nofile=1)
+            background["port"] = srv.ports["pop3s"]
+        else:
+            background = spec(srv, "login", clients=clients_for(ctx.ds.groups["bcrypt"], 16),
+                              per_client=100_000, deadline=120)
+        prober = spec(srv, "noop", clients=[ctx.ds.groups["session"][:1]],
+                      count=ctx.n(1000, 200), gap=0.002, deadline=60)
+        with loadgen.Fleet([background, prober]) as fleet:
+            bg, probe = fleet.workers
+            fleet.ready()
+            bg.send("go")
+            if kind == "tls":
+                bg.expect("loaded", 90)
+            time.sleep(1.0)  # let the load settle (bcrypt logins in flight)
+            probe.send("go")
+            res = probe.expect("result", 90)
+            bg.send("stop")
+            bgres = bg.expect("result", 90)
+        procstat.wait_quiet(srv.pid, srv.base_pids, timeout=30)
+        if res["errors"] or bgres["errors"]:
+            ctx.notes.append(f"{srv.name} isolation-{kind}: errors {res['err'][:1]}"
+                             f" {bgres['err'][:1]}")
+        return {"noop_p50_ms": pct(res["lat"], 50) * 1000,
+                "noop_p99_ms": pct(res["lat"], 99) * 1000,
+                "noop_max_ms": max(res["lat"] or [math.nan]) * 1000,
+                "background": bgres["ops"], "errors": res["errors"]}
+    return run
+
+
+def memory(ctx: Ctx, srv: servers.Server) -> Figures:
+    user = ctx.ds.groups["huge"][0]
+    specs = [spec(srv, "retr", clients=[[user]], repeat=1, deadline=120)]
+    with loadgen.Fleet(specs) as fleet:
+        fleet.ready()  # logged in: the session's own process (Dovecot) already exists
+        before = procstat.snapshot(srv.pid)
+        peak = procstat.PeakRSS(srv.pid)
+        peak.start()
+        fleet.go()
+        res = loadgen.merge(fleet.results(180))
+        top = peak.stop()
+    procstat.wait_quiet(srv.pid, srv.base_pids)
+    after = procstat.snapshot(srv.pid, with_pss=False)
+    cpu = after.cpu_s - before.cpu_s
+    return {"rss_growth_mb": (top - before.rss_kb) / 1024,
+            "cpu_s_per_gb": cpu / (max(res["bytes"], 1) / 1e9),
+            "mb_s": res["bytes"] / 1e6 / res["wall"], **common(res, cpu, ctx, "memory")}
+
+
+def rel(fig: str, op: str, v: float, text: str) -> Target:
+    return Target(fig, op, v, True, text)
+
+
+def ab(fig: str, op: str, v: float, text: str) -> Target:
+    return Target(fig, op, v, False, text)
+
+
+SCENARIOS = [
+    Scenario("session", "16 clients: login, STAT, UIDL, LIST, RETR all, QUIT", sessions,
+             [rel("cpu_ms_per_session", "<=", 0.5, "CPU/session ≤ 0.5 × Dovecot")]),
+    Scenario("session-nowsize", "the same on Maildir names with ,W= stripped", sessions,
+             [rel("cpu_ms_per_session", "<=", 0.5, "CPU/session ≤ 0.5 × Dovecot")],
+             variant="nowsize"),
+    Scenario("retr-big-1", "RETR of a 20 MB message, 1 session, plain", retr_big(1, False),
+             [rel("cpu_s_per_gb", "<=", 0.8, "CPU/GB ≤ 0.8 × Dovecot"),
+              rel("mb_s", ">=", 1.0, "MB/s ≥ Dovecot")]),
+    Scenario("retr-big-4", "RETR of a 20 MB message, 4 sessions, plain", retr_big(4, False),
+             [rel("cpu_s_per_gb", "<=", 0.8, "CPU/GB ≤ 0.8 × Dovecot")]),
+    Scenario("retr-big-tls", "RETR of a 20 MB message over implicit TLS, 1 session",
+             retr_big(1, True), [rel("cpu_s_per_gb", "<=", 1.0, "CPU/GB ≤ 1.0 × Dovecot")]),
+    Scenario("login-plain", "login storm, 16 concurrent, {PLAIN}", login_storm("plain"),
+             [rel("cpu_ms_per_login", "<=", 0.1, "CPU/login ≤ 0.1 × Dovecot")]),
+    Scenario("login-tls", "login storm, 16 concurrent, {PLAIN}, TLS handshake per login",
+             login_storm("tls"), [rel("cpu_ms_per_login", "<=", 0.5, "CPU/login ≤ 0.5 × Dovecot")]),
+    Scenario("login-bcrypt", "login storm, 16 concurrent, bcrypt", login_storm("bcrypt"),
+             [ab("x_one_core", ">=", 1.6, "logins/s ≥ 1.6 × one core's hash rate")]),
+    Scenario("pipe-list", "pipelined LIST n (batches of 100)", pipelined("LIST {n}"),
+             [rel("cpu_us_per_cmd", "<=", 1.5, "CPU/command ≤ 1.5 × Dovecot")]),
+    Scenario("pipe-uidl", "pipelined UIDL n (batches of 100)", pipelined("UIDL {n}"),
+             [rel("cpu_us_per_cmd", "<=", 1.5, "CPU/command ≤ 1.5 × Dovecot")]),
+    Scenario("pipe-top", "pipelined TOP n 0 (batches of 100)", pipelined("TOP {n} 0"),
+             [rel("cpu_us_per_cmd", "<=", 3.0, "CPU/command ≤ 3 × Dovecot")]),
+    Scenario("idle-plain", "10,000 logged-in connections held, plain", idle(False),
+             [ab("pss_kb_per_conn", "<=", 4, "PSS ≤ 4 KB per connection"),
+              ab("open_s", "<=", 3, "all opened and logged in within 3 s"),
+              ab("fresh_login_max_ms", "<=", 5, "a fresh login answers within 5 ms")],
+             many=10_000),
+    Scenario("idle-tls", "10,000 logged-in connections held, implicit TLS", idle(True),
+             [ab("pss_kb_per_conn", "<=", 24, "PSS ≤ 24 KB per TLS connection"),
+              ab("fresh_login_max_ms", "<=", 5, "a fresh login answers within 5 ms")],
+             many=10_000),
+    Scenario("iso-tls", "NOOP round trips while 1,000 clients sit silent in TLS handshakes",
+             isolation("tls"), [ab("noop_p99_ms", "<=", 5, "NOOP p99 ≤ 5 ms")], many=1_000),
+    Scenario("iso-bcrypt", "NOOP round trips while 16 bcrypt logins are in flight",
+             isolation("bcrypt"), [ab("noop_p99_ms", "<=", 10, "NOOP p99 ≤ 10 ms")]),
+    Scenario("memory", "RETR of a 100 MB message", memory,
+             [ab("rss_growth_mb", "<=", 4, "server RSS grows ≤ 4 MB")]),
+]
+
+
+# --- servers -----------------------------------------------------------------------------------
+
+def overrides(sc: Scenario, ctx: Ctx) -> tuple[dict[str, int], str]:
+    """Caps lifted for the scenarios that hold many connections from one address (reported)."""
+    if not sc.many:
+        return {}, ""
+    n = ctx.n(sc.many, min(sc.many, 400))
+    limits = {"max_connections_per_address": n + 200}
+    extra = dovecot.many_connections(n) if sc.name.startswith("idle") else ""
+    return limits, extra
+
+
+def make_server(name: str, sc: Scenario, ctx: Ctx) -> servers.Server:
+    limits, extra = overrides(sc, ctx)
+    if name == "pop3sf":
+        return servers.Pop3sf(ctx.work, ctx.ds.passwd(sc.variant), ctx.cert, ctx.key,
+                              ctx.python, limits)
+    return dovecot.Dovecot(ctx.work, ctx.ds, ctx.cert, ctx.key, sc.variant, extra)
+
+
+def warm_dovecot(ctx: Ctx, variant: str) -> None:
+    """Log in to every user once so Dovecot's on-disk index exists, as on a server in use."""
+    marker = ctx.ds.dovecot_index(variant) / ".warm"
+    if marker.exists():
+        return
+    users = [ln.split(":", 1)[0] for ln in ctx.ds.passwd(variant).read_text().splitlines()]
+    t0 = time.monotonic()
+    srv = dovecot.Dovecot(ctx.work, ctx.ds, ctx.cert, ctx.key, variant)
+    with srv:
+        clients = clients_for(users, 16)
+        specs = [spec(srv, "session", clients=part, per_client=max(len(c) for c in clients),
+                      retr=False, deadline=600) for part in loadgen.split(clients, 2)]
+        res, _ = measured(srv, specs, 700)
+    srv.cleanup()
+    if res["errors"]:
+        raise RuntimeError(f"Dovecot warm-up failed: {res['err']}")
+    marker.write_text("warm\n")
+    print(f"warmed Dovecot's index for {variant} ({len(users)} users) in "
+          f"{time.monotonic() - t0:.0f} s", file=sys.stderr)
+
+
+def run_one(name: str, sc: Scenario, ctx: Ctx) -> Figures:
+    srv = make_server(name, sc, ctx)
+    srv.start()
+    try:
+        assert srv.startup is not None
+        figs = sc.fn(ctx, srv)
+        figs["startup_cpu_ms"] = srv.startup.cpu_s * 1000
+        figs["startup_rss_mb"] = srv.startup.rss_kb / 1024
+        rt = round_trips(srv)
+        if rt is not None and "cpu_ms_per_session" in figs:
+            figs["round_trips_per_session"] = rt
+    finally:
+        srv.stop()
+        if srv.proc is None and name == "dovecot":
+            pass
+    srv.cleanup()
+    return figs
+
+
+def round_trips(srv: servers.Server) -> float | None:
+    """Worker round trips per session, if the server's log reports them (pop3sf: not yet)."""
+    return None
+
+
+# --- report ------------------------------------------------------------------------------------
+
+def summarise(runs: list[Figures]) -> dict[str, tuple[float, float, float]]:
+    keys = {k for r in runs for k in r}
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in runs if k in r and not math.isnan(r[k])]
+        if vals:
+            out[k] = (statistics.median(vals), min(vals), max(vals))
+    return out
+
+
+def fmt(key: str, v: tuple[float, float, float] | None, rounds: int) -> str:
+    if v is None:
+        return "n/a"
+    f = LABELS.get(key, (key, "{:.3g}"))[1]
+    if rounds == 1:
+        return f.format(v[0])
+    return f"{f.format(v[0])} ({f.format(v[1])}–{f.format(v[2])})"
+
+
+def report(ctx: Ctx, results: dict[str, dict[str, list[Figures]]], rounds: int,
+           names: list[str], elapsed: float) -> str:
+    lines = [f"# pop3sf vs Dovecot — {ctx.ds.profile.name} data, {rounds} round(s)", ""]
+    lines += [f"- {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
+              f"{os.cpu_count()} cores, Linux {platform.release()}, Python "
+              f"{platform.python_version()}, {dovecot_version()}, pop3sf {git_rev()}",
+              f"- data: {ctx.ds.root}; total run time {elapsed / 60:.1f} min",
+              "- figures: median (min–max) over rounds; ratio = pop3sf ÷ Dovecot; server CPU is "
+              "utime+stime of the whole server process tree from /proc",
+              "- overrides: pop3sf `[limits] max_connections_per_address` raised to N+200 for "
+              "idle-* and iso-tls; Dovecot `default_process_limit`, `default_client_limit`, "
+              "`service pop3/pop3-login process_limit` raised for idle-* only; both servers run "
+              "as `nobody` (the data's owner) when started as root", ""]
+    med_all: dict[str, dict[str, Figures]] = {}
+    for sc_name, per in results.items():
+        med_all[sc_name] = {s: {k: v[0] for k, v in summarise(runs).items()}
+                            for s, runs in per.items()}
+
+    lines += ["## Targets", "", "| scenario | target | pop3sf | met |", "| --- | --- | --- | --- |"]
+    for sc in SCENARIOS:
+        if sc.name not in results:
+            continue
+        for t in sc.targets:
+            ok, shown = t.check(med_all[sc.name])
+            verdict = "n/a" if ok is None else ("met" if ok else "**not met**")
+            lines.append(f"| {sc.name} | {t.text} | {shown} | {verdict} |")
+    lines.append("")
+
+    for sc in SCENARIOS:
+        if sc.name not in results:
+            continue
+        per = results[sc.name]
+        summ = {s: summarise(per.get(s, [])) for s in names}
+        keys = [k for k in LABELS if any(k in summ[s] for s in names)]
+        lines += [f"## {sc.name}: {sc.title}", ""]
+        head = "| figure | " + " | ".join(names) + (" | ratio |" if len(names) == 2 else " |")
+        lines += [head, "| --- " * (len(names) + 1 + (len(names) == 2)) + "|"]
+        for k in keys:
+            cells = [fmt(k, summ[s].get(k), rounds) for s in names]
+            ratio = ""
+            if len(names) == 2:
+                a, b = summ[names[0]].get(k), summ[names[1]].get(k)
+                ratio = f" {a[0] / b[0]:.2f} |" if a and b and b[0] else " n/a |"
+            lines.append(f"| {LABELS[k][0]} | " + " | ".join(cells) + " |" + ratio)
+        if "pop3sf" in names and "round_trips_per_session" not in summ["pop3sf"] \
+                and sc.name.startswith("session"):
+            lines.append("| worker round trips per session | n/a (not exposed by the server) | "
+                         "n/a (forks) |" + (" |" if len(names) == 2 else ""))
+        lines.append("")
+    if ctx.notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in ctx.notes] + [""]
+    return "\n".join(lines)
+
+
+def dovecot_version() -> str:
+    try:
+        out = subprocess.run([dovecot.BINARY, "--version"], capture_output=True, text=True)
+        return f"Dovecot {out.stdout.split()[0]}"
+    except (OSError, IndexError):
+        return "Dovecot ?"
+
+
+def git_rev() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(PROJECT), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True).stdout.strip() or "?"
+    except OSError:
+        return "?"
+
+
+def pop3sf_available(python: str) -> bool:
+    return subprocess.run([python, "-c", "import pop3sf.cli, pop3sf.adapters.maildir"],
+                          capture_output=True).returncode == 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="pop3sf vs Dovecot benchmark (issue 6)")
+    ap.add_argument("--quick", action="store_true", help="small data, one round")
+    ap.add_argument("--rounds", type=int, help="rounds (default 3, or 1 with --quick)")
+    ap.add_argument("--only", help="comma-separated scenario names")
+    ap.add_argument("--servers", default="pop3sf,dovecot")
+    ap.add_argument("--data-dir", type=Path, default=seed.DEFAULT_ROOT)
+    ap.add_argument("--python", default=DEFAULT_PYTHON, help="the Python that runs pop3sf")
+    ap.add_argument("--output", type=Path, help="Markdown report (default benchmarks/results/"
+                    "RESULTS-<profile>.md)")
+    ap.add_argument("--list", action="store_true", help="list the scenarios")
+    args = ap.parse_args(argv)
+
+    if args.list:
+        for sc in SCENARIOS:
+            print(f"{sc.name:16} {sc.title}")
+        return 0
+    rounds = args.rounds or (1 if args.quick else 3)
+    names = [s for s in args.servers.split(",") if s]
+    if "pop3sf" in names and not pop3sf_available(args.python):
+        print("pop3sf (pop3sf.cli with the maildir adapter) not importable with "
+              f"{args.python}: running Dovecot alone", file=sys.stderr)
+        names.remove("pop3sf")
+    chosen = [sc for sc in SCENARIOS if not args.only or sc.name in args.only.split(",")]
+    if not chosen or not names:
+        ap.error("nothing to run")
+
+    servers.raise_nofile()
+    t0 = time.monotonic()
+    ds = seed.seed(seed.QUICK if args.quick else seed.FULL, args.data_dir)
+    work = Path(tempfile.mkdtemp(prefix="pop3sf-bench-"))
+    os.chmod(work, 0o755)
+    cert, key = servers.make_cert(work)
+    ctx = Ctx(ds, args.quick, work, cert, key, args.python)
+    results: dict[str, dict[str, list[Figures]]] = {}
+    out = args.output or HERE / "results" / f"RESULTS-{ds.profile.name}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if "dovecot" in names:
+            for variant in sorted({sc.variant for sc in chosen}):
+                warm_dovecot(ctx, variant)
+        for sc in chosen:
+            results[sc.name] = {s: [] for s in names}
+            for r in range(rounds):
+                for name in names:
+                    t1 = time.monotonic()
+                    try:
+                        figs = run_one(name, sc, ctx)
+                    except Exception as exc:
+                        ctx.notes.append(f"{sc.name} round {r + 1} {name} failed: "
+                                         f"{type(exc).__name__}: {exc}"[:600])
+                        print(f"  {sc.name} {name} FAILED: {exc}", file=sys.stderr)
+                        continue
+                    results[sc.name][name].append(figs)
+                    brief = ", ".join(f"{k}={v:.4g}" for k, v in figs.items()
+                                      if k in {t.figure for t in sc.targets} or k == "errors")
+                    print(f"{sc.name} r{r + 1} {name}: {brief} ({time.monotonic() - t1:.0f} s)",
+                          file=sys.stderr)
+            out.write_text(report(ctx, results, rounds, names, time.monotonic() - t0))
+            out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
