@@ -28,6 +28,7 @@ from typing import Any
 
 HOST = "127.0.0.1"
 READ_SIZE = 256 * 1024
+TERM = b"\r\n.\r\n"
 
 
 class ProtocolError(Exception):
@@ -77,23 +78,39 @@ class Conn:
         return status
 
     async def body(self) -> int:
-        """Skip a multi-line body up to its terminating dot line; return its size on the wire."""
-        n = 0
-        if len(self.buf) < 3:
+        """Skip a multi-line body up to its terminating dot line; return its size on the wire.
+
+        Large bodies are scanned chunk by chunk as they arrive, keeping only a 4-byte tail for
+        a terminator split between chunks, so the client copies as little as it can.
+        """
+        buf = self.buf
+        while len(buf) < 3:  # a body is at least its terminator
             await self._more()
-        if self.buf[:3] == b".\r\n":
-            del self.buf[:3]
+        if buf[:3] == b".\r\n":
+            del buf[:3]
             return 0
+        i = buf.find(TERM)
+        if i >= 0:
+            del buf[:i + 5]
+            return i + 2
+        tail = bytes(buf[-4:])
+        n = len(buf) - len(tail)
+        buf.clear()
         while True:
-            i = self.buf.find(b"\r\n.\r\n")
+            data = await self.r.read(READ_SIZE)
+            if not data:
+                raise ConnectionError("server closed the connection")
+            j = (tail + data[:4]).find(TERM)
+            if 0 <= j < len(tail):  # the terminator starts in the tail
+                buf += data[j + 5 - len(tail):]
+                return n + j + 2
+            i = data.find(TERM)
             if i >= 0:
-                n += i + 2
-                del self.buf[:i + 5]
-                return n
-            if len(self.buf) > 4:
-                n += len(self.buf) - 4
-                del self.buf[:-4]
-            await self._more()
+                buf += data[i + 5:]
+                return n + len(tail) + i + 2
+            joined = tail + data if len(data) < 4 else data
+            n += len(tail) + len(data) - min(4, len(joined))
+            tail = joined[-4:]
 
     async def multi(self) -> int:
         await self.ok()
