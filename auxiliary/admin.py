@@ -70,6 +70,8 @@ def load_settings(path: str) -> SourceSettings:
 
     if not os.path.exists(path):
         raise Failure(f"config file {path} does not exist", EX_CONFIG)
+    if not os.access(path, os.R_OK):
+        raise Failure(f"cannot read {path}: permission denied", EX_NOPERM)
     try:
         settings = load_config(path)
     except ConfigError as exc:

@@ -90,7 +90,7 @@ class Source(abc.ABC):
     def list_messages(self, user: str | None) -> Sequence[MessageSummary]:
         """The user's messages, oldest first."""
 
-    def check_user_name(self, name: str) -> None:  # noqa: B027 - optional hook
+    def check_user_name(self, name: str) -> None:
         """Raise :class:`BadName` if ``name`` can't be a user of this source (before prompts)."""
 
     def list_users(self) -> Sequence[str]:
@@ -106,7 +106,7 @@ class Source(abc.ABC):
         """Remove the user and all their messages."""
         raise NotSupported(f"{type(self).__name__} has no users to delete")
 
-    def close(self) -> None:  # noqa: B027 - optional hook
+    def close(self) -> None:
         """Release connections (database sources)."""
 
     def __enter__(self) -> Source:
