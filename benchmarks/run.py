@@ -554,6 +554,8 @@ def pop3sf_available(python: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="pop3sf vs Dovecot benchmark (issue 6)")
     ap.add_argument("--quick", action="store_true", help="small data, one round")
+    ap.add_argument("--profile", choices=sorted(seed.PROFILES),
+                    help="dataset size (default full; quick with --quick)")
     ap.add_argument("--rounds", type=int, help="rounds (default 3, or 1 with --quick)")
     ap.add_argument("--only", help="comma-separated scenario names")
     ap.add_argument("--servers", default="pop3sf,dovecot")
@@ -580,11 +582,12 @@ def main(argv: list[str] | None = None) -> int:
 
     servers.raise_nofile()
     t0 = time.monotonic()
-    ds = seed.seed(seed.QUICK if args.quick else seed.FULL, args.data_dir)
+    profile = seed.PROFILES[args.profile or ("quick" if args.quick else "full")]
+    ds = seed.seed(profile, args.data_dir)
     work = Path(tempfile.mkdtemp(prefix="pop3sf-bench-"))
     os.chmod(work, 0o755)
     cert, key = servers.make_cert(work)
-    ctx = Ctx(ds, args.quick, work, cert, key, args.python)
+    ctx = Ctx(ds, profile.name != "full", work, cert, key, args.python)
     results: dict[str, dict[str, list[Figures]]] = {}
     out = args.output or HERE / "results" / f"RESULTS-{ds.profile.name}.md"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -57,7 +57,11 @@ QUICK = Profile("quick", session_users=8, session_messages=5, session_min=1024,
                 session_max=20 * 1024, big_users=2, big_size=2 * 1024 * 1024,
                 small_users=200, small_size=1024, bcrypt_users=8, bcrypt_rounds=6,
                 huge_size=8 * 1024 * 1024)
-PROFILES = {p.name: p for p in (FULL, QUICK)}
+#: For the test suite's smoke test: seconds, not minutes.
+TINY = Profile("tiny", session_users=3, session_messages=3, session_min=1024,
+               session_max=8 * 1024, big_users=1, big_size=256 * 1024, small_users=20,
+               small_size=1024, bcrypt_users=2, bcrypt_rounds=4, huge_size=1024 * 1024)
+PROFILES = {p.name: p for p in (FULL, QUICK, TINY)}
 
 
 def password(user: str) -> str:
@@ -276,10 +280,11 @@ def load(root: Path) -> Dataset:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="the small smoke-test dataset")
+    ap.add_argument("--quick", action="store_true", help="the small dataset of run.py --quick")
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="full")
     ap.add_argument("--data-dir", type=Path, default=DEFAULT_ROOT)
     args = ap.parse_args(argv)
-    ds = seed(QUICK if args.quick else FULL, args.data_dir)
+    ds = seed(QUICK if args.quick else PROFILES[args.profile], args.data_dir)
     print(ds.root)
     return 0
 
