@@ -32,7 +32,7 @@ from pop3sf.adapters import (
 )
 from pop3sf.wire import CHUNK, HeaderTooLarge, WireEncoder
 
-from .connection import TOO_LONG
+from .connection import TOO_LONG, WRITE
 from .workers import CallTimeout
 
 if TYPE_CHECKING:
@@ -93,7 +93,7 @@ class Session:
         "sasl", "account", "infos", "uids", "sizes", "refuse", "downgrade", "deleted",
         "live_count", "live_size", "producer", "retrieval", "bad_commands", "processing",
         "close_reason", "committed", "finished", "started_greeting", "retrieved",
-        "deleted_count", "mechanism", "in_flight", "finalize_pending",
+        "deleted_count", "mechanism", "in_flight", "finalize_pending", "drain_scheduled",
     )
 
     def __init__(self, server: Server, conn: Connection) -> None:
@@ -128,6 +128,7 @@ class Session:
         self.mechanism = ""
         self.in_flight = False
         self.finalize_pending = False
+        self.drain_scheduled = False
 
     # -- hooks from the connection -------------------------------------------------------------
     def start(self) -> None:
@@ -155,6 +156,10 @@ class Session:
         self._process()
 
     def on_drain(self) -> None:
+        self.drain_scheduled = False
+        if self.conn.closed or \
+                self.conn.backlog() >= self.server.settings.protocol.output_backlog:
+            return
         if self.retrieval is not None and not self.in_flight:
             self._next_chunk()
         if self.producer is not None:
@@ -225,6 +230,12 @@ class Session:
         finally:
             self.processing = False
         conn.flush()
+        if ((self.retrieval is not None or self.producer is not None) and not self.in_flight
+                and not self.drain_scheduled and not conn.closed and not conn.events & WRITE
+                and conn.backlog() < threshold):
+            # Everything went out at once, so no write event will come to continue the output.
+            self.drain_scheduled = True
+            self.server.loop.call_soon(self.on_drain)
 
     def _dispatch(self, line: bytes) -> None:
         conn = self.conn

@@ -70,7 +70,7 @@ class Penalties:
         self._key = os.urandom(32)
 
     def _current(self, entry: _Entry, now: float) -> float:
-        return max(0.0, entry.failures - (now - entry.last) / self.decay)
+        return max(0.0, entry.failures - (now - entry.last) // self.decay)
 
     def delay(self, group: str, now: float | None = None) -> float:
         """Seconds to wait before processing this group's next attempt."""
