@@ -1,12 +1,14 @@
 """pop3sf: a POP3 server framework whose mail comes from adapters."""
 
+from pathlib import Path
+
 from setuptools import setup
 
 setup(
     name="pop3sf",
     version="2.0.0",
     description="POP3 server framework: serve any data source to ordinary mail clients",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="BSD-3-Clause",
     python_requires=">=3.11",

@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from . import __version__
 from .config import ConfigError, Settings, load_config
@@ -139,7 +139,7 @@ def _install_signals(server: Server, path: str) -> None:
     server.loop.add_signal_handler(signal.SIGHUP, reload)
 
 
-def _systemd_notifier(server: Server, ticks: bool = True):  # type: ignore[no-untyped-def]
+def _systemd_notifier(server: Server, ticks: bool = True) -> Callable[[str], None]:
     """sd_notify when systemd asked for it; STATUS once a second and watchdog pings."""
     if not os.environ.get("NOTIFY_SOCKET"):
         return lambda _state: None

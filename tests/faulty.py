@@ -18,6 +18,7 @@ from pop3sf.adapters import (
     MessageInfo,
     Peer,
 )
+
 from pop3sf.wire import wire_bytes
 
 MESSAGES = [b"Subject: a\r\n\r\nfirst\r\n", b"Subject: b\r\n\r\nsecond\r\n"]

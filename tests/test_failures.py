@@ -8,8 +8,8 @@ import time
 import pytest
 from conftest import Raw
 from faulty import FaultyAdapter
-
 from pop3sf.adapters import MaildropInUse, MessageGone, PermanentFailure, TemporaryFailure
+
 from pop3sf.testing import running_server
 
 
@@ -33,7 +33,7 @@ def test_login_hooks_fail(hook: str, fault: object, expected: bytes,
         pytest.skip("login_succeeded returns nothing")
     adapter = FaultyAdapter({hook: fault})
     with running_server(adapter=adapter) as srv:
-        c, reply = login(srv.port)
+        _c, reply = login(srv.port)
         assert reply.startswith(expected), reply
         # The server is still up and the account lock was released.
         adapter.faults.clear()

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 from conftest import Raw
-
 from pop3sf.adapters.memory import ListAdapter
+
 from pop3sf.testing import RunningServer, running_server
 from pop3sf.wire import wire_bytes
 
