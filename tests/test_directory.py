@@ -7,12 +7,15 @@ import email.policy
 import fcntl
 import hashlib
 import os
+import poplib
 import shutil
+import subprocess
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import pytest
 from pop3sf.adapters.base import (
@@ -32,6 +35,7 @@ from pop3sf.adapters.directory import (
 from pop3sf.adapters.sizecache import JOURNAL, FileChanged, SizeCache, key_for
 
 from pop3sf.passwords import hash_bcrypt
+from pop3sf.testing import AdapterConformance, RunningServer, running_server
 from pop3sf.wire import Measure, WireEncoder, wire_bytes
 
 PEER = Peer("127.0.0.1", 40000)
@@ -484,3 +488,175 @@ def test_size_cache_directory_unusable_falls_back(tmp_path: Path) -> None:
     path = put(tmp_path, "m.eml", b"Subject: x\n\n")
     cache = SizeCache(blocker / "cache")  # can't be created: memory only, still works
     assert cache.get_or_measure(os.stat(path), partial(open, path, "rb")).size == 14
+
+
+# --- end to end: the real server over loopback ------------------------------------------------
+
+
+def pop_login(srv: RunningServer, user: str = "alice", password: str = "secret") -> poplib.POP3:
+    """Log in; a dropped session's lock may take the server a moment to release."""
+    deadline = time.monotonic() + 5
+    while True:
+        pop = srv.pop3()
+        pop.user(user)
+        try:
+            pop.pass_(password)
+            return pop
+        except poplib.error_proto as exc:
+            pop.close()
+            if b"[IN-USE]" not in exc.args[0] or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def long_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """poplib refuses lines over 2048 octets; the conformance sample has a 300 kB one."""
+    monkeypatch.setattr(poplib, "_MAXLINE", 1 << 20)
+
+
+class _Conformance(AdapterConformance):
+    def _login(self, srv: RunningServer) -> poplib.POP3:
+        # The suite logs in again right after dropping a connection; wait for the release.
+        return pop_login(srv, self.user, self.password)
+
+
+@pytest.mark.usefixtures("long_lines")
+class TestMultiUserConformance(_Conformance):
+    adapter_type = "directory_multi"
+
+    def make_source(self, tmp_path: Any, user: str, password: str,
+                    messages: Sequence[bytes]) -> dict[str, Any]:
+        root = Path(tmp_path) / "conformance-root"
+        root.mkdir()
+        d = make_user(root, user, password)
+        for i, raw in enumerate(messages):
+            put(d, f"{i}.eml", raw, T0 + i)
+        return {"root": str(root)}
+
+
+@pytest.mark.usefixtures("long_lines")
+class TestSingleUserConformance(_Conformance):
+    adapter_type = "directory"
+
+    def make_source(self, tmp_path: Any, user: str, password: str,
+                    messages: Sequence[bytes]) -> dict[str, Any]:
+        d = Path(tmp_path) / "single"
+        d.mkdir()
+        for i, raw in enumerate(messages):
+            put(d, f"m{i:03}.eml", raw, T0 + i)
+        return {"directory": str(d), "username": user,
+                "password_hash": hash_bcrypt(password.encode(), rounds=4)}
+
+
+def uidls(pop: poplib.POP3) -> list[str]:
+    return [line.split()[1].decode() for line in pop.uidl()[1]]
+
+
+def test_e2e_formats_and_uids(root: Path) -> None:
+    d = make_user(root, "alice")
+    put(d, "a.eml", b"Subject: a\n\n.dot line\n", T0)
+    put(d, "Poznámka.txt", "Dobrý den, světe!\n".encode(), T0 + 1)
+    with running_server("directory_multi", {"root": str(root)}) as srv:
+        pop = pop_login(srv)
+        assert uidls(pop) == [original_uid(d / "a.eml"), original_uid(d / "Poznámka.txt")]
+        _, lines, _ = pop.retr(1)
+        assert lines == [b"Subject: a", b"", b".dot line"]
+        _, lines, _ = pop.retr(2)
+        msg = email.message_from_bytes(b"\r\n".join(lines), policy=email.policy.default)
+        assert str(msg["Subject"]) == "Poznámka.txt"
+        assert msg.get_content().strip() == "Dobrý den, světe!"
+        pop.quit()
+
+
+def test_e2e_dele_quit_deletes_exactly_marked(root: Path) -> None:
+    d = make_user(root, "alice")
+    for i in range(4):
+        put(d, f"{i}.eml", f"Subject: {i}\n\n{i}\n".encode(), T0 + i)
+    with running_server("directory_multi", {"root": str(root)}) as srv:
+        pop = pop_login(srv)
+        pop.dele(2)
+        pop.dele(4)
+        put(d, "new.eml", b"Subject: new\n\nnew\n", T0)  # arrives during the session
+        pop.quit()
+        assert sorted(p.name for p in d.iterdir()) == [PASSWORD_FILE, "0.eml", "2.eml",
+                                                        "new.eml"]
+
+
+def test_e2e_dropped_connection_deletes_nothing(root: Path) -> None:
+    d = make_user(root, "alice")
+    for i in range(3):
+        put(d, f"{i}.eml", f"Subject: {i}\n\n{i}\n".encode(), T0 + i)
+    with running_server("directory_multi", {"root": str(root)}) as srv:
+        pop = pop_login(srv)
+        pop.dele(1)
+        pop.dele(2)
+        pop.close()  # dropped, no QUIT
+        pop = pop_login(srv)  # the lock is released and all messages are still there
+        assert len(uidls(pop)) == 3
+        pop.quit()
+    assert len(list(d.glob("*.eml"))) == 3
+
+
+def test_e2e_message_deleted_by_someone_else(root: Path) -> None:
+    d = make_user(root, "alice")
+    put(d, "a.eml", b"Subject: a\n\na\n", T0)
+    put(d, "b.eml", b"Subject: b\n\nb\n", T0 + 1)
+    with running_server("directory_multi", {"root": str(root)}) as srv:
+        pop = pop_login(srv)
+        (d / "a.eml").unlink()
+        with pytest.raises(poplib.error_proto) as err:
+            pop.retr(1)
+        assert b"no longer exists" in err.value.args[0]
+        assert b"[SYS/TEMP]" not in err.value.args[0]
+        assert pop.retr(2)[1][-1] == b"b"
+        pop.quit()
+
+
+@pytest.mark.skipif(shutil.which("fetchmail") is None, reason="fetchmail not installed")
+def test_e2e_fetchmail_reads_and_deletes(tmp_path: Path, root: Path) -> None:
+    d = make_user(root, "alice", "fetch pw")
+    put(d, "1.eml", b"From: a@example.org\nSubject: first\n\nhello\n", T0)
+    put(d, "2.txt", "Grüße vom Server\n".encode(), T0 + 1)
+    home = tmp_path / "fetchmail-home"
+    home.mkdir(mode=0o700)
+    out = tmp_path / "delivered.mbox"
+    with running_server("directory_multi", {"root": str(root)}) as srv:
+        rc = home / "fetchmailrc"
+        rc.write_text(
+            f"set no syslog\n"
+            f"poll 127.0.0.1 service {srv.port} protocol pop3 uidl\n"
+            f"  user alice password \"fetch pw\" is root here\n"
+            f"  sslproto '' nokeep fetchall\n"
+            f"  mda \"/bin/sh -c 'cat >> {out}; echo >> {out}'\"\n")
+        rc.chmod(0o600)
+        proc = subprocess.run(["fetchmail", "-f", str(rc), "--nodetach", "-v"],
+                              env={**os.environ, "FETCHMAILHOME": str(home), "HOME": str(home)},
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    delivered = out.read_bytes()
+    assert b"Subject: first" in delivered and b"hello" in delivered
+    assert "Grüße vom Server".encode() in delivered
+    assert sorted(p.name for p in d.iterdir()) == [PASSWORD_FILE]  # both fetched and deleted
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+def test_e2e_curl_list_retr_dele(root: Path) -> None:
+    d = make_user(root, "alice")
+    put(d, "1.eml", b"Subject: one\n\nfirst\n", T0)
+    put(d, "2.eml", b"Subject: two\n\nsecond\n", T0 + 1)
+    with running_server("directory_multi", {"root": str(root)}) as srv:
+        base = f"pop3://127.0.0.1:{srv.port}"
+
+        def curl(*args: str) -> bytes:
+            proc = subprocess.run(["curl", "-sS", "--max-time", "20", "-u", "alice:secret",
+                                   *args], capture_output=True, timeout=60)
+            assert proc.returncode == 0, proc.stderr
+            return proc.stdout
+
+        listing = curl(f"{base}/").decode().split()
+        assert listing == ["1", str(len(wire_bytes(b"Subject: one\n\nfirst\n"))),
+                           "2", str(len(wire_bytes(b"Subject: two\n\nsecond\n")))]
+        assert curl(f"{base}/2") == b"Subject: two\r\n\r\nsecond\r\n"
+        curl("-X", "DELE", "-I", f"{base}/1")
+    assert sorted(p.name for p in d.glob("*.eml")) == ["2.eml"]
