@@ -570,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         for sc in SCENARIOS:
             print(f"{sc.name:16} {sc.title}")
         return 0
+    args.python = os.path.abspath(args.python)  # servers run in their own directories
     rounds = args.rounds or (1 if args.quick else 3)
     names = [s for s in args.servers.split(",") if s]
     if "pop3sf" in names and not pop3sf_available(args.python):
