@@ -61,8 +61,8 @@ class ListAdapter(Adapter):
     """
 
     configspec = """
-users = string_list(default=list())
-messages = string_list(default=list())
+users = force_list(default=list())
+messages = force_list(default=list())
 read_only = boolean(default=True)
 """
     def __init__(self, config: Mapping[str, Any]) -> None:

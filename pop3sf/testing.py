@@ -128,7 +128,7 @@ def running_server(adapter_type: str = "list", adapter_config: Mapping[str, Any]
 SAMPLE_MESSAGES: tuple[bytes, ...] = (
     b"From: a@example.org\r\nSubject: one\r\n\r\nfirst body\r\n",
     b"From: b@example.org\nSubject: two\n\nline 1\n.starts with a dot\nline 3\n",
-    b"Subject: three\r\n\r\n" + b"x" * 300_000 + b"\r\nlast line without newline",
+    b"Subject: three\r\n\r\n" + (b"x" * 998 + b"\r\n") * 300 + b"last line without newline",
 )
 
 
