@@ -244,6 +244,7 @@ class MultiUserDirectoryAdapter(_DirectoryAdapterBase):
         As for :class:`DirectoryAdapter`.
     ``bcrypt_rounds``
         Cost of the hashes ``pop3sf-admin`` writes (default 12; the server reads any cost).
+        Unknown user names are answered after a dummy check of this cost.
     """
 
     configspec = """
@@ -251,14 +252,24 @@ root = string
 bcrypt_rounds = integer(4, 31, default=12)
 """ + _COMMON_SPEC
 
+    _dummy: tuple[int, str] | None = None
+
     def _check_paths(self, options: Mapping[str, Any]) -> None:
         self._require_directory(options["root"], "root")
+
+    def dummy_verify(self, password: bytes) -> None:
+        """A wrong-password check at the cost new users get, so unknown names don't show."""
+        rounds = self.options["bcrypt_rounds"]
+        dummy = self._dummy
+        if dummy is None or dummy[0] != rounds:
+            dummy = self._dummy = (rounds, passwords.hash_bcrypt(b"pop3sf-dummy", rounds))
+        passwords.dummy_verify(password, like=dummy[1])
 
     def locate(self, credentials: Credentials) -> tuple[str, int, str]:
         username = credentials.username
         password = credentials.password_bytes()
         if not is_valid_username(username):
-            passwords.dummy_verify(password)
+            self.dummy_verify(password)
             raise AuthenticationFailed("invalid user name")
         root = os.path.abspath(self.options["root"])
         root_fd = _open_dir(root)
@@ -266,19 +277,19 @@ bcrypt_rounds = integer(4, 31, default=12)
             try:
                 user_fd = os.open(username, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=root_fd)
             except (FileNotFoundError, NotADirectoryError):
-                passwords.dummy_verify(password)
+                self.dummy_verify(password)
                 raise AuthenticationFailed("unknown user") from None
             except OSError as exc:
                 if exc.errno != errno.ELOOP:  # ELOOP: a symlink, treated as unknown
                     raise TemporaryFailure(f"cannot open user directory: {exc}") from exc
-                passwords.dummy_verify(password)
+                self.dummy_verify(password)
                 raise AuthenticationFailed("user directory is a symlink") from None
         finally:
             os.close(root_fd)
         try:
             stored = read_password_file(user_fd)
             if stored is None:
-                passwords.dummy_verify(password)
+                self.dummy_verify(password)
                 raise AuthenticationFailed("no password file")
             _verify(stored, password)
         except BaseException:

@@ -86,7 +86,7 @@ def admin(conf: Path, *args: str, stdin: bytes = b"",
 
 
 def can_login(root: Path, user: str, password: str) -> bool:
-    adapter = MultiUserDirectoryAdapter({"root": str(root)})
+    adapter = MultiUserDirectoryAdapter({"root": str(root), "bcrypt_rounds": 4})
     try:
         adapter.new_session(Peer("127.0.0.1", 1)).authenticate(Credentials(user, password))
     except AuthenticationFailed:
@@ -241,7 +241,7 @@ def test_message_add_text_and_eml(conf: Path, root: Path, tmp_path: Path) -> Non
     assert hidden == [PASSWORD_FILE]  # no temporary files left behind
 
     # What the tool wrote is what the server serves.
-    adapter = MultiUserDirectoryAdapter({"root": str(root)})
+    adapter = MultiUserDirectoryAdapter({"root": str(root), "bcrypt_rounds": 4})
     s = adapter.new_session(Peer("127.0.0.1", 1))
     s.login_succeeded(s.authenticate(Credentials("alice", "pw")), False)
     listing = s.list_messages()
@@ -386,7 +386,7 @@ def test_library_all_message_kinds(root: Path) -> None:
             source.add_user("alice", "again")
         with pytest.raises(SourceError):
             source.add_user("eve", "")
-    adapter = MultiUserDirectoryAdapter({"root": str(root)})
+    adapter = MultiUserDirectoryAdapter({"root": str(root), "bcrypt_rounds": 4})
     s = adapter.new_session(Peer("127.0.0.1", 1))
     assert s.authenticate(Credentials("alice", "pw")) == AuthResult("alice")
     s.login_succeeded(AuthResult("alice"), False)

@@ -72,7 +72,7 @@ def root(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def adapter(root: Path) -> Iterator[MultiUserDirectoryAdapter]:
-    a = MultiUserDirectoryAdapter({"root": str(root)})
+    a = MultiUserDirectoryAdapter({"root": str(root), "bcrypt_rounds": 4})
     a.start()
     yield a
     a.close()
@@ -237,6 +237,27 @@ def test_multi_user_authentication(root: Path, adapter: MultiUserDirectoryAdapte
                            ("alice\n", "secret"), ("a" * 65, "secret"), (".", "secret")]:
         with pytest.raises(AuthenticationFailed):
             s.authenticate(Credentials(user, password))
+
+
+def test_unknown_user_costs_like_wrong_password(root: Path) -> None:
+    make_user(root, "alice", "x")
+    (root / "alice" / PASSWORD_FILE).write_text(hash_bcrypt(b"x", rounds=9))
+    a = MultiUserDirectoryAdapter({"root": str(root), "bcrypt_rounds": 9})
+    s = a.new_session(PEER)
+
+    def cost(user: str) -> float:
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            with pytest.raises(AuthenticationFailed):
+                s.authenticate(Credentials(user, "wrong"))
+            times.append(time.perf_counter() - start)
+        return sorted(times)[1]
+
+    cost("warm-up")  # the dummy hash is made once
+    known, unknown, invalid = cost("alice"), cost("bob"), cost("../x")
+    assert known > 0.005
+    assert 0.33 < unknown / known < 3 and 0.33 < invalid / known < 3
 
 
 def test_user_without_password_file_or_symlinked(tmp_path: Path, root: Path,
@@ -532,7 +553,7 @@ class TestMultiUserConformance(_Conformance):
         d = make_user(root, user, password)
         for i, raw in enumerate(messages):
             put(d, f"{i}.eml", raw, T0 + i)
-        return {"root": str(root)}
+        return {"root": str(root), "bcrypt_rounds": 4}
 
 
 @pytest.mark.usefixtures("long_lines")
@@ -557,7 +578,7 @@ def test_e2e_formats_and_uids(root: Path) -> None:
     d = make_user(root, "alice")
     put(d, "a.eml", b"Subject: a\n\n.dot line\n", T0)
     put(d, "Poznámka.txt", "Dobrý den, světe!\n".encode(), T0 + 1)
-    with running_server("directory_multi", {"root": str(root)}) as srv:
+    with running_server("directory_multi", {"root": str(root), "bcrypt_rounds": 4}) as srv:
         pop = pop_login(srv)
         assert uidls(pop) == [original_uid(d / "a.eml"), original_uid(d / "Poznámka.txt")]
         _, lines, _ = pop.retr(1)
@@ -573,7 +594,7 @@ def test_e2e_dele_quit_deletes_exactly_marked(root: Path) -> None:
     d = make_user(root, "alice")
     for i in range(4):
         put(d, f"{i}.eml", f"Subject: {i}\n\n{i}\n".encode(), T0 + i)
-    with running_server("directory_multi", {"root": str(root)}) as srv:
+    with running_server("directory_multi", {"root": str(root), "bcrypt_rounds": 4}) as srv:
         pop = pop_login(srv)
         pop.dele(2)
         pop.dele(4)
@@ -587,7 +608,7 @@ def test_e2e_dropped_connection_deletes_nothing(root: Path) -> None:
     d = make_user(root, "alice")
     for i in range(3):
         put(d, f"{i}.eml", f"Subject: {i}\n\n{i}\n".encode(), T0 + i)
-    with running_server("directory_multi", {"root": str(root)}) as srv:
+    with running_server("directory_multi", {"root": str(root), "bcrypt_rounds": 4}) as srv:
         pop = pop_login(srv)
         pop.dele(1)
         pop.dele(2)
@@ -602,7 +623,7 @@ def test_e2e_message_deleted_by_someone_else(root: Path) -> None:
     d = make_user(root, "alice")
     put(d, "a.eml", b"Subject: a\n\na\n", T0)
     put(d, "b.eml", b"Subject: b\n\nb\n", T0 + 1)
-    with running_server("directory_multi", {"root": str(root)}) as srv:
+    with running_server("directory_multi", {"root": str(root), "bcrypt_rounds": 4}) as srv:
         pop = pop_login(srv)
         (d / "a.eml").unlink()
         with pytest.raises(poplib.error_proto) as err:
@@ -621,7 +642,7 @@ def test_e2e_fetchmail_reads_and_deletes(tmp_path: Path, root: Path) -> None:
     home = tmp_path / "fetchmail-home"
     home.mkdir(mode=0o700)
     out = tmp_path / "delivered.mbox"
-    with running_server("directory_multi", {"root": str(root)}) as srv:
+    with running_server("directory_multi", {"root": str(root), "bcrypt_rounds": 4}) as srv:
         rc = home / "fetchmailrc"
         rc.write_text(
             f"set no syslog\n"
@@ -645,7 +666,7 @@ def test_e2e_curl_list_retr_dele(root: Path) -> None:
     d = make_user(root, "alice")
     put(d, "1.eml", b"Subject: one\n\nfirst\n", T0)
     put(d, "2.eml", b"Subject: two\n\nsecond\n", T0 + 1)
-    with running_server("directory_multi", {"root": str(root)}) as srv:
+    with running_server("directory_multi", {"root": str(root), "bcrypt_rounds": 4}) as srv:
         base = f"pop3://127.0.0.1:{srv.port}"
 
         def curl(*args: str) -> bytes:
