@@ -1,12 +1,17 @@
 #!/bin/bash
-# build.sh SRC_DIR OUT_DIR - build the pop3sf .deb from a copy of the source tree.
+# build.sh [SRC_DIR] OUT_DIR - build the pop3sf .deb from a copy of the source tree
+# (default: the tree this script is in).
 #
 # The copy leaves the working tree untouched (no debian/pop3sf/, no .egg-info); OUT_DIR gets
 # the .deb, .changes and .buildinfo, and the last line printed is the path of the .deb.
 # Needs the build dependencies (tests/deb/install-build-deps.sh); not root (fakeroot).
 set -euo pipefail
-[ $# -eq 2 ] || { echo "usage: $0 SRC_DIR OUT_DIR" >&2; exit 64; }
-src=$(readlink -f "$1"); mkdir -p "$2"; out=$(readlink -f "$2")
+case $# in
+    1) src=$(readlink -f "$(dirname "$0")/../.."); dest=$1 ;;
+    2) src=$(readlink -f "$1"); dest=$2 ;;
+    *) echo "usage: $0 [SRC_DIR] OUT_DIR" >&2; exit 64 ;;
+esac
+mkdir -p "$dest"; out=$(readlink -f "$dest")
 # Debian's python3 only (a pyenv python3 first in PATH can't import Debian's modules).
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 unset PYTHONPATH PYTHONHOME VIRTUAL_ENV
