@@ -177,17 +177,18 @@ def _cost(fn: object, repeat: int = 3) -> float:
 
 
 @needs_crypt
-@pytest.mark.parametrize("stored", [
-    "{SHA512-CRYPT}" + "$6$rounds=200000$abcdefgh$",
-    "{BLF-CRYPT}" + passwords.hash_bcrypt(b"real", rounds=8),
-])
-def test_dummy_verify_costs_like_a_real_verify(stored: str) -> None:
-    if stored.endswith("$"):  # complete the crypt hash
-        stored = "{SHA512-CRYPT}" + str(passwords.crypt(b"real", stored[len("{SHA512-CRYPT}"):]))
-    real = _cost(lambda: verify(stored, b"wrong"))
-    dummy = _cost(lambda: dummy_verify(b"wrong", like=stored))
+@pytest.mark.parametrize("scheme", ["SHA512-CRYPT", "BLF-CRYPT"])
+def test_dummy_verify_costs_like_a_real_verify(scheme: str) -> None:
+    if scheme == "SHA512-CRYPT":
+        stored = "{SHA512-CRYPT}" + str(passwords.crypt(b"real", "$6$rounds=200000$abcdefgh"))
+    else:
+        stored = "{BLF-CRYPT}" + passwords.hash_bcrypt(b"real", rounds=8)
+    real = dummy = float("inf")
+    for _ in range(5):  # interleaved, best of each: robust against a loaded machine
+        real = min(real, _cost(lambda: verify(stored, b"wrong"), repeat=1))
+        dummy = min(dummy, _cost(lambda: dummy_verify(b"wrong", like=stored), repeat=1))
     assert real > 0.005
-    assert 0.5 < dummy / real < 2.0, (dummy, real)
+    assert 0.4 < dummy / real < 2.5, (dummy, real)
 
 
 def test_default_dummy_is_a_cost_12_bcrypt() -> None:
