@@ -32,6 +32,7 @@ from typing import Any
 import dovecot
 import loadgen
 import procstat
+import pyspy
 import seed
 import servers
 
@@ -109,6 +110,8 @@ class Ctx:
     key: Path
     python: str
     notes: list[str] = field(default_factory=list)
+    pyspy_dir: Path | None = None
+    round: int = 0
     _one_core: float = 0.0
 
     def n(self, full: int, quick: int) -> int:
@@ -425,9 +428,18 @@ def warm_dovecot(ctx: Ctx, variant: str) -> None:
 def run_one(name: str, sc: Scenario, ctx: Ctx) -> Figures:
     srv = make_server(name, sc, ctx)
     srv.start()
+    rec = None
+    if ctx.pyspy_dir is not None and name == "pop3sf":
+        rec = pyspy.Recorder(srv.pid, ctx.pyspy_dir / f"{sc.name}-r{ctx.round}.txt")
+        time.sleep(0.5)  # attached before the load starts
     try:
         assert srv.startup is not None
         figs = sc.fn(ctx, srv)
+        if rec is not None:
+            raw = rec.stop()
+            if raw is not None:
+                raw.with_suffix(".md").write_text(f"# {sc.name}: {sc.title}\n\n"
+                                                  + pyspy.summarise(raw))
         figs["startup_cpu_ms"] = srv.startup.cpu_s * 1000
         figs["startup_rss_mb"] = srv.startup.rss_kb / 1024
     finally:
@@ -564,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", type=Path, help="Markdown report (default benchmarks/results/"
                     "RESULTS-<profile>.md)")
     ap.add_argument("--list", action="store_true", help="list the scenarios")
+    ap.add_argument("--pyspy", type=Path, metavar="DIR",
+                    help="profile every pop3sf run with py-spy into DIR (raw + summary .md)")
     args = ap.parse_args(argv)
 
     if args.list:
@@ -589,6 +603,11 @@ def main(argv: list[str] | None = None) -> int:
     os.chmod(work, 0o755)
     cert, key = servers.make_cert(work)
     ctx = Ctx(ds, profile.name != "full", work, cert, key, args.python)
+    if args.pyspy:
+        if not pyspy.available():
+            ap.error(f"py-spy not found ({pyspy.PYSPY}): pip install py-spy into the venv")
+        args.pyspy.mkdir(parents=True, exist_ok=True)
+        ctx.pyspy_dir = args.pyspy.resolve()
     results: dict[str, dict[str, list[Figures]]] = {}
     out = args.output or HERE / "results" / f"RESULTS-{ds.profile.name}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -599,6 +618,7 @@ def main(argv: list[str] | None = None) -> int:
         for sc in chosen:
             results[sc.name] = {s: [] for s in names}
             for r in range(rounds):
+                ctx.round = r + 1
                 for name in names:
                     t1 = time.monotonic()
                     try:
