@@ -88,6 +88,7 @@ class Server:
             raise RuntimeError(f"{self.name} did not start: {exc}\n{self.log_tail()}") from exc
         time.sleep(0.2)  # let the server finish what it does after listen()
         self.startup = procstat.snapshot(self.pid)
+        self.startup.cpu_s = procstat.precise_cpu_seconds(procstat.tree_pids(self.pid))
         self.base_pids = self.startup.pids
 
     def log_tail(self, n: int = 30) -> str:
