@@ -448,7 +448,8 @@ from_address = string(default="pop3sf <pop3sf@localhost>")
             entry = self.passwd.lookup(name)
         except OSError as exc:
             raise TemporaryFailure(f"cannot read passwd_file: {exc.strerror}") from exc
-        if entry is None or not entry.password or not is_valid_username(entry.user):
+        if entry is None or not entry.password or not password \
+                or not is_valid_username(entry.user):
             passwords.dummy_verify(password, like=self.dummy_like())
             raise AuthenticationFailed("unknown user")
         try:
