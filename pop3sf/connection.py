@@ -246,7 +246,7 @@ class Connection:
         buf = self.inbuf
         limit = self.line_limit  # counts the CRLF, as RFC 2449 §4 does
         while True:
-            idx = buf.find(b"\n", 0, limit)
+            idx = buf.find(b"\n", 0, None if self.discarding else limit)
             if self.discarding:
                 if idx < 0:
                     buf.clear()
