@@ -279,13 +279,13 @@ class Server:
         self.user_sessions[account] -= 1
         if self.user_sessions[account] <= 0:
             del self.user_sessions[account]
+        session.account = None
 
     def logged_in(self, session: Session) -> None:
         self.stats["logins"] += 1
 
     def session_released(self, session: Session) -> None:
         self.release_account(session)
-        session.account = None
         self.sessions_alive -= 1
 
     def commit_started(self, session: Session) -> None:

@@ -183,6 +183,10 @@ class Session:
             log.debug("disconnect %s%s", conn.address, f" ({reason})" if reason else "",
                       extra=extra)
         self.producer = None
+        if self.waiting != "commit":
+            # The client is gone: its account is free now, not when the adapter's cleanup
+            # ends, so an immediate reconnect is not refused with [IN-USE].
+            self.server.release_account(self)
         if self.in_flight:
             self.finalize_pending = True
         else:
@@ -544,7 +548,6 @@ class Session:
         if error is not None:
             self._log_adapter_error("login", error)
             self.server.release_account(self)
-            self.account = None
             self._end_login(_error_reply(error))
             return
         if self.conn.closed:
