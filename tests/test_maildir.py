@@ -379,12 +379,12 @@ def test_unknown_user_costs_like_a_wrong_password(env: Env) -> None:
 
     best = {"slow@example.org": float("inf"), "ghost@example.org": float("inf"),
             "../../etc": float("inf")}
-    for _ in range(5):  # interleaved, best of each: robust against a loaded machine
+    for _ in range(7):  # interleaved, best of each: robust against a loaded machine
         for user in best:
             best[user] = min(best[user], attempt(user))
     known, unknown, invalid = best.values()
     assert known > 0.01
-    assert 0.4 < unknown / known < 2.5 and 0.4 < invalid / known < 2.5, best
+    assert 0.33 < unknown / known < 3.0 and 0.33 < invalid / known < 3.0, best
 
 
 def test_passwd_file_change_needs_no_reload(env: Env) -> None:

@@ -184,11 +184,11 @@ def test_dummy_verify_costs_like_a_real_verify(scheme: str) -> None:
     else:
         stored = "{BLF-CRYPT}" + passwords.hash_bcrypt(b"real", rounds=8)
     real = dummy = float("inf")
-    for _ in range(5):  # interleaved, best of each: robust against a loaded machine
+    for _ in range(7):  # interleaved, best of each: robust against a loaded machine
         real = min(real, _cost(lambda: verify(stored, b"wrong"), repeat=1))
         dummy = min(dummy, _cost(lambda: dummy_verify(b"wrong", like=stored), repeat=1))
     assert real > 0.005
-    assert 0.4 < dummy / real < 2.5, (dummy, real)
+    assert 0.33 < dummy / real < 3.0, (dummy, real)
 
 
 def test_default_dummy_is_a_cost_12_bcrypt() -> None:
