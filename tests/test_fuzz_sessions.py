@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from itertools import count
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pop3sf.adapters.memory import ListAdapter, Mailbox
 
@@ -125,10 +125,8 @@ class Model:
             self.expect(b"-ERR", ERR_STATE if known else ERR_UNKNOWN, why=line)
             self.count_bad()
             return
-        if verb == b"PASS":
-            args = [line[5:]] if line[5:] else []
-        else:
-            args = rest.split()
+        # PASS takes the rest of the line verbatim (SPEC §P2)
+        args = ([line[5:]] if line[5:] else []) if verb == b"PASS" else rest.split()
         getattr(self, "cmd_" + verb.decode().lower())(args, line)
 
     def cmd_capa(self, args: list[bytes], line: bytes) -> None:
@@ -349,7 +347,7 @@ separators = st.sampled_from([b" ", b" ", b" ", b"  ", b"\t", b" \t", b"\x0b"])
 def command(draw: st.DrawFn) -> bytes:
     verb = draw(verbs)
     case = draw(st.sampled_from([bytes.upper, bytes.lower, bytes.title, bytes.swapcase]))
-    parts = [case(verb)] + draw(arguments)
+    parts = [case(verb), *draw(arguments)]
     out = parts[0]
     for arg in parts[1:]:
         out += draw(separators) + arg
@@ -362,6 +360,8 @@ def b64(data: bytes) -> bytes:
 
 login = st.sampled_from([
     [b"USER " + USER, b"PASS " + PASSWORD],
+    [b"USER " + USER, b"PASS " + PASSWORD],
+    [b"AUTH PLAIN " + b"{{PLAIN}}"],
     [b"user " + USER, b"pass " + PASSWORD],
     [b"USER " + USER, b"PASS  " + PASSWORD],       # the password is the rest, verbatim
     [b"USER " + USER, b"PASS wrong"],
@@ -377,19 +377,26 @@ login = st.sampled_from([
     [b"AUTH LOGIN {{B64USER}}", b64(PASSWORD)],
     [b"AUTH LOGIN", b"=", b"NOOP"],
     [b"AUTH PLAIN", b"%%" + MARK],
+    [],
 ])
 
 over_long = st.integers(0, 2).flatmap(lambda k: st.integers(
     [LIMIT - 3, LIMIT + 1, 2 * AUTH_LIMIT][k], [LIMIT + 3, LIMIT + 40, 3000][k])).map(
         lambda n: b"NOOP " + MARK + b"x" * n)
 raw_line = st.binary(max_size=30).map(lambda b: MARK + b)
-lines = st.one_of(command(), command(), command(), command(), raw_line, over_long,
+well_formed = st.tuples(
+    st.sampled_from([b"DELE", b"DELE", b"RETR", b"LIST", b"UIDL", b"TOP", b"RSET", b"STAT"]),
+    st.integers(1, 4), st.integers(0, 3)).map(
+        lambda t: t[0] + (b" %d %d" % t[1:] if t[0] == b"TOP" else b"" if t[0] in (b"RSET", b"STAT")
+                          else b" %d" % t[1]))
+lines = st.one_of(command(), command(), command(), well_formed, well_formed, raw_line, over_long,
                   st.sampled_from([b"", b"\r", b"\x00", b"\xff\xfe", b"STAT\r", b" STAT",
                                    b"QUIT"]))
 ends = st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\n", b"\r\r\n", b"\n\r"])
 
-header_lines = st.sampled_from([b"Subject: x", b"From: a@example.org", b"Subject: Gr\xc3\xbc\xc3\x9fe",
-                                b"X-Bad: \xff\xfe", b" folded", b".dot: header"])
+header_lines = st.sampled_from([b"Subject: x", b"From: a@example.org",
+                                b"Subject: Gr\xc3\xbc\xc3\x9fe", b"X-Bad: \xff\xfe", b" folded",
+                                b".dot: header"])
 body_lines = st.sampled_from([b"", b".", b"..", b".x", b"body", b"a\rb", b"\xe9t\xe9", b" "])
 message = st.tuples(st.lists(header_lines, max_size=3), st.booleans(),
                     st.lists(body_lines, max_size=5),
@@ -398,10 +405,25 @@ message = st.tuples(st.lists(header_lines, max_size=3), st.booleans(),
 
 
 @st.composite
+def transaction_stream(draw: st.DrawFn) -> tuple[list[bytes], list[bytes]]:
+    """Mostly well-formed transactions: always a good login, ending in QUIT or a drop."""
+    auth = draw(st.sampled_from([[b"USER " + USER, b"PASS " + PASSWORD],
+                                 [b"AUTH PLAIN " + b"{{PLAIN}}"],
+                                 [b"XPRO", b"USER " + USER, b"PASS " + PASSWORD]]))
+    dele = st.integers(1, 3).map(lambda n: b"DELE %d" % n)
+    after = draw(st.lists(st.one_of(well_formed, dele, dele, lines), min_size=1,
+                          max_size=20))
+    if draw(st.integers(0, 3)):
+        after.append(b"QUIT")
+    out = auth + after
+    return out, [draw(st.sampled_from([b"\r\n", b"\n"])) for _ in out]
+
+
+@st.composite
 def session_stream(draw: st.DrawFn) -> tuple[list[bytes], list[bytes]]:
     before = draw(st.lists(lines, max_size=4))
-    auth = draw(login) if draw(st.integers(0, 5)) else []
-    after = draw(st.lists(lines, max_size=25))
+    auth = draw(login)
+    after = draw(st.lists(lines, min_size=2, max_size=25))
     if draw(st.booleans()):
         after.append(b"QUIT")
     out = before + auth + after
@@ -509,14 +531,8 @@ def server() -> Iterator[tuple[RunningServer, ListAdapter]]:
 _users = count()
 
 
-@settings(max_examples=150, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                 HealthCheck.function_scoped_fixture])
-@given(messages=st.lists(message, max_size=4), script=session_stream(), data=st.data())
-def test_generated_sessions_match_the_model(server: tuple[RunningServer, ListAdapter],
-                                            messages: list[bytes],
-                                            script: tuple[list[bytes], list[bytes]],
-                                            data: st.DataObject) -> None:
+def run_example(server: tuple[RunningServer, ListAdapter], messages: list[bytes],
+                script: tuple[list[bytes], list[bytes]], data: st.DataObject) -> None:
     srv, adapter = server
     user = b"u%d" % next(_users)
     box = Mailbox("{PLAIN}secret", messages)
@@ -526,6 +542,8 @@ def test_generated_sessions_match_the_model(server: tuple[RunningServer, ListAda
     cuts = sorted(set(data.draw(st.lists(st.integers(1, max(1, len(stream) - 1)),
                                          max_size=6))))
     model.run(stream)
+    event(f"logged in: {model.state == 'trans'}; deletions committed: "
+          f"{model.committed and bool(model.deleted)}; bad-command cap: {model.bad >= MAX_BAD}")
     reply = Reply(exchange(srv.port, stream, [c for c in cuts if c < len(stream)]))
     for expect in model.expects:
         reply.check(expect)
@@ -533,6 +551,31 @@ def test_generated_sessions_match_the_model(server: tuple[RunningServer, ListAda
     wait_idle(srv)
     assert list(box.messages) == model.remaining()
     assert not srv.errors
+
+
+FUZZ = settings(max_examples=150, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                       HealthCheck.function_scoped_fixture])
+
+
+@FUZZ
+@given(messages=st.lists(message, min_size=1, max_size=4), script=session_stream(),
+       data=st.data())
+def test_generated_sessions_match_the_model(server: tuple[RunningServer, ListAdapter],
+                                            messages: list[bytes],
+                                            script: tuple[list[bytes], list[bytes]],
+                                            data: st.DataObject) -> None:
+    run_example(server, messages, script, data)
+
+
+@FUZZ
+@given(messages=st.lists(message, min_size=1, max_size=5), script=transaction_stream(),
+       data=st.data())
+def test_generated_transactions_match_the_model(server: tuple[RunningServer, ListAdapter],
+                                                messages: list[bytes],
+                                                script: tuple[list[bytes], list[bytes]],
+                                                data: st.DataObject) -> None:
+    run_example(server, messages, script, data)
 
 
 def test_server_still_serves_after_the_campaign(
