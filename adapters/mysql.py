@@ -27,19 +27,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import hmac
-import io
 import logging
-import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, ClassVar
 
 from pop3sf import passwords
-from pop3sf.wire import MAX_DOWNGRADE_HEADER, downgrade_header_section, measure
+from pop3sf.wire import measure
 
 from .base import (
     Adapter,
@@ -60,18 +57,30 @@ from .base import (
 )
 from .directory import validated
 from .mysql_driver import CircuitBreaker, ConnectParams, Driver, Pool, read_password_file
+from .mysql_sql import (
+    RowStream,
+    check_identifier,
+    chunk_sql,
+    decode_row,
+    listing_sql,
+    lock_name,
+    message_info,
+    plaintext_subject,
+    schema_sql,
+    to_bytes,
+    to_text,
+)
 from .plaintext import PlaintextMessage
 
 log = logging.getLogger("pop3sf.adapters.mysql")
 
-IDENTIFIER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,63}")
 #: Server errors that retrying won't fix: missing table or column, missing privilege.
 PERMANENT_ERRNOS = frozenset({1054, 1142, 1143, 1146, 1049})
 #: How many ids go into one ``DELETE ... IN (...)``.
 DELETE_BATCH = 500
-LOCK_PREFIX = "pop3sf:"
 
-_COMMON_SPEC = """
+_COLUMN_TYPES = '"MEDIUMTEXT", "LONGTEXT", "MEDIUMBLOB", "LONGBLOB"'
+_COMMON_SPEC = f"""
 driver = option("auto", "mysql-connector", "pymysql", default="auto")
 host = string(default="localhost")
 port = integer(1, 65535, default=3306)
@@ -92,9 +101,11 @@ pool_size = integer(1, 1000, default=10)
 pool_timeout = float(0, 300, default=10)
 breaker_threshold = integer(1, 1000, default=5)
 breaker_cooldown = float(0, 3600, default=10)
-chunk_size = integer(4096, 16777216, default=1048576)
+chunk_size = integer(4096, 268435456, default=1048576)
+max_chunk_size = integer(4096, 268435456, default=8388608)
 create_tables = boolean(default=True)
-message_column_type = option("MEDIUMTEXT", "LONGTEXT", "MEDIUMBLOB", "LONGBLOB", default="MEDIUMTEXT")
+message_column_type = option({_COLUMN_TYPES}, default="MEDIUMTEXT")
+sql_dialect = option("auto", "mariadb", "mysql", default="auto")
 cross_instance_lock = boolean(default=True)
 from_address = string(default="nobody <nobody@localhost>")
 to_address = string(default="%u <%u@localhost>")
@@ -139,13 +150,20 @@ _CONFIG_DOC = """
 
     Other keys (both adapters):
 
-    ``chunk_size``
-        Octets fetched per ``SUBSTRING`` query when sending a message (default 1 MiB).
+    ``chunk_size``, ``max_chunk_size``
+        Octets fetched per ``SUBSTRING`` query when sending a message: a sixteenth of the
+        message, but at least ``chunk_size`` (default 1 MiB) and at most ``max_chunk_size``
+        (default 8 MiB). Every query makes the database read the whole row, so fewer, larger
+        chunks cost it less; pop3sf holds about one chunk per message being sent.
     ``create_tables``
         Create missing tables at start (default yes). New tables get ``INDEX(user_id)``.
     ``message_column_type``
-        ``MEDIUMTEXT`` (default, the original's, up to 16 MiB) or ``LONGTEXT`` for the
-        ``message`` column of tables this adapter creates.
+        The ``message`` column of tables this adapter creates: ``MEDIUMTEXT`` (default, the
+        original's, up to 16 MiB), ``LONGTEXT`` (up to 4 GiB), or ``MEDIUMBLOB``/``LONGBLOB``
+        to store messages whose 8-bit parts are not UTF-8 (a utf8mb4 text column rejects them).
+    ``sql_dialect``
+        ``auto`` (default: from ``VERSION()``), ``mariadb`` or ``mysql``: how sizes are
+        counted in SQL (MariaDB: a linear ``REGEXP_REPLACE``; MySQL: ``REPLACE``).
     ``cross_instance_lock``
         Hold ``GET_LOCK`` per account during read-write sessions (default yes), so several
         pop3sf instances on one database serve an account once. Galera does not support it:
@@ -155,24 +173,6 @@ _CONFIG_DOC = """
     ``plaintext_size_cache``
         How many wrapped sizes of ``is_plaintext`` rows to remember (default 100000).
 """
-
-
-def check_identifier(name: str, key: str) -> str:
-    """``name`` back-quoted, after checking it is a plain identifier (never formatted raw)."""
-    if not isinstance(name, str) or IDENTIFIER_RE.fullmatch(name) is None:
-        raise ConfigurationError(
-            f"{key} = {name!r}: not a plain table name ([A-Za-z_][A-Za-z0-9_$]{{0,63}})")
-    return f"`{name}`"
-
-
-def lock_name(database: str, table: str, account_id: str) -> str:
-    """``pop3sf:`` + a hash of where the account's messages are: 64 characters, MySQL's limit."""
-    key = "\0".join((database, table, account_id)).encode("utf-8", "surrogateescape")
-    return LOCK_PREFIX + hashlib.sha256(key).hexdigest()[: 64 - len(LOCK_PREFIX)]
-
-
-def plaintext_subject(row_id: int) -> str:
-    return f"Plaintext database entry {row_id}"
 
 
 @dataclass(frozen=True)
@@ -208,65 +208,6 @@ class _LRU:
                 self._data.popitem(last=False)
 
 
-class RowStream(io.RawIOBase):
-    """A seekable binary stream over one row's ``message``, fetched ``chunk`` octets per query.
-
-    Only the current chunk is held; seeking back into it costs no query (small rows are read
-    once even when the plain-text wrapper reads them twice).
-    """
-
-    def __init__(self, fetch: Callable[[int, int], bytes | None], length: int, chunk: int) -> None:
-        super().__init__()
-        self._fetch = fetch
-        self.length = length
-        self._chunk = chunk
-        self._pos = 0
-        self._buf = b""
-        self._buf_start = 0
-        #: Octets fetched from the database so far (tests check memory stays bounded).
-        self.fetched = 0
-        self.queries = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.length}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def readinto(self, buffer: Any) -> int:
-        if self._pos >= self.length:
-            return 0
-        offset = self._pos - self._buf_start
-        if not 0 <= offset < len(self._buf):
-            self._buf = b""  # drop the old chunk before fetching the next
-            data = self._fetch(self._pos, min(self._chunk, self.length - self._pos))
-            self.queries += 1
-            if data is None:
-                raise MessageGone("message deleted while it was being read")
-            if not data:
-                self.length = self._pos  # the row shrank: end here
-                return 0
-            self.fetched += len(data)
-            self._buf, self._buf_start, offset = data, self._pos, 0
-        view = memoryview(buffer)
-        n = min(len(view), len(self._buf) - offset)
-        view[:n] = self._buf[offset:offset + n]
-        self._pos += n
-        return n
-
-    def close(self) -> None:
-        self._buf = b""
-        super().close()
-
-
 class _MySQLAdapterBase(Adapter):
     """What both MySQL adapters share: settings, pool, schema, the session class."""
 
@@ -284,6 +225,7 @@ class _MySQLAdapterBase(Adapter):
         self.plaintext_sizes = _LRU(self.options["plaintext_size_cache"])
         self._schema_ready = False
         self._schema_lock = threading.Lock()
+        self._dialect: str | None = None
 
     # --- settings --------------------------------------------------------------------------
 
@@ -294,6 +236,8 @@ class _MySQLAdapterBase(Adapter):
             options["users_sql"] = check_identifier(options["users_table"], "users_table")
         if options["password_file"]:
             options["password"] = read_password_file(options["password_file"])
+        if options["chunk_size"] > options["max_chunk_size"]:
+            raise ConfigurationError("chunk_size must not exceed max_chunk_size")
         for key in ("ssl_ca", "ssl_cert", "ssl_key"):
             if options[key] and not options["ssl"]:
                 raise ConfigurationError(f"{key} is set but ssl = no; set ssl = yes to use TLS")
@@ -335,6 +279,8 @@ class _MySQLAdapterBase(Adapter):
         tables = ("messages_table", "users_table", "database", "create_tables")
         if any(options.get(k) != self.options.get(k) for k in tables):
             self._schema_ready = False
+        if old_pool is not None or options["sql_dialect"] != self.options["sql_dialect"]:
+            self._dialect = None
         self.config, self.options = config, options
         self.params = self._params(options)
         if old_pool is not None:
@@ -391,23 +337,20 @@ class _MySQLAdapterBase(Adapter):
     # --- schema ----------------------------------------------------------------------------
 
     def schema_sql(self) -> list[str]:
-        """CREATE TABLE IF NOT EXISTS statements: the original's columns, plus the index."""
         o = self.options
-        user_col = "user_id INT UNSIGNED NOT NULL,\n" if self.multi_user else ""
-        user_idx = ",\nINDEX user_id (user_id)" if self.multi_user else ""
-        stmts = [f"""CREATE TABLE IF NOT EXISTS {o["messages_sql"]} (
-id INT UNSIGNED AUTO_INCREMENT PRIMARY KEY NOT NULL,
-{user_col}message {o["message_column_type"]} NOT NULL,
-is_plaintext BOOL NOT NULL,
-added_timestamp DATETIME DEFAULT CURRENT_TIMESTAMP NOT NULL{user_idx}
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"""]
-        if self.multi_user:
-            stmts.append(f"""CREATE TABLE IF NOT EXISTS {o["users_sql"]} (
-id INT UNSIGNED AUTO_INCREMENT PRIMARY KEY NOT NULL,
-username VARCHAR(64) UNIQUE NOT NULL,
-password_bcrypt CHAR(60) NOT NULL
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4""")
-        return stmts
+        return schema_sql(o["messages_sql"], o["users_sql"] if self.multi_user else None,
+                          o["message_column_type"])
+
+    def dialect(self) -> str:
+        """``mariadb`` or ``mysql``: configured, or detected once from ``VERSION()``."""
+        if self._dialect is None:
+            wanted = self.options["sql_dialect"]
+            if wanted == "auto":
+                with self.guard("detecting the server type"):
+                    version = to_text(self.query("SELECT VERSION()")[0][0])
+                wanted = "mariadb" if "mariadb" in version.lower() else "mysql"
+            self._dialect = wanted
+        return self._dialect
 
     def ensure_schema(self) -> None:
         if self._schema_ready or not self.options["create_tables"]:
@@ -428,6 +371,11 @@ password_bcrypt CHAR(60) NOT NULL
     def authenticate(self, credentials: Credentials) -> tuple[str, int | None]:
         """(canonical account id, user_id or None) or :class:`AuthenticationFailed`."""
         raise NotImplementedError
+
+    def chunk_for(self, length: int) -> int:
+        """Octets per query for a message of ``length``: about 16 queries, within bounds."""
+        o = self.options
+        return max(o["chunk_size"], min(o["max_chunk_size"], -(-length // 16)))
 
     def address(self, template: str, account: str) -> str:
         return template.replace("%u", account)
@@ -524,25 +472,12 @@ bcrypt_rounds = integer(4, 31, default=12)
             passwords.dummy_verify(password)
             raise AuthenticationFailed("unknown user")
         user_id, stored_name, stored = rows[0]
-        _verify(_text(stored).strip(), password)
-        return _text(stored_name), int(user_id)
+        _verify(to_text(stored).strip(), password)
+        return to_text(stored_name), int(user_id)
 
 
 MySQLAdapter.__doc__ = (MySQLAdapter.__doc__ or "") + _CONFIG_DOC
 MultiUserMySQLAdapter.__doc__ = (MultiUserMySQLAdapter.__doc__ or "") + _CONFIG_DOC
-
-
-def _text(value: Any) -> str:
-    return bytes(value).decode("utf-8", "surrogateescape") \
-        if isinstance(value, bytes | bytearray) else str(value)
-
-
-def _bytes(value: Any) -> bytes:
-    if value is None:
-        return b""
-    if isinstance(value, str):  # a driver that decoded a binary column: undo it exactly
-        return value.encode("utf-8", "surrogateescape")
-    return bytes(value)
 
 
 class MySQLSession(MailboxSession):
@@ -597,53 +532,25 @@ class MySQLSession(MailboxSession):
         adapter = self.adapter
         adapter.ensure_schema()
         where, args = self._owner()
-        b = "CAST(message AS BINARY)"
-        # LF-normalised start of the message, up to the header section's blank line.
-        hp = (f"REPLACE(REPLACE(LEFT(b, {MAX_DOWNGRADE_HEADER + 2}), CHAR(13,10), CHAR(10)), "
-              f"CHAR(13), CHAR(10))")
-        sql = f"""SELECT id, is_plaintext, ts, len, lf, cr, crlf, last, crc,
-  IF(CAST(CONVERT(CONVERT(h USING latin1) USING ascii) AS BINARY) <> h, h, NULL)
-FROM (SELECT id, is_plaintext, ts, len, lf, cr, crlf, last, crc,
-        IF(LEFT(hp, 1) = CHAR(10), CHAR(10),
-           IF(LOCATE(CHAR(10,10), hp) = 0, hp, LEFT(hp, LOCATE(CHAR(10,10), hp) + 1))) AS h
-      FROM (SELECT id, is_plaintext, ts, LENGTH(b) AS len,
-              LENGTH(b) - LENGTH(REPLACE(b, CHAR(10), '')) AS lf,
-              LENGTH(b) - LENGTH(REPLACE(b, CHAR(13), '')) AS cr,
-              (LENGTH(b) - LENGTH(REPLACE(b, CHAR(13,10), ''))) DIV 2 AS crlf,
-              RIGHT(b, 1) AS last, IF(is_plaintext, CRC32(b), NULL) AS crc,
-              IF(is_plaintext, '', {hp}) AS hp
-            FROM (SELECT id, is_plaintext, UNIX_TIMESTAMP(added_timestamp) AS ts, {b} AS b
-                  FROM {self._table} WHERE 1 = 1{where}) AS m1) AS m2) AS m3
-ORDER BY id"""
+        sql, sql_args, prefix = listing_sql(self._table, where, adapter.dialect())
         with adapter.guard("listing messages"):
-            result = adapter.query(sql, args)
+            result = adapter.query(sql, (*sql_args, *args))
         infos: list[MessageInfo] = []
         rows: dict[str, _Row] = {}
-        for rid, plain, ts, length, lf, cr, crlf, last, crc, head in result:
-            row = _Row(int(rid), bool(plain), int(ts or 0), int(length))
+        for listed in map(decode_row, result):
+            row = _Row(listed.id, listed.plaintext, listed.timestamp, listed.length)
             uid = str(row.id)
             rows[uid] = row
             if row.plaintext:
-                infos.append(self._plaintext_info(row, int(crc or 0)))
-                continue
-            lf, cr, crlf = int(lf), int(cr), int(crlf)
-            size = row.length + (lf - crlf) + (cr - crlf)
-            if row.length and _bytes(last) not in (b"\n", b"\r"):
-                size += 2
-            infos.append(self._info(uid, size, row.length, _bytes(head) if head is not None
-                                    else None))
+                infos.append(self._plaintext_info(row, listed.crc))
+            elif listed.size is None:  # not countable in SQL (result over max_allowed_packet)
+                with self._open(row) as stream:
+                    found = measure(stream)
+                infos.append(MessageInfo(uid, *found))
+            else:
+                infos.append(message_info(uid, listed.size, row.length, listed.head, prefix))
         self.rows = rows
         return infos
-
-    @staticmethod
-    def _info(uid: str, size: int, length: int, head: bytes | None) -> MessageInfo:
-        if head is None:
-            return MessageInfo(uid, size)
-        complete = head == b"\n" or head.endswith(b"\n\n") or length <= MAX_DOWNGRADE_HEADER
-        if not complete or len(head) > MAX_DOWNGRADE_HEADER:
-            return MessageInfo(uid, size, True, None)
-        down = downgrade_header_section(head)
-        return MessageInfo(uid, size, True, size - _crlf_len(head) + _crlf_len(down))
 
     def _plaintext_info(self, row: _Row, crc: int) -> MessageInfo:
         o = self.adapter.options
@@ -672,16 +579,15 @@ ORDER BY id"""
     def _open(self, row: _Row, length: int | None = None) -> BinaryIO:
         adapter = self.adapter
         where, args = self._owner()
-        sql = (f"SELECT SUBSTRING(CAST(message AS BINARY), %s, %s) FROM {self._table} "
-               f"WHERE id = %s{where}")
+        sql = chunk_sql(self._table, where)
 
         def fetch(pos: int, size: int) -> bytes | None:
             with adapter.guard("reading a message"):
                 found = adapter.query(sql, (pos + 1, size, row.id, *args))
-            return _bytes(found[0][0]) if found else None
+            return to_bytes(found[0][0]) if found else None
 
-        stream = RowStream(fetch, row.length if length is None else length,
-                           adapter.options["chunk_size"])
+        length = row.length if length is None else length
+        stream = RowStream(fetch, length, adapter.chunk_for(length))
         if not row.plaintext:
             return stream  # type: ignore[return-value]
         o = adapter.options
@@ -754,10 +660,6 @@ ORDER BY id"""
         with contextlib.suppress(Exception):
             self.adapter.fetch_all(conn, "SELECT RELEASE_LOCK(%s)", (self.lock_name,))
         _close_quietly(conn)
-
-
-def _crlf_len(lf_data: bytes) -> int:
-    return len(lf_data) + lf_data.count(b"\n")
 
 
 def _close_quietly(conn: Any) -> None:

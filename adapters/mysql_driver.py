@@ -22,7 +22,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,16 +147,19 @@ class Driver:
         return args[0] if args and isinstance(args[0], int) else None
 
     def is_connection_error(self, exc: BaseException) -> bool:
-        """Whether ``exc`` means the connection can't be used again."""
-        if isinstance(exc, self._lost):
+        """Whether ``exc`` leaves the connection unusable (or in a state nobody can vouch for).
+
+        Only an error the *server* reported (numbers below 2000, or 3000 and up) on a live
+        connection leaves it usable; client errors (2000-2999), errors without a number
+        (PyMySQL's ``InterfaceError(0)``, connector's ``-1`` "Connection not available"),
+        timeouts and anything that is not a driver error do not.
+        """
+        if isinstance(exc, self._lost) or not isinstance(exc, self.Error):
             return True
-        if not isinstance(exc, self.Error):
-            return False
         num = self.errno(exc)
-        if num in CONNECTION_ERRNOS:
+        if num is None or num <= 0 or num in CONNECTION_ERRNOS:
             return True
-        # PyMySQL raises InterfaceError(0, '') on a closed connection; connector uses -1/None.
-        return isinstance(exc, self.module.InterfaceError) and (num is None or num <= 0)
+        return 2000 <= num < 3000
 
 
 class CircuitBreaker:
@@ -287,38 +290,30 @@ class Pool:
                 return
         _close_quietly(conn)
 
-    @contextlib.contextmanager
-    def connection(self) -> Iterator[Any]:
-        conn, _ = self.acquire()
-        broken = True
-        try:
-            yield conn
-            broken = False
-        except BaseException as exc:
-            broken = not isinstance(exc, self.driver.Error) or self.driver.is_connection_error(exc)
-            if not broken:
-                with contextlib.suppress(Exception):
-                    conn.rollback()
-            raise
-        finally:
-            self.release(conn, broken)
-
     def run(self, fn: Any, retry: bool = True) -> Any:
-        """``fn(conn)`` on a pooled connection. A reused connection found dead is replaced and
-        ``fn`` retried once (only pass ``retry`` for calls that are safe to repeat)."""
+        """``fn(conn)`` on a pooled connection.
+
+        A connection that fails is discarded, never pooled again. When a *reused* connection
+        fails fast (the server restarted, or closed it after ``wait_timeout``), ``fn`` runs once
+        more on a new connection if ``retry`` (pass it only for calls that are safe to repeat);
+        a slow failure (a timeout: the database hangs) is not retried, to not wait twice.
+        """
         for attempt in (1, 2):
             conn, reused = self.acquire()
+            started = time.monotonic()
             try:
                 result = fn(conn)
             except BaseException as exc:
                 lost = self.driver.is_connection_error(exc)
-                if not lost and isinstance(exc, self.driver.Error):
+                if lost:
+                    self.release(conn, broken=True)
+                else:
                     with contextlib.suppress(Exception):
                         conn.rollback()
                     self.release(conn)
-                else:
-                    self.release(conn, broken=True)
-                if lost and reused and retry and attempt == 1:
+                fast = time.monotonic() - started < min(1.0, self.params.read_timeout / 2)
+                if lost and reused and retry and attempt == 1 and fast \
+                        and isinstance(exc, Exception):
                     log.info("mysql: pooled connection lost (%s); reconnecting", exc)
                     continue
                 raise

@@ -153,7 +153,8 @@ class MariaDBServer:
 
         params: dict[str, Any] = {"unix_socket": self.socket, "user": "root", "password": "",
                                   "autocommit": True, "charset": "utf8mb4",
-                                  "connect_timeout": 5, "binary_prefix": True}
+                                  "connect_timeout": 5, "binary_prefix": True,
+                                  "max_allowed_packet": 256 * 1024 * 1024}
         if database:
             params["database"] = database
         params.update(kwargs)
