@@ -141,7 +141,8 @@ def daemonize(pidfile: str, keep_fds: list[int], on_sighup: SignalHandler | None
     Checks *pidfile* first (:func:`check_pidfile`; raises :class:`PidfileError` in the calling
     process, before any fork). Then: double fork and setsid, working directory ``/``, *umask*,
     stdio on ``/dev/null``, every fd closed except *keep_fds* (the listening sockets), the pid
-    written to *pidfile* (removed when the context closes, also at exit). Only the daemon
+    written to *pidfile* (removed when the context closes, also at exit; with *pidfile_owner*,
+    owned by that user so it can still do so after privileges are dropped). Only the daemon
     returns; the parent exits 0.
 
     Signals: SIGHUP -> *on_sighup* (None: ignored, e.g. until the event loop installs its own
@@ -171,6 +172,14 @@ def daemonize(pidfile: str, keep_fds: list[int], on_sighup: SignalHandler | None
         signal_map=signal_map,
     )
     context.open()
+    if pidfile_owner and os.geteuid() == 0:
+        # Written as root with the daemon's umask: let the service user read (lockfile checks
+        # the pid before removing) and remove it at exit, after privileges are dropped.
+        try:
+            entry = pwd.getpwnam(pidfile_owner)
+            os.chown(os.path.abspath(pidfile), entry.pw_uid, entry.pw_gid)
+        except (KeyError, OSError):
+            pass
     return context
 
 

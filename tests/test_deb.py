@@ -173,7 +173,7 @@ def test_deb_overlay_install(built: dict[str, Path], tmp_path: Path) -> None:
     work.mkdir()
     for path in (built["deb"], HERE / "pop_check.py", HERE / "overlay_checks.sh"):
         shutil.copy2(path, work)
-    journal = tmp_path / "journal"
+    journal = work / "journal"         # inside the bind-mounted dir: outlives the overlay
     run = subprocess.run(
         [str(OVL_RUN), str(WITH_JOURNALD), str(journal), "--", str(work / "overlay_checks.sh"),
          str(work / built["deb"].name), str(work)],
