@@ -175,13 +175,16 @@ class Worker:
         sys.stdout.flush()
 
     def _stdin_thread(self, loop: asyncio.AbstractEventLoop) -> None:
-        for line in sys.stdin:
-            word = line.strip()
-            if word == "go":
-                loop.call_soon_threadsafe(self.go.set)
-            elif word == "stop":
-                loop.call_soon_threadsafe(self.stopped.set)
-        loop.call_soon_threadsafe(self.stopped.set)  # the harness went away
+        try:
+            for line in sys.stdin:
+                word = line.strip()
+                if word == "go":
+                    loop.call_soon_threadsafe(self.go.set)
+                elif word == "stop":
+                    loop.call_soon_threadsafe(self.stopped.set)
+            loop.call_soon_threadsafe(self.stopped.set)  # the harness went away
+        except (RuntimeError, ValueError, OSError):
+            pass  # the loop closed first: the worker is exiting anyway
 
     def left(self) -> bool:
         return not self.stopped.is_set() and time.monotonic() < self.deadline

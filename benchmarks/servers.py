@@ -137,17 +137,18 @@ class Pop3sf(Server):
     name = "pop3sf"
 
     def __init__(self, workroot: Path, passwd: Path, cert: Path, key: Path,
-                 python: str, limits: dict[str, int] | None = None) -> None:
+                 python: str, overrides: dict[str, dict[str, int]] | None = None) -> None:
         super().__init__(workroot)
         self.passwd = passwd
         self.cert, self.key = cert, key
         self.python = python
-        self.limits = limits or {}
+        self.overrides = overrides or {}
         self.conf = self.dir / "pop3sf.conf"
 
     def config_text(self) -> str:
         user = "nobody" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
-        limits = "".join(f"{k} = {v}\n" for k, v in self.limits.items())
+        extra = "".join(f"\n[{section}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items())
+                        for section, keys in self.overrides.items())
         return f"""# written by pop3sf benchmarks/servers.py
 [server]
 user = {user}
@@ -167,8 +168,7 @@ target = stderr
 certificate = {self.cert}
 private_key = {self.key}
 
-[limits]
-{limits}
+{extra}
 [adapter]
 type = maildir
 passwd_file = {self.passwd}
