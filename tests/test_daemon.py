@@ -268,6 +268,26 @@ def test_daemonize_replaces_stale_pidfile(tmp_path: Path) -> None:
         _terminate(pid)
 
 
+@needs_root
+def test_daemonize_then_drop_privileges_still_removes_pidfile(tmp_path: Path) -> None:
+    """The pidfile is written as root; after dropping to the service user the daemon must
+    still be able to remove it (its directory and the file belong to that user)."""
+    import tempfile
+    base = Path(tempfile.mkdtemp(prefix="pop3sf-daemonize-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        pidfile = base / "run" / "d.pid"
+        port, pid = _start_child(pidfile, "--user", "nobody")
+        nobody = pwd.getpwnam("nobody").pw_uid
+        _wait(lambda: os.stat(f"/proc/{pid}").st_uid == nobody, what="uid switch")
+        assert _line(port).startswith(f"+OK pid={pid} ")
+        assert pidfile.parent.stat().st_uid == nobody
+        _terminate(pid)
+        _wait(lambda: not pidfile.exists(), timeout=5, what="pidfile removed by nobody")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 @needs_journald
 def test_daemonize_logs_to_journald_not_to_clients(tmp_path: Path) -> None:
     """Logging set up after daemonize: records written while a client's fd is open go to the
@@ -367,9 +387,13 @@ class Instance:
                               capture_output=True, text=True, timeout=60)
 
     def pid(self) -> int:
-        _wait(lambda: self.pidfile.exists() and self.pidfile.read_text().strip(),
-              what="pidfile")
-        return int(self.pidfile.read_text().split()[0])
+        def current() -> str:
+            try:
+                return self.pidfile.read_text().strip()
+            except FileNotFoundError:
+                return ""
+        _wait(lambda: bool(current()), what="pidfile")
+        return int(current().split()[0])
 
     def read_mail(self) -> list[bytes]:
         pop = poplib.POP3("127.0.0.1", self.port, timeout=10)
@@ -424,7 +448,8 @@ def test_cli_daemon_stale_pidfile_is_removed(instance: Instance) -> None:
     instance.pidfile.write_text(f"{dead}\n")
     run = instance.start()
     assert run.returncode == 0, run.stderr
-    _wait(lambda: instance.pidfile.read_text().split()[:1] != [str(dead)], what="new pidfile")
+    _wait(lambda: instance.pidfile.exists() and
+          instance.pidfile.read_text().split()[:1] not in ([], [str(dead)]), what="new pidfile")
     pid = instance.pid()
     assert pid != dead and _alive(pid)
     assert b"hello from the daemon test" in instance.read_mail()

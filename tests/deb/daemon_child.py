@@ -1,10 +1,11 @@
 """Test child: daemonize with pop3sf.daemon the way the CLI does, then serve one-line replies.
 
-    daemon_child.py PIDFILE [--journal]
+    daemon_child.py PIDFILE [--journal] [--user NAME]
 
 Binds 127.0.0.1:0 and prints the port (before forking, while stdout is still the caller's),
 daemonizes, sets up logging only then (journald with --journal), and answers every connection
 with one line describing the daemon: pid, SIGHUP count, umask, cwd and open fds.
+With --user (as root) it drops privileges to NAME after daemonizing, as the CLI does.
 SIGTERM ends it (the pidfile is removed).
 """
 
@@ -13,7 +14,7 @@ import os
 import socket
 import sys
 
-from pop3sf.daemon import daemonize
+from pop3sf.daemon import daemonize, drop_privileges
 from pop3sf.systemd import journal_handler
 
 
@@ -29,11 +30,14 @@ def main() -> int:
     def on_term(signum, frame):
         state["stop"] = True
 
-    context = daemonize(pidfile, [lsock.fileno()], on_hup, on_term)
+    user = sys.argv[sys.argv.index("--user") + 1] if "--user" in sys.argv else None
+    context = daemonize(pidfile, [lsock.fileno()], on_hup, on_term, pidfile_owner=user)
     log = logging.getLogger("pop3sf")
     if "--journal" in sys.argv:
         log.addHandler(journal_handler())
         log.setLevel(logging.INFO)
+    if user:
+        drop_privileges(user)
     lsock.settimeout(0.2)
     with context:
         while not state["stop"]:
