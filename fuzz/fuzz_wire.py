@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Coverage-guided fuzzing of the wire encoder (pop3sf.wire, SPEC §P3/§P4).
+
+Invariants, for any message bytes and any chunking:
+
+* the unstuffed output is the same however the message is cut into chunks, and its length is
+  ``measure(...).size`` — the size STAT/LIST announce is exactly what RETR sends;
+* the output is CRLF-only (no bare CR or LF) and ends with CRLF unless empty;
+* dot-stuffed output unstuffs to the unstuffed output;
+* TOP output is a prefix of the whole message's output, chunking-invariant too;
+* a downgraded message has a 7-bit header section, an unchanged body, and the size
+  ``measure(...).downgraded_size``.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import atheris
+
+with atheris.instrument_imports(include=["pop3sf"]):
+    from pop3sf.wire import HeaderTooLarge, WireEncoder, measure, wire_bytes
+
+from common import main
+
+
+def encode(message: bytes, cuts: list[int], **options: object) -> bytes:
+    encoder = WireEncoder(**options)  # type: ignore[arg-type]
+    out = bytearray()
+    for a, b in zip([0, *cuts], [*cuts, len(message)], strict=True):
+        if encoder.done:
+            break
+        out += encoder.feed(message[a:b])
+    return bytes(out + encoder.finish())
+
+
+def unstuff(data: bytes) -> bytes:
+    lines = data.split(b"\r\n")
+    return b"\r\n".join(line[1:] if line.startswith(b".") else line for line in lines)
+
+
+def check_crlf(data: bytes) -> None:
+    assert data.count(b"\r") == data.count(b"\n") == data.count(b"\r\n"), "bare CR or LF"
+    assert not data or data.endswith(b"\r\n"), "no final CRLF"
+
+
+def test_one_input(data: bytes) -> None:
+    fdp = atheris.FuzzedDataProvider(data)
+    ncuts = fdp.ConsumeIntInRange(0, 6)
+    top = fdp.ConsumeIntInRange(0, 5)
+    message = fdp.ConsumeBytes(fdp.remaining_bytes())
+    cuts = sorted({fdp.ConsumeIntInRange(0, len(message)) for _ in range(ncuts)} |
+                  {len(message) // 2} if message else set())
+    cuts = [c for c in cuts if 0 < c < len(message)]
+
+    plain = encode(message, [], stuff=False)
+    assert plain == wire_bytes(message)
+    assert encode(message, cuts, stuff=False) == plain, "depends on chunking"
+    m = measure(io.BytesIO(message), chunk=max(1, len(message) // 3 or 1))
+    assert m.size == len(plain), f"measured {m.size}, sent {len(plain)}"
+    check_crlf(plain)
+
+    stuffed = encode(message, cuts)
+    check_crlf(stuffed)
+    assert unstuff(stuffed) == plain
+    assert not any(line == b"." for line in stuffed.split(b"\r\n")[:-1]), "a lone dot leaked"
+
+    top_out = encode(message, cuts, stuff=False, top_lines=top)
+    assert top_out == encode(message, [], stuff=False, top_lines=top)
+    assert plain.startswith(top_out), "TOP is not a prefix of the message"
+    check_crlf(top_out)
+
+    if m.utf8_header:
+        try:
+            down = encode(message, cuts, stuff=False, downgrade=True)
+        except HeaderTooLarge:
+            assert m.downgraded_size is None
+            return
+        assert down == encode(message, [], stuff=False, downgrade=True)
+        check_crlf(down)
+        assert m.downgraded_size == len(down), f"downgraded {m.downgraded_size} != {len(down)}"
+        head, sep, body = down.partition(b"\r\n\r\n")
+        assert max(head, default=0) < 0x80, "8-bit octets left in a downgraded header"
+        if sep:
+            assert plain.endswith(b"\r\n\r\n" + body) or plain.endswith(body), "body altered"
+    else:
+        assert m.downgraded_size is None
+
+
+if __name__ == "__main__":
+    main(test_one_input, "wire")
+    sys.exit(0)
