@@ -423,6 +423,19 @@ def _box_lifecycle(box: Box, check: Checks, deb: Path) -> None:
     check("re-activation after the stop", "box test message one" in
           _mail_text(box.pop("stls", 110)))
 
+    # -- an admin may disable the TLS socket: the service then serves 110 alone (it must not
+    #    try to bind 995 itself: it has no capabilities)
+    box.run("systemctl", "disable", "--now", "pop3sf-tls.socket")
+    check("TLS socket disabled: 995 closed", 995 not in box.listening(), box.listening())
+    check("TLS socket disabled: 110 still activates the service and serves",
+          "box test message one" in _mail_text(box.pop("stls", 110)),
+          box.out("journalctl", "--no-pager", "-u", "pop3sf.service", "-o", "cat", "-n", "15"))
+    box.run("systemctl", "stop", "pop3sf.service")
+    run = box.run("systemctl", "enable", "--now", "pop3sf-tls.socket")
+    check("TLS socket enabled again", run.returncode == 0 and
+          box.out("systemctl", "is-active", "pop3sf-tls.socket") == "active", run.stderr)
+    check("995 served again", "box test message one" in _mail_text(box.pop("tls", 995)))
+
     # -- upgrade with the service running keeps both ports (NOTES trap 1)
     check("service running before the upgrade",
           box.out("systemctl", "is-active", "pop3sf.service") == "active")
