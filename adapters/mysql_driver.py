@@ -118,7 +118,9 @@ class Driver:
         else:
             kw.update(host=p.host, port=p.port)
         if self.name == "pymysql":
-            kw.update(connect_timeout=p.connect_timeout, binary_prefix=True)
+            # The server's max_allowed_packet is the real limit; don't add a lower one here.
+            kw.update(connect_timeout=p.connect_timeout, binary_prefix=True,
+                      max_allowed_packet=1 << 30)
             if p.ssl:
                 kw.update(ssl_ca=p.ssl_ca or None, ssl_cert=p.ssl_cert or None,
                           ssl_key=p.ssl_key or None, ssl_verify_cert=True,

@@ -1,0 +1,299 @@
+"""``pop3sf-admin`` and the auxiliary library on MySQL sources, against a private MariaDB."""
+
+from __future__ import annotations
+
+import email.message
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mariadb import MariaDBServer, mariadb  # noqa: F401  (fixture)
+from pop3sf.adapters.base import AuthenticationFailed, AuthResult, Credentials, Peer
+from pop3sf.adapters.mysql import MultiUserMySQLAdapter, MySQLAdapter
+from pop3sf.auxiliary import (
+    BadMessage,
+    BadName,
+    NotSupported,
+    SourceError,
+    UnknownUser,
+    UserExists,
+    open_source,
+)
+from pop3sf.auxiliary.admin import (
+    EX_CANTCREAT,
+    EX_DATAERR,
+    EX_NOUSER,
+    EX_UNAVAILABLE,
+)
+from pop3sf.auxiliary.mysql import MultiUserMySQLSource, MySQLSource, SingleUserMySQLSource
+
+from pop3sf.passwords import hash_bcrypt
+from pop3sf.wire import wire_bytes
+
+ADMIN = [sys.executable, "-m", "pop3sf.auxiliary.admin"]
+PEER = Peer("127.0.0.1", 1)
+
+
+@pytest.fixture
+def cfg(mariadb: MariaDBServer) -> dict[str, Any]:  # noqa: F811
+    return mariadb.adapter_config(mariadb.new_database(), bcrypt_rounds=4)
+
+
+def write_config(path: Path, adapter_type: str, adapter: dict[str, Any]) -> Path:
+    lines = ["[listeners]", "  [[plain]]", "  addresses = 127.0.0.1:0,", "[adapter]",
+             f"type = {adapter_type}"]
+    lines += [f"{k} = {json.dumps(v) if isinstance(v, str) else v}" for k, v in adapter.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def conf(tmp_path: Path, cfg: dict[str, Any]) -> Path:
+    return write_config(tmp_path / "pop3sf.conf", "mysql_multi", cfg)
+
+
+def admin(conf: Path, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([*ADMIN, "--config", str(conf), *args], input=stdin,
+                          capture_output=True, timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode,
+                                       proc.stdout.decode("utf-8", "replace"),
+                                       proc.stderr.decode("utf-8", "replace"))
+
+
+def can_login(cfg: dict[str, Any], user: str, password: str) -> bool:
+    adapter = MultiUserMySQLAdapter(cfg)
+    try:
+        adapter.new_session(PEER).authenticate(Credentials(user, password))
+    except AuthenticationFailed:
+        return False
+    finally:
+        adapter.close()
+    return True
+
+
+def served(adapter: Any, user: str, password: str) -> list[tuple[int, bytes]]:
+    """(listed size, body) of every message, as the server would read them."""
+    session = adapter.new_session(PEER)
+    session.login_succeeded(session.authenticate(Credentials(user, password)), True)
+    out = []
+    for info in session.list_messages():
+        with session.open_message(info.uid) as f:
+            out.append((info.size, f.read()))
+    session.connection_closed()
+    return out
+
+
+# --- the command ----------------------------------------------------------------------------
+
+
+def test_user_add_passwd_list_del(conf: Path, cfg: dict[str, Any]) -> None:
+    r = admin(conf, "user", "add", "alice", stdin=b"first pw\n")
+    assert r.returncode == 0, r.stderr
+    assert can_login(cfg, "alice", "first pw")
+    assert admin(conf, "user", "add", "bob", stdin=b"x\n").returncode == 0
+    assert admin(conf, "user", "list").stdout == "alice\nbob\n"
+    r = admin(conf, "user", "passwd", "alice", stdin=b"second\n")
+    assert r.returncode == 0, r.stderr
+    assert can_login(cfg, "alice", "second") and not can_login(cfg, "alice", "first pw")
+    r = admin(conf, "user", "del", "bob")
+    assert r.returncode == 0, r.stderr
+    assert admin(conf, "user", "list").stdout == "alice\n"
+    assert not can_login(cfg, "bob", "x")
+
+
+def test_user_errors(conf: Path, cfg: dict[str, Any]) -> None:
+    assert admin(conf, "user", "add", "alice", stdin=b"pw\n").returncode == 0
+    for name in ("alice", "ALICE"):  # the users table's collation ignores case
+        r = admin(conf, "user", "add", name, stdin=b"other\n")
+        assert r.returncode == EX_CANTCREAT and "already exists" in r.stderr, r.stderr
+    assert can_login(cfg, "alice", "pw")
+    for bad in ("", "x" * 65, "two words", "a:b", "tab\there"):
+        r = admin(conf, "user", "add", bad, stdin=b"pw\n")
+        assert r.returncode == EX_DATAERR, (bad, r.stderr)
+        assert "invalid user name" in r.stderr
+    r = admin(conf, "user", "add", "dave", stdin=b"\n")
+    assert r.returncode == EX_DATAERR and "empty password" in r.stderr
+    for args in (("user", "passwd", "nobody"), ("user", "del", "nobody"),
+                 ("message", "list", "nobody"), ("message", "add", "nobody")):
+        r = admin(conf, *args, stdin=b"text\n")
+        assert r.returncode == EX_NOUSER, (args, r.stderr)
+        assert "unknown user 'nobody'" in r.stderr
+    assert admin(conf, "user", "list").stdout == "alice\n"
+
+
+def test_user_del_with_messages_needs_force(conf: Path, mariadb: MariaDBServer,  # noqa: F811
+                                            cfg: dict[str, Any]) -> None:
+    admin(conf, "user", "add", "alice", stdin=b"pw\n")
+    admin(conf, "user", "add", "bob", stdin=b"pw\n")
+    admin(conf, "message", "add", "alice", stdin=b"hello\n")
+    admin(conf, "message", "add", "bob", stdin=b"bob's\n")
+    r = admin(conf, "user", "del", "alice")
+    assert r.returncode == EX_DATAERR and "--force" in r.stderr
+    r = admin(conf, "user", "del", "alice", "--force")
+    assert r.returncode == 0 and "1 message(s)" in r.stderr, r.stderr
+    rows = mariadb.execute("SELECT u.username FROM pop3sf_multiuser_messages m "
+                           "JOIN pop3sf_multiuser_users u ON u.id = m.user_id",
+                           database=cfg["database"])
+    assert rows == (("bob",),)
+
+
+def test_message_add_text_and_eml(conf: Path, cfg: dict[str, Any], tmp_path: Path) -> None:
+    admin(conf, "user", "add", "alice", stdin=b"pw\n")
+    r = admin(conf, "message", "add", "alice", stdin="Grüße, Welt\n".encode())
+    assert r.returncode == 0, r.stderr
+    text_id = r.stdout.strip()
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(b"caf\xe9\n")
+    r = admin(conf, "message", "add", "alice", "--text", str(latin1))
+    assert r.returncode == 0, r.stderr
+    eml = tmp_path / "m.eml"
+    eml.write_bytes("Subject: Zpráva\nFrom: a@example.com\n\nbody\n".encode())
+    r = admin(conf, "message", "add", "alice", "--eml", str(eml))
+    assert r.returncode == 0, r.stderr
+    eml_id = r.stdout.strip()
+
+    r = admin(conf, "message", "list", "alice")
+    assert r.returncode == 0, r.stderr
+    rows = [line.split("\t") for line in r.stdout.splitlines()]
+    assert [row[0] for row in rows] == [text_id, str(int(text_id) + 1), eml_id]
+    assert rows[0][3] == f"Plaintext database entry {text_id}"
+    assert rows[2][1] == str(eml.stat().st_size) and rows[2][3] == "Zpráva"
+
+    adapter = MultiUserMySQLAdapter(cfg)
+    try:
+        messages = served(adapter, "alice", "pw")
+    finally:
+        adapter.close()
+    assert len(messages) == 3
+    for size, body in messages:
+        assert size == len(wire_bytes(body))
+    assert messages[0][1].endswith("Grüße, Welt\r\n".encode())
+    assert messages[1][1].endswith("café\r\n".encode())
+    assert messages[2][1] == eml.read_bytes()
+
+
+def test_message_add_errors(conf: Path, tmp_path: Path) -> None:
+    admin(conf, "user", "add", "alice", stdin=b"pw\n")
+    not_mail = tmp_path / "notes.eml"
+    not_mail.write_text("just some words\nno header\n")
+    r = admin(conf, "message", "add", "alice", "--eml", str(not_mail))
+    assert r.returncode == EX_DATAERR and "header" in r.stderr
+    r = admin(conf, "message", "add", "alice", stdin=b"  \n")
+    assert r.returncode == EX_DATAERR and "empty" in r.stderr
+    binary = tmp_path / "latin1.eml"
+    binary.write_bytes(b"Subject: x\n\ncaf\xe9\n")  # not UTF-8: a TEXT column refuses it
+    r = admin(conf, "message", "add", "alice", "--eml", str(binary))
+    assert r.returncode == EX_DATAERR and "not valid UTF-8" in r.stderr, r.stderr
+    assert admin(conf, "message", "list", "alice").stdout == ""
+
+
+def test_single_user_source(tmp_path: Path, mariadb: MariaDBServer) -> None:  # noqa: F811
+    cfg = mariadb.adapter_config(mariadb.new_database(), username="reports",
+                                 password_hash=hash_bcrypt(b"pw", rounds=4))
+    conf = write_config(tmp_path / "single.conf", "mysql", cfg)
+    r = admin(conf, "message", "add", "reports", stdin=b"daily report\n")
+    assert r.returncode == 0, r.stderr
+    assert admin(conf, "user", "list").stdout == "reports\n"
+    r = admin(conf, "message", "add", "someone", stdin=b"x\n")
+    assert r.returncode == EX_NOUSER
+    r = admin(conf, "user", "add", "x", stdin=b"pw\n")
+    assert r.returncode == EX_UNAVAILABLE and "pop3sf-admin hash" in r.stderr
+    r = admin(conf, "user", "passwd", "reports", stdin=b"pw\n")
+    assert r.returncode == EX_UNAVAILABLE
+    adapter = MySQLAdapter(cfg)
+    try:
+        ((size, body),) = served(adapter, "reports", "pw")
+    finally:
+        adapter.close()
+    assert body.endswith(b"\r\n\r\ndaily report\r\n") and size == len(body)
+
+
+def test_database_unreachable(tmp_path: Path, mariadb: MariaDBServer) -> None:  # noqa: F811
+    cfg = mariadb.adapter_config(unix_socket=str(tmp_path / "no.sock"), bcrypt_rounds=4)
+    conf = write_config(tmp_path / "down.conf", "mysql_multi", cfg)
+    r = admin(conf, "user", "list")
+    assert r.returncode == 1 and "cannot connect to the database" in r.stderr, r.stderr
+    bad = write_config(tmp_path / "bad.conf", "mysql_multi", {**cfg, "users_table": "a b"})
+    r = admin(bad, "user", "list")
+    assert r.returncode != 0 and "users_table" in r.stderr
+
+
+# --- the library ----------------------------------------------------------------------------
+
+
+def test_library_all_message_kinds(cfg: dict[str, Any], mariadb: MariaDBServer) -> None:  # noqa: F811
+    with open_source("mysql_multi", cfg) as source:
+        assert isinstance(source, MultiUserMySQLSource) and source.has_users
+        source.add_user("alice", "pw")
+        source.add_user("bob", "pw")
+        msg = email.message.EmailMessage()
+        msg["Subject"] = "Přehled"
+        msg["From"] = "app@example.com"
+        msg.set_content("Tělo zprávy\n")
+        ids = [source.add_message("alice", msg),
+               source.add_message("alice", b"Subject: raw\r\n\r\nraw\r\n"),
+               source.add_message("alice", "plain text, žluťoučký\n")]
+        source.add_message("bob", "not alice's")
+        listed = source.list_messages("alice")
+        assert [m.id for m in listed] == ids
+        assert listed[0].subject == "Přehled"
+        assert listed[1].size == len(b"Subject: raw\r\n\r\nraw\r\n")
+        plain = mariadb.execute("SELECT is_plaintext FROM pop3sf_multiuser_messages ORDER BY id",
+                                database=cfg["database"])
+        assert [r[0] for r in plain] == [0, 0, 1, 1]
+        with pytest.raises(BadMessage):
+            source.add_message("alice", b"")
+        with pytest.raises(BadMessage):
+            source.add_message("alice", "   ")
+        with pytest.raises(UnknownUser):
+            source.add_message("carol", "x")
+        with pytest.raises(BadName):
+            source.add_message(None, "x")
+        with pytest.raises(UserExists):
+            source.add_user("Alice", "again")
+        with pytest.raises(SourceError):
+            source.add_user("eve", "")
+        assert source.list_users() == ["alice", "bob"]
+        source.delete_user("bob")
+        assert source.list_users() == ["alice"]
+    adapter = MultiUserMySQLAdapter(cfg)
+    try:
+        session = adapter.new_session(PEER)
+        assert session.authenticate(Credentials("alice", "pw")) == AuthResult("alice")
+        messages = served(adapter, "alice", "pw")
+    finally:
+        adapter.close()
+    assert len(messages) == 3
+    assert all(size == len(wire_bytes(body)) for size, body in messages)
+    assert messages[1][1] == b"Subject: raw\r\n\r\nraw\r\n"
+
+
+def test_library_blob_column_takes_any_bytes(mariadb: MariaDBServer) -> None:  # noqa: F811
+    cfg = mariadb.adapter_config(mariadb.new_database(), bcrypt_rounds=4,
+                                 message_column_type="LONGBLOB")
+    raw = b"Subject: caf\xe9\n\nbody \xff\xfe\n"
+    with open_source("mysql_multi", cfg) as source:
+        source.add_user("alice", "pw")
+        source.add_message("alice", raw)
+    adapter = MultiUserMySQLAdapter(cfg)
+    try:
+        ((size, body),) = served(adapter, "alice", "pw")
+    finally:
+        adapter.close()
+    assert body == raw and size == len(wire_bytes(raw))
+
+
+def test_open_source_picks_single_or_multi(mariadb: MariaDBServer) -> None:  # noqa: F811
+    single_cfg = mariadb.adapter_config(mariadb.new_database(), username="u",
+                                        password_hash=hash_bcrypt(b"p", rounds=4))
+    single = open_source("mysql", single_cfg)
+    assert isinstance(single, SingleUserMySQLSource) and not single.has_users
+    with pytest.raises(NotSupported):
+        single.delete_user("u")
+    single.close()
+    multi = MySQLSource(mariadb.adapter_config(mariadb.new_database()))
+    assert isinstance(multi, MultiUserMySQLSource)
+    multi.close()
