@@ -451,17 +451,29 @@ class MultiUserMySQLAdapter(_MySQLAdapterBase):
     """
 
     multi_user = True
+    _dummy: str | None = None
     configspec = """
 messages_table = string(default="pop3sf_multiuser_messages")
 users_table = string(default="pop3sf_multiuser_users")
 bcrypt_rounds = integer(4, 31, default=12)
 """ + _COMMON_SPEC
 
+    def start(self) -> None:
+        self._dummy_hash()  # computed now, not during the first unknown user's login
+        super().start()
+
+    def _dummy_hash(self) -> str:
+        """A hash of the cost ``pop3sf-admin`` writes: unknown users cost what real ones do."""
+        rounds = self.options["bcrypt_rounds"]
+        if self._dummy is None or not self._dummy.startswith(f"$2b${rounds:02d}$"):
+            self._dummy = passwords.hash_bcrypt(b"pop3sf-dummy", rounds=rounds)
+        return self._dummy
+
     def authenticate(self, credentials: Credentials) -> tuple[str, int | None]:
         password = credentials.password_bytes()
         name = credentials.username
         rows: list[Any] = []
-        if 0 < len(name) <= 64:
+        if 0 < len(name) <= 64 and _encodable(name):
             self.ensure_schema()
             with self.guard("looking up a user"):
                 rows = self.query(f"SELECT id, username, password_bcrypt FROM "
@@ -469,11 +481,20 @@ bcrypt_rounds = integer(4, 31, default=12)
         if len(rows) > 1:  # several names equal under the collation: only an exact one counts
             rows = [r for r in rows if r[1] == name]
         if len(rows) != 1:
-            passwords.dummy_verify(password)
+            passwords.dummy_verify(password, like=self._dummy_hash())
             raise AuthenticationFailed("unknown user")
         user_id, stored_name, stored = rows[0]
         _verify(to_text(stored).strip(), password)
         return to_text(stored_name), int(user_id)
+
+
+def _encodable(name: str) -> bool:
+    """Whether a user name can be sent to the database (not: undecodable octets)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 MySQLAdapter.__doc__ = (MySQLAdapter.__doc__ or "") + _CONFIG_DOC

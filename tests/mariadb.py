@@ -24,7 +24,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -49,7 +49,8 @@ def free_port() -> int:
 class MariaDBServer:
     """One private ``mariadbd``; ``start``/``stop`` may be called repeatedly."""
 
-    def __init__(self, base: str, max_allowed_packet: str = "128M") -> None:
+    def __init__(self, base: str, max_allowed_packet: str = "128M",
+                 extra_args: Sequence[str] = ()) -> None:
         self.base = base
         self.datadir = os.path.join(base, "data")
         self.socket = os.path.join(base, "mysqld.sock")
@@ -58,6 +59,7 @@ class MariaDBServer:
         self.host = "127.0.0.1"
         self.port = free_port()
         self.max_allowed_packet = max_allowed_packet
+        self.extra_args = list(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
 
     # --- life cycle ------------------------------------------------------------------------
@@ -82,7 +84,8 @@ class MariaDBServer:
                "--innodb-flush-log-at-trx-commit=2", "--character-set-server=utf8mb4",
                "--collation-server=utf8mb4_general_ci",
                f"--max-allowed-packet={self.max_allowed_packet}",
-               "--max-connections=300", "--skip-host-cache", "--performance-schema=OFF"]
+               "--max-connections=300", "--skip-host-cache", "--performance-schema=OFF",
+               *self.extra_args]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT
@@ -209,12 +212,14 @@ class MariaDBServer:
 
 
 @contextlib.contextmanager
-def running_mariadb(max_allowed_packet: str = "128M") -> Iterator[MariaDBServer]:
-    """A started server with the test account; removed afterwards."""
+def running_mariadb(max_allowed_packet: str = "128M",
+                    extra_args: Sequence[str] = ()) -> Iterator[MariaDBServer]:
+    """A started server with the test account; removed afterwards. ``extra_args`` go to
+    ``mariadbd`` (e.g. ``--ssl-cert=...``)."""
     if not os.path.exists(MARIADBD):
         pytest.skip("mariadbd not installed (apt-get install mariadb-server)")
     base = tempfile.mkdtemp(prefix="pop3sf-mdb-")
-    server = MariaDBServer(base, max_allowed_packet)
+    server = MariaDBServer(base, max_allowed_packet, extra_args)
     try:
         server.install()
         server.start()

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
-from mariadb import MariaDBServer, mariadb  # noqa: F401  (fixture)
+from mariadb import MariaDBServer, mariadb, running_mariadb  # noqa: F401  (fixture)
 from pop3sf.adapters.base import (
     AuthenticationFailed,
     AuthResult,
@@ -33,7 +33,7 @@ from pop3sf.adapters.base import (
     TemporaryFailure,
 )
 from pop3sf.adapters.mysql import MultiUserMySQLAdapter, MySQLAdapter, MySQLSession
-from pop3sf.adapters.mysql_sql import check_identifier, lock_name
+from pop3sf.adapters.mysql_sql import check_identifier, lock_name, to_text
 from pop3sf.adapters.plaintext import PlaintextMessage
 
 from pop3sf import passwords
@@ -965,3 +965,44 @@ def test_in_use_across_two_server_processes_and_big_message_memory(
     finally:
         one.stop()
         two.stop()
+
+
+# --- TLS to the database --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_mariadb(tls_files: dict[str, str]) -> Iterator[MariaDBServer]:
+    cert, key = tls_files["certificate"], tls_files["private_key"]
+    with running_mariadb(extra_args=[f"--ssl-cert={cert}", f"--ssl-key={key}",
+                                     f"--ssl-ca={cert}"]) as server:
+        yield server
+
+
+def test_tls_to_the_database(tls_mariadb: MariaDBServer, driver: str,
+                             tls_files: dict[str, str], tmp_path: Any) -> None:
+    cert = tls_files["certificate"]
+    config = tls_mariadb.adapter_config(tcp=True, driver=driver, ssl=True, ssl_ca=cert)
+    adapter = MultiUserMySQLAdapter(config)
+    adapter.start()
+    try:
+        cipher = adapter.query("SHOW SESSION STATUS LIKE 'Ssl_cipher'")[0][1]
+        assert to_text(cipher), "the connection is not encrypted"
+        lock_conn_session = adapter.new_session(PEER)
+        lock_conn_session.login_succeeded(AuthResult("alice"), False)
+        assert lock_conn_session.lock_conn is not None
+        lock_conn_session.connection_closed()
+    finally:
+        adapter.close()
+    # A certificate from another authority is refused: no silent plaintext fallback.
+    other = tmp_path / "other.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=other", "-keyout", str(tmp_path / "other.key"),
+                    "-out", str(other)], check=True, capture_output=True)
+    wrong = MultiUserMySQLAdapter({**config, "ssl_ca": str(other)})
+    try:
+        with pytest.raises(TemporaryFailure):
+            wrong.query("SELECT 1")
+    finally:
+        wrong.close()
+    with pytest.raises(ConfigurationError, match="ssl = yes"):
+        MultiUserMySQLAdapter({**config, "ssl": False})
