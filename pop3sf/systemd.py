@@ -228,8 +228,9 @@ class _SystemdJournalHandler(logging.Handler):
 class _NativeJournalHandler(logging.Handler):
     """The journal's native protocol over its datagram socket, for hosts without python3-systemd.
 
-    One socket, opened lazily and reopened after an error, so a handler created before
-    python-daemon closed every fd cannot write into an unrelated fd (NOTES trap 2).
+    One socket, opened lazily; in a forked (daemonized) process it is reopened and the inherited
+    fd number forgotten unclosed, so a handler used before python-daemon closed every fd cannot
+    write into whatever reuses that number, such as a client connection (NOTES trap 2).
     """
 
     def __init__(self, identifier: str, path: str = JOURNAL_SOCKET) -> None:
