@@ -538,7 +538,14 @@ class MySQLSession(MailboxSession):
         conn = self.adapter.pool.open_connection()
         try:
             with self.adapter.guard("taking the account lock"):
-                got = self.adapter.fetch_all(conn, "SELECT GET_LOCK(%s, 0)", (name,))[0][0]
+                try:
+                    got = self.adapter.fetch_all(conn, "SELECT GET_LOCK(%s, 0)", (name,))[0][0]
+                except self.adapter.driver.Error as exc:
+                    if self.adapter.driver.errno(exc) != 1235:
+                        raise
+                    log.error("mysql: the database refuses GET_LOCK (%s); on Galera set "
+                              "cross_instance_lock = no (docs/mysql.md)", exc)
+                    raise PermanentFailure("GET_LOCK not supported by the database") from exc
         except BaseException:
             _close_quietly(conn)
             raise
