@@ -1006,3 +1006,22 @@ def test_tls_to_the_database(tls_mariadb: MariaDBServer, driver: str,
         wrong.close()
     with pytest.raises(ConfigurationError, match="ssl = yes"):
         MultiUserMySQLAdapter({**config, "ssl": False})
+
+
+def test_least_privilege_account_from_the_docs(env: Env) -> None:
+    env.multi().close()  # tables created by an account that may
+    alice = env.add_user("alice")
+    ids = [env.add_message(f"Subject: {i}\n\nx\n", alice) for i in range(3)]
+    db, user = env.database, f"ro_{env.driver.replace('-', '_')}"
+    for stmt, args in [
+            ("CREATE USER %s@'%%' IDENTIFIED BY 'ro-pw'", (user,)),
+            (f"GRANT SELECT, DELETE ON `{db}`.pop3sf_multiuser_messages TO %s@'%%'", (user,)),
+            (f"GRANT SELECT ON `{db}`.pop3sf_multiuser_users TO %s@'%%'", (user,))]:
+        env.server.execute(stmt, args, database=None)
+    adapter = env.multi(user=user, password="ro-pw", create_tables=False)
+    session = login(adapter, "alice")
+    infos = session.list_messages()
+    assert read_all(session, infos[0].uid) == b"Subject: 0\n\nx\n"
+    session.delete_messages([infos[0].uid])
+    session.connection_closed()
+    assert env.ids() == ids[1:]

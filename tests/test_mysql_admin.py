@@ -297,3 +297,23 @@ def test_open_source_picks_single_or_multi(mariadb: MariaDBServer) -> None:  # n
     multi = MySQLSource(mariadb.adapter_config(mariadb.new_database()))
     assert isinstance(multi, MultiUserMySQLSource)
     multi.close()
+
+
+def test_admin_account_grants_from_the_docs(mariadb: MariaDBServer) -> None:  # noqa: F811
+    db = mariadb.new_database()
+    owner = mariadb.adapter_config(db, bcrypt_rounds=4)
+    MultiUserMySQLAdapter(owner).ensure_schema()
+    for stmt in [
+            "CREATE USER 'adm'@'%' IDENTIFIED BY 'adm-pw'",
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON `{db}`.pop3sf_multiuser_users TO 'adm'@'%'",
+            f"GRANT SELECT, INSERT, DELETE ON `{db}`.pop3sf_multiuser_messages TO 'adm'@'%'"]:
+        mariadb.execute(stmt, database=None)
+    cfg = {**owner, "user": "adm", "password": "adm-pw", "create_tables": False}
+    with open_source("mysql_multi", cfg) as source:
+        source.add_user("alice", "pw")
+        source.set_password("alice", "pw2")
+        source.add_message("alice", "hello")
+        assert [m.subject for m in source.list_messages("alice")] == \
+            [f"Plaintext database entry {source.list_messages('alice')[0].id}"]
+        source.delete_user("alice")
+        assert source.list_users() == []
