@@ -52,10 +52,6 @@ def check(settings: Settings) -> None:
             from None
 
 
-def _under_systemd() -> bool:
-    return bool(os.environ.get("LISTEN_FDS") or os.environ.get("NOTIFY_SOCKET"))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -66,9 +62,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check_config:
         print(f"pop3sf: {args.config}: configuration OK")
         return 0
-    if args.daemon and _under_systemd():
-        return _fail("--daemon makes no sense under systemd (it supervises the process); "
-                     "drop --daemon from ExecStart")
+    if args.daemon:
+        from . import daemon
+
+        try:
+            daemon.refuse_daemon_under_systemd()
+            # before binding: "already running as pid N" beats EADDRINUSE
+            daemon.check_pidfile(settings.server.pidfile, settings.server.user)
+        except daemon.DaemonError as exc:
+            return _fail(str(exc))
     inherited = None
     if os.environ.get("LISTEN_FDS"):
         from . import systemd
@@ -85,17 +87,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             context = daemon.daemonize(settings.server.pidfile,
-                                       [ls.sock.fileno() for ls in listeners])
+                                       [ls.sock.fileno() for ls in listeners],
+                                       pidfile_owner=settings.server.user)
         except daemon.DaemonError as exc:
             return _fail(str(exc))
         with context:
-            return _serve(settings, listeners, args.config)
+            return _serve(settings, listeners, args.config, daemonized=True)
     return _serve(settings, listeners, args.config)
 
 
-def _serve(settings: Settings, listeners: list[ListeningSocket], path: str) -> int:
+def _serve(settings: Settings, listeners: list[ListeningSocket], path: str,
+           daemonized: bool = False) -> int:
     logs = setup_logging(settings.logging.target, settings.logging.level,
-                         settings.logging.queue_size)
+                         settings.logging.queue_size, daemonized)
     try:
         if os.geteuid() == 0 and settings.server.user:
             from . import daemon

@@ -51,6 +51,7 @@ def open_listeners(listeners: Sequence[Listener],
                    ) -> list[ListeningSocket]:
     """Sockets for every configured listener: inherited ones by name, the rest bound here."""
     inherited = dict(inherited or {})
+    activated = bool(inherited)
     result: list[ListeningSocket] = []
     try:
         for listener in listeners:
@@ -59,6 +60,12 @@ def open_listeners(listeners: Sequence[Listener],
                 for sock in socks:
                     sock.setblocking(False)
                     result.append(ListeningSocket(listener.name, sock, listener.tls))
+                continue
+            if activated:
+                # Socket-activated: ports come from the socket units (and the service has no
+                # privilege to bind 110/995 itself); a disabled socket unit means no listener.
+                log.warning("listener %r: no socket passed by systemd (FileDescriptorName=%s); "
+                            "not listening", listener.name, listener.name)
                 continue
             for host, port in listener.addresses:
                 try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
-import os
 import queue
 import sys
 
@@ -49,16 +48,19 @@ class Logging:
         logging.getLogger().removeHandler(self.handler)
 
 
-def wants_journald(target: str) -> bool:
+def wants_journald(target: str, daemonized: bool = False) -> bool:
     if target == "journald":
         return True
     if target == "stderr":
         return False
-    return bool(os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"))
+    from . import systemd
+
+    # auto: a daemon's stderr is /dev/null; under systemd the journal gets structured fields
+    return daemonized or systemd.under_systemd()
 
 
-def output_handler(target: str) -> logging.Handler:
-    if wants_journald(target):
+def output_handler(target: str, daemonized: bool = False) -> logging.Handler:
+    if wants_journald(target, daemonized):
         from . import systemd
 
         return systemd.journal_handler()
@@ -67,10 +69,10 @@ def output_handler(target: str) -> logging.Handler:
     return handler
 
 
-def setup_logging(target: str, level: str, queue_size: int) -> Logging:
+def setup_logging(target: str, level: str, queue_size: int, daemonized: bool = False) -> Logging:
     q: queue.Queue[logging.LogRecord] = queue.Queue(queue_size)
     handler = CountingQueueHandler(q)
-    listener = logging.handlers.QueueListener(q, output_handler(target),
+    listener = logging.handlers.QueueListener(q, output_handler(target, daemonized),
                                               respect_handler_level=True)
     root = logging.getLogger()
     for old in list(root.handlers):
