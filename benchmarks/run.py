@@ -244,10 +244,18 @@ def pipelined(command: str, batches: int) -> Callable[[Ctx, servers.Server], Fig
     return run
 
 
+#: Dovecot proxies a TLS session through its own login process: 10,000 TLS connections are
+#: 20,000 processes, several minutes to open and near the pid limit. It holds this many instead
+#: (the figure compared is per connection; the report says so).
+DOVECOT_IDLE_TLS = 2_500
+
+
 def idle(tls: bool) -> Callable[[Ctx, servers.Server], Figures]:
     def run(ctx: Ctx, srv: servers.Server) -> Figures:
         users = ctx.ds.groups["small"]
-        holders = [spec(srv, "hold", tls, clients=[part], parallel=100, deadline=300, nofile=1)
+        if tls and srv.name == "dovecot":
+            users = users[:DOVECOT_IDLE_TLS]
+        holders = [spec(srv, "hold", tls, clients=[part], parallel=100, deadline=400, nofile=1)
                    for part in loadgen.split(users, 2)]
         prober = spec(srv, "login", clients=[ctx.ds.groups["session"][-1:]], per_client=20,
                       deadline=30)
@@ -257,7 +265,7 @@ def idle(tls: bool) -> Callable[[Ctx, servers.Server], Figures]:
             before = procstat.snapshot(srv.pid)
             for w in hold:
                 w.send("go")
-            loaded = [w.expect("loaded", 240) for w in hold]
+            loaded = [w.expect("loaded", 420) for w in hold]
             time.sleep(0.5)
             mid = procstat.snapshot(srv.pid)
             probe.send("go")
@@ -369,7 +377,8 @@ SCENARIOS = [
               ab("open_s", "<=", 3, "all opened and logged in within 3 s"),
               ab("fresh_login_max_ms", "<=", 5, "a fresh login answers within 5 ms")],
              many=10_000),
-    Scenario("idle-tls", "10,000 logged-in connections held, implicit TLS", idle(True),
+    Scenario("idle-tls", "10,000 logged-in connections held, implicit TLS (Dovecot: "
+             f"{DOVECOT_IDLE_TLS:,})", idle(True),
              [ab("pss_kb_per_conn", "<=", 24, "PSS ≤ 24 KB per TLS connection"),
               ab("fresh_login_max_ms", "<=", 5, "a fresh login answers within 5 ms")],
              many=10_000),
