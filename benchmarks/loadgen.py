@@ -112,6 +112,21 @@ class Conn:
             n += len(tail) + len(data) - min(4, len(joined))
             tail = joined[-4:]
 
+    async def oks(self, n: int) -> None:
+        """``n`` single-line answers (pipelined commands), checked in one pass over the buffer."""
+        while True:
+            if self.buf.count(b"\r\n") >= n:
+                break
+            await self._more()
+        end = 0
+        for _ in range(n):
+            end = self.buf.index(b"\r\n", end) + 2
+        got = self.buf[:end]
+        del self.buf[:end]
+        if not got.startswith(b"+OK") or b"\r\n-ERR" in got:
+            raise ProtocolError("-ERR among pipelined answers: "
+                                + got.decode("ascii", "replace")[:120])
+
     async def multi(self) -> int:
         await self.ok()
         return await self.body()
@@ -286,11 +301,11 @@ class Worker:
                     k += 1
                 t0 = time.perf_counter()
                 c.send(("\r\n".join(cmds) + "\r\n").encode())
-                for _ in range(batch):
-                    if multi:
+                if multi:
+                    for _ in range(batch):
                         t.bytes += await c.multi()
-                    else:
-                        await c.ok()
+                else:
+                    await c.oks(batch)
                 t.ops += batch
                 t.lat.append(time.perf_counter() - t0)
             await c.cmd("QUIT")

@@ -126,11 +126,12 @@ class Ctx:
         stored = line.split(":")[1].removeprefix("{BLF-CRYPT}").encode()
         pw = seed.password(user).encode()
         bcrypt.checkpw(pw, stored)
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < 1.0:
+        # CPU time, not wall time: what a core can do, whatever else runs on the machine
+        n, t0 = 0, time.thread_time()
+        while time.thread_time() - t0 < 1.0:
             bcrypt.checkpw(pw, stored)
             n += 1
-        return n / (time.perf_counter() - t0)
+        return n / (time.thread_time() - t0)
 
 
 @dataclass
