@@ -214,7 +214,6 @@ class _MySQLAdapterBase(Adapter):
     blocking = True
     allows_read_only = True
     multi_user: ClassVar[bool] = False
-    default_messages_table: ClassVar[str] = ""
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)

@@ -122,11 +122,10 @@ class Driver:
             kw.update(connect_timeout=p.connect_timeout, binary_prefix=True,
                       max_allowed_packet=1 << 30)
             if p.ssl:
+                # Without ssl_ca, PyMySQL verifies against the system's trust store.
                 kw.update(ssl_ca=p.ssl_ca or None, ssl_cert=p.ssl_cert or None,
                           ssl_key=p.ssl_key or None, ssl_verify_cert=True,
                           ssl_verify_identity=p.ssl_verify_identity)
-                if not p.ssl_ca:
-                    kw["ssl"] = {}  # the system's trust store
         else:  # mysql-connector wants whole seconds
             kw.update(connection_timeout=_seconds(p.connect_timeout),
                       read_timeout=_seconds(p.read_timeout),

@@ -16,6 +16,7 @@ The server can be stopped and started again (same data, same port) to test outag
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -37,6 +38,16 @@ START_TIMEOUT = 30.0
 TEST_USER = "pop3sf_test"
 TEST_PASSWORD = "test-Passw0rd"
 TEST_DATABASE = "pop3sf_test"
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the test process dies, so no mariadbd outlives a killed
+    test run (Linux ``PR_SET_PDEATHSIG``)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
 
 
 def free_port() -> int:
@@ -87,7 +98,8 @@ class MariaDBServer:
                "--max-connections=300", "--skip-host-cache", "--performance-schema=OFF",
                *self.extra_args]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
+                                     stderr=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
