@@ -80,6 +80,11 @@ ODD_MESSAGES = [
     b"Subject: dots\n\n.leading dot\n..two\n.\n",
     ("X-Long: " + "a" * 5000 + "\n\n" + "b\n" * 1000).encode(),
 ]
+#: Header sections beyond what is downgraded (1 MiB): 8-bit, but no downgraded size.
+HUGE_HEADERS = [
+    "X-Big: \u00e9\n".encode() + b"X-Pad: 0123456789\r\n" * 90_000,
+    "X-Big: \u00e9\n".encode() + b"X-Pad: 0123456789\n" * 70_000 + b"\nbody\n",
+]
 
 
 def bcrypt4(password: str) -> str:
@@ -188,6 +193,8 @@ def test_sizes_and_bodies_match_the_wire(env: Env, dialect: str) -> None:
     adapter = env.multi(message_column_type="MEDIUMBLOB", sql_dialect=dialect)
     uid_ = env.add_user("alice")
     messages = [*ODD_MESSAGES, b"Subject: latin1 \xe9\n\nbody \xff\xfe\n", b"\xff\xfe\xfd"]
+    if dialect == "auto":  # MariaDB's REPLACE (the "mysql" counting) is quadratic: skip these
+        messages += HUGE_HEADERS
     rng = random.Random(4)
     for _ in range(20):  # random line-end soup, 8-bit bytes in headers and bodies
         parts = [rng.choice([b"a", b"\r", b"\n", b"\r\n", b".", b"\xc3\xa9", b"\xff", b": "])
