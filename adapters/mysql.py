@@ -107,6 +107,7 @@ create_tables = boolean(default=True)
 message_column_type = option({_COLUMN_TYPES}, default="MEDIUMTEXT")
 sql_dialect = option("auto", "mariadb", "mysql", default="auto")
 cross_instance_lock = boolean(default=True)
+lock_idle_timeout = integer(1, 31536000, default=3600)
 from_address = string(default="nobody <nobody@localhost>")
 to_address = string(default="%u <%u@localhost>")
 plaintext_size_cache = integer(0, 100000000, default=100000)
@@ -168,6 +169,11 @@ _CONFIG_DOC = """
         Hold ``GET_LOCK`` per account during read-write sessions (default yes), so several
         pop3sf instances on one database serve an account once. Galera does not support it:
         set ``no`` there and route each account to one instance.
+    ``lock_idle_timeout``
+        The lock connection's ``wait_timeout`` in seconds (default 3600): how long the
+        database keeps the account lock of an instance that vanished without closing its
+        connection (host crash, network cut). Keep it above the server's ``idle_timeout``:
+        a session idle longer loses its lock, and its QUIT then deletes nothing.
     ``from_address``, ``to_address``
         From and To of wrapped ``is_plaintext`` rows; ``%u`` is the account name.
     ``plaintext_size_cache``
@@ -537,6 +543,8 @@ class MySQLSession(MailboxSession):
         conn = self.adapter.pool.open_connection()
         try:
             with self.adapter.guard("taking the account lock"):
+                self.adapter.execute(conn, "SET SESSION wait_timeout = %s",
+                                     (int(o["lock_idle_timeout"]),))
                 try:
                     got = self.adapter.fetch_all(conn, "SELECT GET_LOCK(%s, 0)", (name,))[0][0]
                 except self.adapter.driver.Error as exc:

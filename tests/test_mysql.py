@@ -462,6 +462,23 @@ def test_lock_lost_before_quit_deletes_nothing(env: Env) -> None:
     thief.connection_closed()
 
 
+def test_lock_of_an_idle_session_expires(env: Env) -> None:
+    adapter = env.multi(lock_idle_timeout=1)
+    alice = env.add_user("alice")
+    mid = env.add_message("Subject: x\n\ny\n", alice)
+    session = login(adapter, "alice")
+    session.list_messages()
+    name = lock_name(env.database, "pop3sf_multiuser_messages", "alice")
+    deadline = time.monotonic() + 10
+    while env.sql("SELECT IS_USED_LOCK(%s)", (name,))[0][0] is not None:
+        assert time.monotonic() < deadline, "the idle lock connection was never closed"
+        time.sleep(0.2)
+    with pytest.raises(TemporaryFailure):
+        session.delete_messages([str(mid)])
+    session.connection_closed()
+    assert env.ids() == [mid]
+
+
 def test_lock_not_reacquired_by_dead_connection(env: Env) -> None:
     adapter = env.multi()
     alice = env.add_user("alice")
