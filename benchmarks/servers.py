@@ -36,17 +36,31 @@ def make_cert(directory: Path) -> tuple[Path, Path]:
         subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
                         "-subj", "/CN=localhost", "-days", "30", "-keyout", str(key),
                         "-out", str(cert)], check=True, capture_output=True)
-        os.chmod(key, 0o644)  # a private throwaway key; the servers' users must read it
+        if os.geteuid() == 0:  # pop3sf (re)reads it as `nobody`; Dovecot reads it as root
+            os.chown(key, pwd.getpwnam("nobody").pw_uid, -1)
+        os.chmod(key, 0o600)
     return cert, key
 
 
-def raise_nofile() -> int:
-    """Soft RLIMIT_NOFILE up to the hard limit (children inherit it); returns the new limit."""
+#: What the shipped systemd unit gives pop3sf (LimitNOFILE=, SPEC §D2).
+NOFILE = 65536
+
+
+def raise_nofile(want: int = NOFILE) -> int:
+    """RLIMIT_NOFILE up to ``want`` (the unit's LimitNOFILE; root may raise the hard limit),
+    else soft up to hard; children inherit it. Returns the soft limit now in force."""
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
+    if hard < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+            return want
+        except (ValueError, OSError):
+            pass
+    new = min(max(soft, want), hard)
+    if new != soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    return new
 
 
 class Server:
