@@ -348,19 +348,25 @@ class Worker:
             c.close()
         await asyncio.sleep(0.1)
 
+    async def _silent_one(self, sem: asyncio.Semaphore,
+                          socks: list[asyncio.StreamWriter]) -> None:
+        async with sem:
+            if not self.left():
+                return
+            try:
+                _, w = await asyncio.wait_for(asyncio.open_connection(HOST, self.port), 5.0)
+                socks.append(w)
+            except (OSError, TimeoutError) as exc:
+                self.tally.error(exc)
+
     async def silent(self) -> None:
         """Open plain TCP connections (to a TLS port: the server waits for a ClientHello) and
-        say nothing until ``stop``."""
+        say nothing until ``stop``. A server that stops accepting leaves them in the listen
+        queue; connects that get no answer in 5 s count as errors."""
         n = self.spec.get("connections", 1000)
         socks: list[asyncio.StreamWriter] = []
-        for _ in range(n):
-            if not self.left():
-                break
-            try:
-                _, w = await asyncio.open_connection(HOST, self.port)
-                socks.append(w)
-            except OSError as exc:
-                self.tally.error(exc)
+        sem = asyncio.Semaphore(self.spec.get("parallel", 100))
+        await asyncio.gather(*(self._silent_one(sem, socks) for _ in range(n)))
         self.tally.ops = len(socks)
         self.emit("loaded", held=len(socks), errors=self.tally.errors)
         await self._until_stop()
