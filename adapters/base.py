@@ -173,8 +173,13 @@ class Adapter(abc.ABC):
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.config = config
 
+    def check(self) -> None:
+        """Verify the config against the system (paths exist, files readable) without side
+        effects; raise :class:`ConfigurationError`. ``pop3sf --check-config`` calls it."""
+
     def start(self) -> None:
-        """Open shared resources (pools). Called once before the first session."""
+        """Open shared resources (pools). Called once before the first session; should run
+        :meth:`check` first."""
 
     def reload(self, config: Mapping[str, Any]) -> None:
         """Apply a changed config section (SIGHUP). Raise :class:`ConfigurationError` to keep

@@ -149,8 +149,11 @@ class _DirectoryAdapterBase(Adapter):
             old.close()
         self.config, self.options = config, options
 
-    def start(self) -> None:
+    def check(self) -> None:
         self._check_paths(self.options)
+
+    def start(self) -> None:
+        self.check()
 
     def close(self) -> None:
         self.size_cache.close()

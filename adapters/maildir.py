@@ -381,6 +381,9 @@ from_address = string(default="pop3sf <pop3sf@localhost>")
         return options
 
     def start(self) -> None:
+        self.check()
+
+    def check(self) -> None:
         try:
             self.passwd.entries()
         except OSError as exc:

@@ -46,7 +46,7 @@ def check(settings: Settings) -> None:
     """Everything start-up would check, without binding: certificates and the adapter config."""
     make_context(settings.tls, settings.source)
     try:
-        settings.adapter_class(settings.adapter_config)
+        settings.adapter_class(settings.adapter_config).check()
     except Exception as exc:
         raise ConfigError(f"{settings.source}: [adapter] ({settings.adapter_type}): {exc}") \
             from None

@@ -330,9 +330,6 @@ def test_every_adapter_key(env: Env) -> None:
     assert not problems, "\n\n".join(problems)
 
 
-@pytest.mark.xfail(strict=True, reason="--check-config builds the adapter but never runs its "
-                   "start-time path checks (root/directory/passwd_file must exist); start-up "
-                   "then fails where the check said OK")
 def test_check_config_catches_what_start_up_would(env: Env) -> None:
     cases = [
         Case("directory relative", env.text("directory", adapter_extra={"directory": "rel/dir"}),
