@@ -29,6 +29,7 @@ import contextlib
 import datetime
 import hmac
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Collection, Iterator, Mapping, Sequence
@@ -264,7 +265,16 @@ class _MySQLAdapterBase(Adapter):
 
     # --- life cycle ------------------------------------------------------------------------
 
+    def check(self) -> None:
+        """The TLS files exist and are readable (the database itself may be down: that is not
+        a configuration error, and start-up tolerates it)."""
+        for key in ("ssl_ca", "ssl_cert", "ssl_key"):
+            path = self.options[key]
+            if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+                raise ConfigurationError(f"{key} = {path!r}: not a readable file")
+
     def start(self) -> None:
+        self.check()
         try:
             self.ensure_schema()
         except TemporaryFailure as exc:  # the server runs; logins work once the database is up

@@ -1022,6 +1022,11 @@ def test_tls_to_the_database(tls_mariadb: MariaDBServer, driver: str,
         wrong.close()
     with pytest.raises(ConfigurationError, match="ssl = yes"):
         MultiUserMySQLAdapter({**config, "ssl": False})
+    missing = MultiUserMySQLAdapter({**config, "ssl_ca": str(tmp_path / "missing.pem")})
+    with pytest.raises(ConfigurationError, match="ssl_ca"):
+        missing.check()
+    with pytest.raises(ConfigurationError, match="ssl_ca"):
+        missing.start()
 
 
 def test_least_privilege_account_from_the_docs(env: Env) -> None:
