@@ -31,8 +31,8 @@ REGISTRY: dict[str, str] = {
     "directory": "pop3sf.auxiliary.directory:DirectorySource",
     "directory_multi": "pop3sf.auxiliary.directory:MultiUserDirectorySource",
     "maildir": "pop3sf.auxiliary.maildir:MaildirSource",
-    "mysql": "pop3sf.auxiliary.mysql:MySQLSource",
-    "mysql_multi": "pop3sf.auxiliary.mysql:MySQLSource",
+    "mysql": "pop3sf.auxiliary.mysql:SingleUserMySQLSource",
+    "mysql_multi": "pop3sf.auxiliary.mysql:MultiUserMySQLSource",
 }
 
 FILE_MODE = 0o640
