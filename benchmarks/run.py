@@ -111,6 +111,8 @@ class Ctx:
     python: str
     notes: list[str] = field(default_factory=list)
     pyspy_dir: Path | None = None
+    source: Path | None = None  # snapshot of the committed server (None: the work tree)
+    rev: str = "?"
     round: int = 0
 
     def n(self, full: int, quick: int) -> int:
@@ -412,7 +414,7 @@ def make_server(name: str, sc: Scenario, ctx: Ctx) -> servers.Server:
     pop3sf, extra = overrides(sc, ctx)
     if name == "pop3sf":
         return servers.Pop3sf(ctx.work, ctx.ds.passwd(sc.variant), ctx.cert, ctx.key,
-                              ctx.python, pop3sf)
+                              ctx.python, pop3sf, ctx.source)
     return dovecot.Dovecot(ctx.work, ctx.ds, ctx.cert, ctx.key, sc.variant, extra)
 
 
@@ -505,7 +507,8 @@ def report(ctx: Ctx, results: dict[str, dict[str, list[Figures]]], rounds: int,
     lines = [f"# pop3sf vs Dovecot — {ctx.ds.profile.name} data, {rounds} round(s)", ""]
     lines += [f"- {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
               f"{os.cpu_count()} cores, Linux {platform.release()}, Python "
-              f"{platform.python_version()}, {dovecot_version()}, pop3sf {git_rev()}",
+              f"{platform.python_version()}, {dovecot_version()}, pop3sf "
+              + (f"{ctx.rev} (committed)" if ctx.source else f"{ctx.rev} + work tree"),
               f"- data: {ctx.ds.root}; total run time {elapsed / 60:.1f} min",
               "- figures: median (min–max) over rounds; ratio = pop3sf ÷ Dovecot; server CPU is "
               "utime+stime of the whole server process tree from /proc",
@@ -589,6 +592,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", type=Path, help="Markdown report (default benchmarks/results/"
                     "RESULTS-<profile>.md)")
     ap.add_argument("--list", action="store_true", help="list the scenarios")
+    ap.add_argument("--worktree", action="store_true",
+                    help="run pop3sf from the work tree as it is (default: the committed HEAD, "
+                    "copied aside with git archive)")
     ap.add_argument("--pyspy", type=Path, metavar="DIR",
                     help="profile every pop3sf run with py-spy into DIR (raw + summary .md)")
     args = ap.parse_args(argv)
@@ -616,6 +622,9 @@ def main(argv: list[str] | None = None) -> int:
     os.chmod(work, 0o755)
     cert, key = servers.make_cert(work)
     ctx = Ctx(ds, profile.name != "full", work, cert, key, args.python)
+    if "pop3sf" in names and not args.worktree:
+        ctx.source = servers.snapshot_source(PROJECT, work / "pop3sf-src")
+    ctx.rev = git_rev()
     if args.pyspy:
         if not pyspy.available():
             ap.error(f"py-spy not found ({pyspy.PYSPY}): pip install py-spy into the venv")

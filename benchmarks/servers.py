@@ -151,12 +151,14 @@ class Pop3sf(Server):
     name = "pop3sf"
 
     def __init__(self, workroot: Path, passwd: Path, cert: Path, key: Path,
-                 python: str, overrides: dict[str, dict[str, int]] | None = None) -> None:
+                 python: str, overrides: dict[str, dict[str, int]] | None = None,
+                 source: Path | None = None) -> None:
         super().__init__(workroot)
         self.passwd = passwd
         self.cert, self.key = cert, key
         self.python = python
         self.overrides = overrides or {}
+        self.source = source
         self.conf = self.dir / "pop3sf.conf"
 
     def config_text(self) -> str:
@@ -191,3 +193,22 @@ passwd_file = {self.passwd}
     def prepare(self) -> list[str]:
         self.conf.write_text(self.config_text())
         return [self.python, "-m", "pop3sf.cli", "--config", str(self.conf)]
+
+    def env(self) -> dict[str, str] | None:
+        if self.source is None:
+            return None
+        return {**os.environ, "PYTHONPATH": str(self.source)}
+
+
+def snapshot_source(project: Path, dest: Path, rev: str = "HEAD") -> Path:
+    """The committed server at ``rev`` laid out as installed (``adapters/`` as
+    ``pop3sf/adapters``), so edits in progress in the work tree don't leak into a run."""
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(project), "archive", rev, "pop3sf", "adapters",
+                              "auxiliary"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    for sub in ("adapters", "auxiliary"):
+        if (dest / sub).is_dir():
+            (dest / sub).rename(dest / "pop3sf" / sub)
+    os.chmod(dest, 0o755)
+    return dest
