@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import signal
 import socket
 import ssl
+import subprocess
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from conftest import Raw
 from pop3sf.adapters.memory import ListAdapter
+from test_crash_safety import CliServer
 
 from pop3sf.testing import RunningServer, running_server
 from pop3sf.wire import CHUNK
@@ -337,3 +343,201 @@ def test_stls_with_plaintext_pipelined_across_reads(tls_files: dict[str, str]) -
             s.close()
         assert len(adapter.mailboxes["alice"].messages) == 2
         assert srv.call(lambda: srv.server.stats["logins"]) == 1  # the witness only
+
+
+# -- TLS policy on the real command --------------------------------------------------------------
+
+def _peer_der(port: int) -> bytes:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10)) as t:
+        der = t.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def _der(path: Path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(path.read_text())
+
+
+def _new_pair(d: Path, name: str) -> tuple[Path, Path]:
+    cert, key = d / f"{name}.crt", d / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", f"/CN={name}", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    key.chmod(0o600)
+    return cert, key
+
+
+def _cli(tmp_path: Path, cert: Path, key: Path) -> CliServer:
+    return CliServer(tmp_path, "type = list\nusers = alice:{PLAIN}secret\n",
+                     tls={"certificate": str(cert), "private_key": str(key)})
+
+
+def test_certificate_reload_on_sighup(tmp_path: Path, client_context: ssl.SSLContext) -> None:
+    """Replace the certificate files and send SIGHUP: new handshakes (implicit TLS and STLS)
+    present the new certificate, an established TLS session goes on; a broken replacement is
+    refused and the working certificate kept."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    first = _new_pair(tmp_path, "first")
+    second = _new_pair(tmp_path, "second")
+    wrong_key = _new_pair(tmp_path, "third")[1]
+    shutil.copy(first[0], cert)
+    shutil.copy(first[1], key)
+    server = _cli(tmp_path, cert, key)
+    server.start()
+    try:
+        assert server.tls_port is not None
+        assert _peer_der(server.tls_port) == _der(first[0])
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        established = ctx.wrap_socket(socket.create_connection(("127.0.0.1", server.tls_port),
+                                                               timeout=10))
+        kept = Raw(established)
+        assert kept.line().startswith(b"+OK")
+        kept.cmd(b"USER alice")
+        assert kept.cmd(b"PASS secret").startswith(b"+OK")
+
+        for src, dst in ((second[0], cert), (second[1], key)):
+            tmp = dst.with_suffix(".new")
+            shutil.copy(src, tmp)
+            os.replace(tmp, dst)
+        mark = len(server.log)
+        server.signal(signal.SIGHUP)
+        wait_for(lambda: any("configuration reloaded" in line for line in server.log[mark:]),
+                 what="the reload")
+        assert _peer_der(server.tls_port) == _der(second[0])
+        plain = Raw.connect(server.port)
+        plain.line()
+        assert plain.cmd(b"STLS").startswith(b"+OK")
+        stls = ctx.wrap_socket(plain.sock)
+        assert stls.getpeercert(binary_form=True) == _der(second[0])
+        stls.close()
+        assert kept.cmd(b"NOOP") == b"+OK"  # the session from before the reload goes on
+
+        shutil.copy(wrong_key, key)  # a key that does not match: the reload must not apply it
+        mark = len(server.log)
+        server.signal(signal.SIGHUP)
+        wait_for(lambda: any("reload failed" in line for line in server.log[mark:]),
+                 what="the refused reload")
+        assert _peer_der(server.tls_port) == _der(second[0])
+        assert kept.cmd(b"QUIT").startswith(b"+OK")
+    finally:
+        assert server.stop() == 0
+
+
+def test_tls_policy_minimum_version_and_no_renegotiation(tmp_path: Path) -> None:
+    cert, key = _new_pair(tmp_path, "policy")
+    server = _cli(tmp_path, cert, key)
+    server.start()
+    try:
+        port = server.tls_port
+        assert port is not None
+        for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+            ctx.minimum_version = ctx.maximum_version = version
+            with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=5)) as t:
+                assert t.version() == {"TLSv1_2": "TLSv1.2", "TLSv1_3": "TLSv1.3"}[version.name]
+                assert t.recv(100).startswith(b"+OK")
+        old = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}",
+                              "-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0"],
+                             input=b"", capture_output=True, timeout=20)
+        assert old.returncode != 0 and b"+OK" not in old.stdout
+        # Renegotiation (openssl s_client's "R" command) is refused with an alert.
+        proc = subprocess.Popen(["openssl", "s_client", "-connect", f"127.0.0.1:{port}",
+                                 "-tls1_2"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        assert proc.stdin is not None
+        time.sleep(0.5)
+        for line in (b"CAPA\r\n", b"R\n", b"NOOP\r\n"):
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.write(line)
+                proc.stdin.flush()
+            time.sleep(0.4)
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.close()
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        proc.wait(20)
+        assert b"+OK Capability list follows" in out
+        assert b"RENEGOTIATING" in out and b"no renegotiation" in out, out[-1500:]
+        assert out.split(b"RENEGOTIATING")[1].count(b"+OK") == 0  # NOOP never answered
+        assert _peer_der(port) == _der(cert)  # the server is fine
+    finally:
+        assert server.stop() == 0
+
+
+def _fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_failed_handshakes_leak_no_descriptors_or_memory(tmp_path: Path) -> None:
+    """500 failed handshakes of five kinds against the real command: the process's open
+    descriptors return to their number before, and its memory does not keep growing."""
+    cert, key = _new_pair(tmp_path, "leak")
+    server = _cli(tmp_path, cert, key)
+    server.config.write_text(server.config.read_text().replace(
+        "[adapter]", "[limits]\nmax_connections_per_address = 1000\ntls_handshake_timeout = 2\n"
+        "[adapter]"))
+    server.start()
+    port = server.tls_port
+    assert port is not None
+    hello = _client_hello(_no_verify())
+    wrong_ca = ssl.create_default_context()  # verifies against the system CAs: aborts
+    wrong_ca.check_hostname = False
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.check_hostname, old.verify_mode = False, ssl.CERT_NONE
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old.maximum_version = ssl.TLSVersion.TLSv1_1
+
+    def fail_once(i: int) -> None:
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        with contextlib.suppress(OSError, ssl.SSLError):
+            kind = i % 5
+            if kind == 0:
+                s.sendall(os.urandom(64))
+                s.recv(100)
+            elif kind == 1:
+                s.sendall(hello[: len(hello) // 2])  # half a hello, then gone
+            elif kind == 2:
+                wrong_ca.wrap_socket(s, server_hostname="localhost")
+            elif kind == 3:
+                with contextlib.suppress(ValueError):
+                    old.wrap_socket(s)
+            else:
+                s.sendall(b"\x16\x03\x01\x00\x10" + b"\x00" * 16)  # a hello that is no hello
+                s.recv(100)
+        s.close()
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(fail_once, range(50)))  # warm-up: lazily created objects
+        time.sleep(0.5)
+        fds, rss = _fd_count(server.pid), _rss_kib(server.pid)
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(fail_once, range(500)))
+        wait_for(lambda: _fd_count(server.pid) <= fds, timeout=10,
+                 what=f"descriptors back to {fds} (now {_fd_count(server.pid)})")
+        assert _rss_kib(server.pid) - rss < 20 * 1024, (rss, _rss_kib(server.pid))
+        assert _peer_der(port) == _der(cert)
+        log = server.text()
+        assert log.count("TLS handshake with") >= 300, log[-2000:]
+        assert "Traceback" not in log
+    finally:
+        assert server.stop() == 0
+
+
+def _no_verify() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    return ctx
