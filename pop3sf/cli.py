@@ -115,7 +115,11 @@ def _serve(settings: Settings, listeners: list[ListeningSocket], path: str,
         if os.geteuid() == 0 and settings.server.user:
             from . import daemon
 
-            daemon.drop_privileges(settings.server.user, settings.server.group or None)
+            try:
+                daemon.drop_privileges(settings.server.user, settings.server.group or None)
+            except daemon.DaemonError as exc:
+                log.error("cannot start: %s", exc)
+                return 1
         try:
             server = Server(settings)
             server.start(listeners)
