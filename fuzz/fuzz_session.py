@@ -3,11 +3,14 @@
 fed through a socketpair by the server's own event loop, in this process.
 
 The first input byte picks a preamble (none, USER/PASS, AUTH PLAIN, XPRO login, UTF8 login) so
-that TRANSACTION is reached often; the rest is the client's byte stream, followed by EOF.
+that TRANSACTION is reached often; the second picks one write for everything or writes of 1 to
+1017 bytes (lines then arrive in pieces across reads); the rest is the client's byte stream,
+followed by EOF.
 
 Invariants: no exception reaches the loop or is logged as an error; the greeting comes first and
-every reply ends with CRLF; every status line is at most 512 octets and is ``+OK``, ``-ERR`` or
-a ``+ `` continuation wherever a reply starts; the connection always ends (a hang is reported by
+every reply ends with CRLF; every status line is at most 512 octets; every complete line gets
+exactly one answer (``+OK``, ``-ERR`` or a ``+ `` continuation) unless QUIT or the bad-command
+cap ended the session; the connection always ends (a hang is reported by
 libFuzzer's ``-timeout``); afterwards no lock, per-user slot, auth slot or commit is left over;
 and the maildrop is unchanged unless the input contained a QUIT.
 """
@@ -73,8 +76,9 @@ SERVER.start([])
 LISTENER = ListeningSocket("fuzz", socket.socket(), False)
 
 
-def converse(stream: bytes) -> bytes:
-    """Send ``stream`` then EOF to a fresh connection; return everything the server sent."""
+def converse(stream: bytes, piece: int = 65536) -> bytes:
+    """Send ``stream`` in writes of ``piece`` bytes, one per loop turn, then EOF, to a fresh
+    connection; return everything the server sent."""
     server_end, client = socket.socketpair()
     client.setblocking(False)
     out = bytearray()
@@ -89,7 +93,7 @@ def converse(stream: bytes) -> bytes:
                 pass
         if mask & selectors.EVENT_WRITE:
             try:
-                pending = pending[client.send(pending[:65536]):]
+                pending = pending[client.send(pending[:piece]):]
             except BlockingIOError:
                 return
             except OSError:  # the server closed first (QUIT, too many bad commands)
@@ -113,24 +117,33 @@ def converse(stream: bytes) -> bytes:
     return bytes(out)
 
 
-def check_replies(out: bytes) -> None:
+def check_replies(stream: bytes, out: bytes) -> None:
     assert out.startswith(b"+OK pop3sf ready\r\n"), out[:100]
     assert not out or out.endswith(b"\r\n"), f"reply cut short: {out[-100:]!r}"
-    for line in out.split(b"\r\n"):
+    statuses = 0
+    for line in out.split(b"\r\n")[1:]:
         if line.startswith((b"+OK", b"-ERR", b"+ ")):
             assert len(line) + 2 <= 512, f"status line too long: {line[:100]!r}"
+            statuses += 1
+    # One answer per complete line, an over-long one included (answered once, its tail never
+    # run); an over-long unterminated tail at EOF may get one more. Unless the session ended
+    # early, by QUIT or the bad-command cap.
+    if b"signing off" not in out and b"Too many bad commands" not in out:
+        lines = stream.count(b"\n")
+        assert lines <= statuses <= lines + 1, f"{lines} lines, {statuses} answers"
 
 
 def test_one_input(data: bytes) -> None:
     preamble = PREAMBLES[data[0] % len(PREAMBLES)] if data else b""
-    stream = preamble + data[1:]
+    piece = 65536 if len(data) < 2 or data[1] < 128 else 1 + (data[1] - 128) * 8
+    stream = preamble + data[2:]
     box = Mailbox("{PLAIN}secret", MESSAGES)
     ADAPTER.mailboxes["alice"] = box
     before = dict(box.messages)
     ERRORS.records.clear()
-    out = converse(stream)
+    out = converse(stream, piece)
     assert not ERRORS.records, ERRORS.records[0].getMessage()
-    check_replies(out)
+    check_replies(stream, out)
     server = SERVER
     assert not server.locks and not server.user_sessions and server.sessions_alive == 0
     assert server.auth_in_flight == 0 and not server.auth_by_group
