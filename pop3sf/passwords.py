@@ -56,7 +56,15 @@ def hash_bcrypt(password: bytes, rounds: int = 12) -> str:
 
 
 def check_bcrypt(stored: str | bytes, password: bytes) -> bool:
+    """bcrypt through libcrypt when it is there: ctypes releases the GIL for the whole hash, so
+    the authentication pool really uses every core (Debian's bcrypt module does not scale)."""
     stored_b = stored.encode("ascii") if isinstance(stored, str) else stored
+    if b"\0" in password:
+        return False
+    if _load_crypt_r() is not None:
+        computed = crypt(password[:BCRYPT_MAX], stored_b.decode("ascii", "replace"))
+        return computed is not None and hmac.compare_digest(
+            computed.encode("ascii", "replace"), stored_b)
     try:
         return bcrypt.checkpw(password[:BCRYPT_MAX], stored_b)
     except ValueError:
