@@ -120,7 +120,7 @@ class Connection:
     def touch(self) -> None:
         """A complete command arrived: reset the idle timer (cheap: no heap push)."""
         self.idle_deadline = time.monotonic() + self.server.settings.limits.idle_timeout
-        self._arm()
+        # Later is all a command can make it: the armed timer re-arms itself when it fires.
 
     def _on_timer(self) -> None:
         now = time.monotonic()
@@ -262,16 +262,16 @@ class Connection:
                         self.discarding = True
                     else:
                         del buf[: end + 1]
-                    self._maybe_resume_reading()
+                    self.maybe_resume_reading()
                     return TOO_LONG
-                self._maybe_resume_reading()
+                self.maybe_resume_reading()
                 return None
             line = bytes(buf[:idx])
             del buf[: idx + 1]
-            self._maybe_resume_reading()
+            self.maybe_resume_reading()
             return line[:-1] if line[-1:] == b"\r" else line
 
-    def _maybe_resume_reading(self) -> None:
+    def maybe_resume_reading(self) -> None:
         if self.reading_paused and len(self.inbuf) <= self.line_limit + RECV_SIZE:
             self.reading_paused = False
             if not self.eof:

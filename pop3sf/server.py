@@ -73,6 +73,8 @@ class Server:
         self.started = False
         self.stats = collections.Counter[str]()
         self.on_tick: list[Callable[[], None]] = []
+        #: Per-command debug logging costs even when filtered out; decided once.
+        self.debug = log.isEnabledFor(logging.DEBUG)
 
     # -- limits ---------------------------------------------------------------------------------
     @property
@@ -320,6 +322,7 @@ class Server:
         self.penalties.decay = auth.penalty_decay
         self.tls_context = context
         self.settings = settings
+        self.debug = log.isEnabledFor(logging.DEBUG)
         log.info("configuration reloaded from %s", settings.source)
 
     def shutdown(self) -> None:

@@ -43,7 +43,6 @@ log = logging.getLogger("pop3sf.session")
 
 AUTHORIZATION, TRANSACTION, UPDATE = 0, 1, 2
 _UID_OK = re.compile(rb"[\x21-\x7e]{1,70}\Z")
-_NUMBER = re.compile(rb"[0-9]{1,10}\Z")
 _LIST_BATCH = 512
 
 # Human texts never start with "[" (RESP-CODES) and never echo client input (SPEC §P2).
@@ -94,6 +93,7 @@ class Session:
         "live_count", "live_size", "producer", "retrieval", "bad_commands", "processing",
         "close_reason", "committed", "finished", "started_greeting", "retrieved",
         "deleted_count", "mechanism", "in_flight", "finalize_pending", "drain_scheduled",
+        "answers", "line",
     )
 
     def __init__(self, server: Server, conn: Connection) -> None:
@@ -129,6 +129,11 @@ class Session:
         self.in_flight = False
         self.finalize_pending = False
         self.drain_scheduled = False
+        #: Exact command line -> its answer, for commands answered from the snapshot alone
+        #: (STAT, NOOP, LIST n, UIDL n); cleared by DELE and RSET. Pipelined runs of them are
+        #: answered straight from the input buffer (see _answer_run).
+        self.answers: dict[bytes, bytes] | None = None
+        self.line = b""
 
     # -- hooks from the connection -------------------------------------------------------------
     def start(self) -> None:
@@ -225,6 +230,8 @@ class Session:
             while (not conn.closed and self.waiting is None and not self.in_flight
                    and self.producer is None and self.retrieval is None
                    and not conn.close_when_flushed and conn.backlog() < threshold):
+                if self.answers and self._answer_run():
+                    continue
                 line = conn.next_line()
                 if line is None:
                     if conn.eof:
@@ -241,6 +248,46 @@ class Session:
             self.drain_scheduled = True
             self.server.loop.call_soon(self.on_drain)
 
+    def _answer_run(self) -> bool:
+        """Answer a run of already-answered commands from the input buffer in one pass.
+
+        A pipelined burst of LIST n / UIDL n costs a dict lookup per line instead of a full
+        dispatch; anything else stops the run and goes the ordinary way.
+        """
+        conn = self.conn
+        if conn.discarding:
+            return False
+        buf, limit, answers = conn.inbuf, conn.line_limit, self.answers
+        assert answers is not None
+        out: list[bytes] = []
+        pos = 0
+        while len(out) < 1024:
+            end = buf.find(b"\n", pos, pos + limit)
+            if end < 0:
+                break
+            line = buf[pos:end]
+            answer = answers.get(bytes(line[:-1] if line[-1:] == b"\r" else line))
+            if answer is None:
+                break
+            out.append(answer)
+            pos = end + 1
+        if not out:
+            return False
+        del buf[:pos]
+        conn.maybe_resume_reading()
+        conn.touch()
+        conn.write(b"".join(out))
+        return True
+
+    def _answer(self, answer: bytes) -> None:
+        """Reply, and remember the reply for this exact line (see _answer_run)."""
+        self.conn.write(answer)
+        answers = self.answers
+        if answers is None:
+            answers = self.answers = {}
+        if len(answers) < 4096:
+            answers[self.line] = answer
+
     def _dispatch(self, line: bytes) -> None:
         conn = self.conn
         if line is TOO_LONG:
@@ -251,11 +298,13 @@ class Session:
         if self.sasl is not None:
             self._sasl_step(line)
             return
+        self.line = line
         verb, _, rest = line.partition(b" ")
         verb = verb.upper()
         handler = _COMMANDS[self.state].get(verb)
         if handler is None:
-            log.debug("%s: bad command", conn.address)
+            if self.server.debug:
+                log.debug("%s: bad command", conn.address)
             known = any(verb in table for table in _COMMANDS)
             conn.write(ERR_STATE if known else ERR_UNKNOWN)
             self._count_bad()
@@ -265,7 +314,8 @@ class Session:
             args = [arg] if arg else []
         else:
             args = rest.split()
-        log.debug("%s: %s", conn.address, verb.decode("ascii", "replace"))
+        if self.server.debug:
+            log.debug("%s: %s", conn.address, verb.decode("ascii", "replace"))
         handler(self, args)
 
     def _count_bad(self) -> None:
@@ -619,7 +669,7 @@ class Session:
     # -- TRANSACTION ---------------------------------------------------------------------------
     def _message(self, args: list[bytes], nargs: int = 1) -> int | None:
         """The 0-based index named by args[0], or None after answering -ERR."""
-        if len(args) != nargs or not all(_NUMBER.match(a) for a in args):
+        if len(args) != nargs or not all(a.isdigit() and len(a) <= 10 for a in args):
             self._reply(ERR_SYNTAX)
             return None
         n = int(args[0]) - 1
@@ -632,11 +682,16 @@ class Session:
         return n
 
     def cmd_stat(self, args: list[bytes]) -> None:
-        self._reply(ERR_SYNTAX if args else
-                    f"+OK {self.live_count} {self.live_size}\r\n".encode())
+        if args:
+            self._reply(ERR_SYNTAX)
+        else:
+            self._answer(f"+OK {self.live_count} {self.live_size}\r\n".encode())
 
     def cmd_noop(self, args: list[bytes]) -> None:
-        self._reply(ERR_SYNTAX if args else OK)
+        if args:
+            self._reply(ERR_SYNTAX)
+        else:
+            self._answer(OK)
 
     def _listing(self, values: list[Any], header: bytes) -> Iterator[bytes]:
         yield header
@@ -655,7 +710,7 @@ class Session:
         if args:
             n = self._message(args)
             if n is not None:
-                self._reply(f"+OK {n + 1} {values[n]}\r\n".encode())
+                self._answer(f"+OK {n + 1} {values[n]}\r\n".encode())
             return
         self.producer = self._listing(values, b"+OK " + what + b" follows\r\n")
         self._pump()
@@ -681,6 +736,7 @@ class Session:
             return
         n = self._message(args)
         if n is not None:
+            self.answers = None
             self.deleted.add(n)
             self.live_count -= 1
             self.live_size -= self.sizes[n]
@@ -692,6 +748,7 @@ class Session:
         elif args:
             self._reply(ERR_SYNTAX)
         else:
+            self.answers = None
             self.deleted.clear()
             self.live_count, self.live_size = len(self.sizes), sum(self.sizes)
             self._reply(f"+OK {self.live_count} messages ({self.live_size} octets)\r\n"

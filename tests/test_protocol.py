@@ -396,3 +396,28 @@ def test_poplib_client(srv: RunningServer) -> None:
     with pytest.raises(poplib.error_proto):
         pop.retr(9)
     pop.quit()
+
+
+def test_pipelined_answers_follow_dele_and_rset(srv: RunningServer) -> None:
+    """Answers remembered for pipelined runs must never outlive a state change."""
+    c = login(srv)
+    size1 = len(wire_bytes(MESSAGES[0]))
+    total = sum(len(wire_bytes(m)) for m in MESSAGES)
+    run = b"STAT\r\nLIST 1\r\nUIDL 1\r\nNOOP\r\n"
+    c.send(run * 3 + b"DELE 1\r\n" + run + b"RSET\r\n" + run * 2)
+    for _ in range(3):
+        assert c.line() == b"+OK 3 %d" % total
+        assert c.line() == b"+OK 1 %d" % size1
+        assert c.line().startswith(b"+OK 1 ")
+        assert c.line() == b"+OK"
+    assert c.line().startswith(b"+OK")
+    assert c.line() == b"+OK 2 %d" % (total - size1)
+    assert c.line() == b"-ERR Message already deleted"
+    assert c.line() == b"-ERR Message already deleted"
+    assert c.line() == b"+OK"
+    assert c.line().startswith(b"+OK")
+    for _ in range(2):
+        assert c.line() == b"+OK 3 %d" % total
+        assert c.line() == b"+OK 1 %d" % size1
+        assert c.line().startswith(b"+OK 1 ")
+        assert c.line() == b"+OK"
