@@ -61,6 +61,13 @@ ERR_IN_USE = b"-ERR [IN-USE] The maildrop is already in use\r\n"
 ERR_READ_ONLY = b"-ERR [X-POP3SF-READ-ONLY] The maildrop is read-only in this session\r\n"
 ERR_TOO_LONG = b"-ERR Line too long\r\n"
 ERR_TOO_MANY_BAD = b"-ERR Too many bad commands, closing connection\r\n"
+ERR_NEEDS_UTF8 = b"-ERR [UTF8] This message needs UTF8; enable it with the UTF8 command\r\n"
+#: Pipelined RETR/TOP of messages up to this size are read in batches (see _read_batch).
+_BATCH_SMALL = 128 * 1024
+_BATCH_TOP = 1000
+_TOP_READ = 16 * 1024
+_BATCH_MAX = 64
+_BATCH_BYTES = 2 * 1024 * 1024
 
 
 def _error_reply(error: BaseException) -> bytes:
@@ -76,11 +83,12 @@ def _error_reply(error: BaseException) -> bytes:
 class Retrieval:
     """A RETR/TOP in progress: its stream and encoder live on whichever thread reads next."""
 
-    __slots__ = ("uid", "encoder", "stream", "started", "eof")
+    __slots__ = ("uid", "encoder", "stream", "started", "eof", "read_size")
 
-    def __init__(self, uid: str, encoder: WireEncoder) -> None:
+    def __init__(self, uid: str, encoder: WireEncoder, read_size: int = CHUNK) -> None:
         self.uid = uid
         self.encoder = encoder
+        self.read_size = read_size
         self.stream: Any = None
         self.started = False
         self.eof = False
@@ -226,10 +234,14 @@ class Session:
         conn = self.conn
         threshold = self.server.settings.protocol.output_backlog
         self.processing = True
+        held_back = False  # stopped by the output backlog, with input possibly waiting
         try:
             while (not conn.closed and self.waiting is None and not self.in_flight
                    and self.producer is None and self.retrieval is None
-                   and not conn.close_when_flushed and conn.backlog() < threshold):
+                   and not conn.close_when_flushed):
+                if conn.backlog() >= threshold:
+                    held_back = True
+                    break
                 if self.answers and self._answer_run():
                     continue
                 line = conn.next_line()
@@ -241,10 +253,10 @@ class Session:
         finally:
             self.processing = False
         conn.flush()
-        if ((self.retrieval is not None or self.producer is not None) and not self.in_flight
-                and not self.drain_scheduled and not conn.closed and not conn.events & WRITE
-                and conn.backlog() < threshold):
-            # Everything went out at once, so no write event will come to continue the output.
+        if ((self.retrieval is not None or self.producer is not None or held_back)
+                and not self.in_flight and not self.drain_scheduled and not conn.closed
+                and not conn.events & WRITE and conn.backlog() < threshold):
+            # Everything went out at once, so no write event will come to continue.
             self.drain_scheduled = True
             self.server.loop.call_soon(self.on_drain)
 
@@ -667,17 +679,22 @@ class Session:
         self.live_count, self.live_size = len(sizes), sum(sizes)
 
     # -- TRANSACTION ---------------------------------------------------------------------------
-    def _message(self, args: list[bytes], nargs: int = 1) -> int | None:
-        """The 0-based index named by args[0], or None after answering -ERR."""
+    def _index(self, args: list[bytes], nargs: int) -> int | bytes:
+        """The 0-based index named by args[0], or the -ERR answer."""
         if len(args) != nargs or not all(a.isdigit() and len(a) <= 10 for a in args):
-            self._reply(ERR_SYNTAX)
-            return None
+            return ERR_SYNTAX
         n = int(args[0]) - 1
         if not 0 <= n < len(self.infos):
-            self._reply(ERR_NO_MSG)
-            return None
+            return ERR_NO_MSG
         if n in self.deleted:
-            self._reply(ERR_DELETED)
+            return ERR_DELETED
+        return n
+
+    def _message(self, args: list[bytes], nargs: int = 1) -> int | None:
+        """The 0-based index named by args[0], or None after answering -ERR."""
+        n = self._index(args, nargs)
+        if isinstance(n, bytes):
+            self._reply(n)
             return None
         return n
 
@@ -766,14 +783,104 @@ class Session:
 
     def _retrieve(self, n: int, top_lines: int | None) -> None:
         if n in self.refuse:
-            self._reply(b"-ERR [UTF8] This message needs UTF8; enable it with the UTF8 "
-                        b"command\r\n")
+            self._reply(ERR_NEEDS_UTF8)
             return
+        if self._batchable(n, top_lines) and self.server.adapter.blocking:
+            jobs = self._pipelined_retrievals([(n, top_lines)])
+            if len(jobs) > 1:
+                self._retrieve_batch(jobs)
+                return
         encoder = WireEncoder(top_lines=top_lines, downgrade=n in self.downgrade)
-        self.retrieval = Retrieval(self.infos[n].uid, encoder)
+        self.retrieval = Retrieval(self.infos[n].uid, encoder,
+                                   CHUNK if top_lines is None else _TOP_READ)
         if top_lines is None:
             self.retrieved += 1
         self._next_chunk()
+
+    # A run of pipelined RETR/TOP of small messages is read in one worker call: a worker round
+    # trip costs more CPU than reading a small message (issue 6, pipe-top).
+    def _batchable(self, n: int, top_lines: int | None) -> bool:
+        """Small enough to read whole in a batch: a small message, or a short TOP."""
+        return self.sizes[n] <= _BATCH_SMALL if top_lines is None else top_lines <= _BATCH_TOP
+
+    def _pipelined_retrievals(self, jobs: list[tuple[int, int | None]]
+                              ) -> list[tuple[int, int | None]]:
+        """Take the RETR/TOP commands queued right behind this one off the input buffer."""
+        conn = self.conn
+        if conn.discarding or self.sasl is not None:
+            return jobs
+        buf, limit = conn.inbuf, conn.line_limit
+        total = min(self.sizes[jobs[0][0]], _BATCH_SMALL)
+        pos = 0
+        while len(jobs) < _BATCH_MAX:
+            end = buf.find(b"\n", pos, pos + limit)
+            if end < 0:
+                break
+            line = bytes(buf[pos:end]).removesuffix(b"\r")
+            verb, _, rest = line.partition(b" ")
+            verb = verb.upper()
+            if verb not in (b"RETR", b"TOP"):
+                break
+            args = rest.split()
+            n = self._index(args, 1 if verb == b"RETR" else 2)
+            if isinstance(n, bytes) or n in self.refuse:
+                break
+            top = None if verb == b"RETR" else int(args[1])
+            if not self._batchable(n, top) or total > _BATCH_BYTES:
+                break
+            total += min(self.sizes[n], _BATCH_SMALL)
+            jobs.append((n, top))
+            pos = end + 1
+        if pos:
+            del buf[:pos]
+            conn.maybe_resume_reading()
+        return jobs
+
+    def _retrieve_batch(self, jobs: list[tuple[int, int | None]]) -> None:
+        work = [(self.infos[n].uid, WireEncoder(top_lines=top, downgrade=n in self.downgrade),
+                 _BATCH_SMALL if top is None else _TOP_READ) for n, top in jobs]
+        self.retrieved += sum(1 for _, top in jobs if top is None)
+        self._call("mail", self._read_batch, (work,), self._batch_read)
+
+    def _read_batch(self, work: list[tuple[str, WireEncoder, int]]
+                    ) -> list[bytes | BaseException]:
+        results: list[bytes | BaseException] = []
+        session = self._adapter_session()
+        for uid, encoder, size in work:
+            try:
+                stream = session.open_message(uid)
+                try:
+                    parts = []
+                    while not encoder.done:
+                        data = stream.read(size)
+                        if not data:
+                            break
+                        parts.append(encoder.feed(data))
+                    parts.append(encoder.finish())
+                finally:
+                    stream.close()
+                results.append(b"".join(parts))
+            except Exception as exc:  # answered per message, like separate commands
+                results.append(exc)
+        return results
+
+    def _batch_read(self, results: Any, error: BaseException | None) -> None:
+        if self.conn.closed:
+            return
+        if error is not None:
+            self._log_adapter_error("retrieving", error)
+            self._reply(_error_reply(error))
+            return
+        out: list[bytes] = []
+        for result in results:
+            if isinstance(result, bytes):
+                out += (b"+OK Message follows\r\n", result, b".\r\n")
+            else:
+                if isinstance(result, HeaderTooLarge | TypeError):
+                    result = PermanentFailure(str(result))
+                self._log_adapter_error("retrieving", result)
+                out.append(_error_reply(result))
+        self.conn.write(b"".join(out))
 
     def _next_chunk(self) -> None:
         retrieval = self.retrieval
@@ -783,7 +890,7 @@ class Session:
     def _read_chunk(self, r: Retrieval) -> bytes:
         if r.stream is None:
             r.stream = self._adapter_session().open_message(r.uid)
-        data = r.stream.read(CHUNK)
+        data = r.stream.read(r.read_size)
         out = r.encoder.feed(data) if data else b""
         if not data or r.encoder.done:
             out += r.encoder.finish()

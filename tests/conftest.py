@@ -70,6 +70,13 @@ class Raw:
         self.send(command + b"\r\n")
         return self.line()
 
+    def read_to_end(self, timeout: float = 10) -> bytes:
+        """Everything until the server closes the connection."""
+        self.sock.settimeout(timeout)
+        while self._fill():
+            pass
+        return self.buf
+
     def closed(self, timeout: float = 10) -> bool:
         """True when the server closes the connection (any unread data is discarded)."""
         self.sock.settimeout(timeout)

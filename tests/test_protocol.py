@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import poplib
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -421,3 +422,29 @@ def test_pipelined_answers_follow_dele_and_rset(srv: RunningServer) -> None:
         assert c.line() == b"+OK 1 %d" % size1
         assert c.line().startswith(b"+OK 1 ")
         assert c.line() == b"+OK"
+
+
+def test_pipelined_retrievals_answer_exactly_as_one_at_a_time() -> None:
+    """Runs of RETR/TOP are read in batches on a worker; the bytes must not change."""
+    big = b"Subject: big\r\n\r\n" + (b"b" * 998 + b"\r\n") * 300
+    script = [b"RETR 1", b"TOP 2 1", b"RETR 3", b"TOP 4 0", b"RETR 4", b"RETR 9", b"TOP 1",
+              b"DELE 2", b"RETR 2", b"TOP 3 99", b"retr 1", b"NOOP", b"RETR 3", b"TOP 1 0"]
+    adapter = make_adapter([*MESSAGES, big])
+    adapter.blocking = True  # through the worker pool, where batching happens
+    with running_server(adapter=adapter) as srv:
+        one = login(srv)
+        sequential = b""
+        for command in script:
+            one.send(command + b"\r\n")
+            status = one.line()
+            sequential += status + b"\r\n"
+            if status.startswith(b"+OK") and command.upper().startswith((b"RETR", b"TOP")):
+                sequential += b"".join(line + b"\r\n" for line in one.multiline()) + b".\r\n"
+        one.close()  # dropped: its DELE is not committed, so both sessions see the same maildrop
+        deadline = time.monotonic() + 5
+        while srv.call(lambda: len(srv.server.connections)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        two = login(srv)
+        two.send(b"".join(command + b"\r\n" for command in script) + b"QUIT\r\n")
+        assert two.read_to_end().startswith(sequential)
+        assert srv.call(lambda: srv.server.stats["adapter_calls"]) > 0
