@@ -101,7 +101,7 @@ class Session:
         "live_count", "live_size", "producer", "retrieval", "bad_commands", "processing",
         "close_reason", "committed", "finished", "started_greeting", "retrieved",
         "deleted_count", "mechanism", "in_flight", "finalize_pending", "drain_scheduled",
-        "answers", "line",
+        "answers", "line", "calls",
     )
 
     def __init__(self, server: Server, conn: Connection) -> None:
@@ -142,6 +142,7 @@ class Session:
         #: answered straight from the input buffer (see _answer_run).
         self.answers: dict[bytes, bytes] | None = None
         self.line = b""
+        self.calls = 0  # adapter calls that went to a worker: reported at logout
 
     # -- hooks from the connection -------------------------------------------------------------
     def start(self) -> None:
@@ -188,8 +189,9 @@ class Session:
             if not self.committed and self.deleted and not self.read_only:
                 log.info("%s %s: session ended without QUIT, %d marked deletions discarded",
                          conn.address, self.account, len(self.deleted), extra=extra)
-            log.info("logout %s %s: retrieved=%d deleted=%d bytes=%d%s", conn.address,
+            log.info("logout %s %s: retrieved=%d deleted=%d bytes=%d calls=%d%s", conn.address,
                      self.account, self.retrieved, self.deleted_count, conn.bytes_out,
+                     self.calls,
                      f" ({reason})" if reason else "",
                      extra={**extra, "POP3SF_BYTES": conn.bytes_out})
         else:
@@ -362,6 +364,7 @@ class Session:
                 self._process()
 
         self.in_flight = True
+        self.calls += 1
         self.server.call_adapter(self, pool, func, args, finished)
 
     def _adapter_session(self) -> MailboxSession:
