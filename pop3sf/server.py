@@ -220,9 +220,8 @@ class Server:
                 del self.by_group[conn.group]
 
     # -- adapter calls --------------------------------------------------------------------------
-    def call_adapter(self, session: Session, pool: str, func: Callable[..., Any],
-                     args: tuple[Any, ...], done: Callable[[Any, BaseException | None], None],
-                     track: bool = True) -> None:
+    def call_adapter(self, pool: str, func: Callable[..., Any], args: tuple[Any, ...],
+                     done: Callable[[Any, BaseException | None], None]) -> None:
         self.stats["adapter_calls"] += 1
         if self.adapter.blocking:
             self.pools[pool].submit(func, args, done)

@@ -221,8 +221,7 @@ class Session:
             if adapter is not None:
                 adapter.connection_closed()
 
-        self.server.call_adapter(
-            self, "mail", cleanup, (), lambda _r, e: self._released(e), track=False)
+        self.server.call_adapter("mail", cleanup, (), lambda _r, e: self._released(e))
 
     def _released(self, error: BaseException | None) -> None:
         if error is not None:
@@ -365,7 +364,7 @@ class Session:
 
         self.in_flight = True
         self.calls += 1
-        self.server.call_adapter(self, pool, func, args, finished)
+        self.server.call_adapter(pool, func, args, finished)
 
     def _adapter_session(self) -> MailboxSession:
         if self.adapter is None:
