@@ -108,7 +108,9 @@ def test_dovecot_serves_the_same_bytes_and_stops_cleanly(ctx: run.Ctx) -> None:
         assert srv.startup is not None and srv.startup.pids >= 2  # master + helpers
         res, cpu = _retr_bytes(ctx, srv)
         assert cpu >= 0
-        assert procstat.tree_cpu(pid) > 0  # the tree's whole life: logins fork processes
+        pids = procstat.tree_pids(pid)
+        assert len(pids) >= 3 and procstat.rss_kb(pids) > 0  # master, log, config, ...
+        assert procstat.precise_cpu_seconds(pids) > 0  # ns, not 10 ms ticks
     assert res["errors"] == 0, res["err"]
     assert res["bytes"] == _expected_retr(ctx)
     assert not Path(f"/proc/{pid}").exists()  # the master is gone after stop()
