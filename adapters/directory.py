@@ -390,6 +390,8 @@ class DirectorySession(MailboxSession):
         for name in names:
             kind = kind_of(name)
             if kind is None:
+                if name.startswith(_ASIDE_PREFIX):
+                    self._remove_leftover(dir_fd, name)
                 continue
             listed = self._list_one(dir_fd, name, kind)
             if listed is not None:
@@ -504,16 +506,31 @@ class DirectorySession(MailboxSession):
                 log.warning("fsync of %s after deletions: %s", self._uid_base, exc)
         return DeleteResult(failed)
 
+    @staticmethod
+    def _remove_leftover(dir_fd: int, name: str) -> None:
+        """A file set aside by a deletion that a crash interrupted after its QUIT: finish it.
+
+        Only once it has been aside for a minute, so a commit still running elsewhere is safe.
+        """
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode) and time.time() - st.st_ctime > ASIDE_GRACE:
+                os.unlink(name, dir_fd=dir_fd)
+                log.info("removed %s, left over from an interrupted deletion", name)
+        except OSError:
+            pass
+
     def _delete_one(self, dir_fd: int, entry: _Entry) -> bool:
         """Unlink the listed file; False if it was already gone."""
-        aside = f".pop3sf-deleting-{uuid.uuid4().hex}"
+        aside = f"{_ASIDE_PREFIX}{uuid.uuid4().hex}"
         try:
             os.rename(entry.name, aside, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except FileNotFoundError:
             return False
         st = os.stat(aside, dir_fd=dir_fd, follow_symlinks=False)
-        if (st.st_dev, st.st_ino) != (entry.device, entry.inode):
-            # Someone put another file under that name: put it back, never delete it.
+        if not entry.matches(st):
+            # Another file under that name, or this one rewritten since the listing (the client
+            # never saw that content): put it back, never delete it.
             os.rename(aside, entry.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             raise _Replaced("file was replaced since the listing; kept")
         os.unlink(aside, dir_fd=dir_fd)
@@ -531,3 +548,8 @@ class DirectorySession(MailboxSession):
 
 class _Replaced(Exception):
     pass
+
+
+_ASIDE_PREFIX = ".pop3sf-deleting-"
+#: Seconds a set-aside file must have been aside before a listing finishes its deletion.
+ASIDE_GRACE = 60.0

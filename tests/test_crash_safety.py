@@ -445,10 +445,6 @@ def test_files_removed_and_replaced_under_a_session(tmp_path: Path) -> None:
         assert c.cmd(b"QUIT").startswith(b"+OK")
 
 
-@pytest.mark.xfail(strict=True, reason="adapters/directory.py _delete_one compares only "
-                   "(device, inode) after the rename aside, so a file rewritten in place since "
-                   "the listing (same inode, new content) is deleted; compare size and mtime "
-                   "too (entry.matches(st))")
 def test_file_rewritten_in_place_is_not_deleted(tmp_path: Path) -> None:
     from pop3sf.testing import running_server
 

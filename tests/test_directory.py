@@ -681,3 +681,24 @@ def test_e2e_curl_list_retr_dele(root: Path) -> None:
         assert curl(f"{base}/2") == b"Subject: two\r\n\r\nsecond\r\n"
         curl("-X", "DELE", "-I", f"{base}/1")
     assert sorted(p.name for p in d.glob("*.eml")) == ["2.eml"]
+
+
+def test_listing_finishes_deletions_a_crash_interrupted(root: Path,
+                                                        adapter: MultiUserDirectoryAdapter,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file set aside by a QUIT's deletion is removed by a later listing, not kept forever."""
+    import pop3sf.adapters.directory as directory
+
+    d = make_user(root, "alice")
+    put(d, "0.eml", b"Subject: kept\n\nx\n", T0)
+    aside = d / ".pop3sf-deleting-0123abcd"
+    aside.write_bytes(b"Subject: deleted at QUIT\n\ny\n")
+    s = login(adapter)
+    assert len(s.list_messages()) == 1
+    assert aside.exists()  # recent: a commit may still be running
+    s.connection_closed()
+    monkeypatch.setattr(directory, "ASIDE_GRACE", -1.0)
+    s = login(adapter)
+    assert len(s.list_messages()) == 1
+    assert not aside.exists() and (d / "0.eml").exists()
+    s.connection_closed()
