@@ -625,7 +625,10 @@ def main(argv: list[str] | None = None) -> int:
     cert, key = servers.make_cert(work)
     ctx = Ctx(ds, profile.name != "full", work, cert, key, args.python)
     if "pop3sf" in names and not args.worktree:
-        ctx.source = servers.snapshot_source(PROJECT, work / "pop3sf-src")
+        try:
+            ctx.source = servers.snapshot_source(PROJECT, work / "pop3sf-src")
+        except (OSError, subprocess.CalledProcessError) as exc:  # no git checkout: the tree
+            print(f"no git snapshot ({exc}); running pop3sf from the tree", file=sys.stderr)
     ctx.rev = git_rev()
     if args.pyspy:
         if not pyspy.available():

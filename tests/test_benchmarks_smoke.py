@@ -123,10 +123,10 @@ def test_run_py_writes_a_markdown_report(workdir: Path) -> None:
     out = workdir / "report.md"
     rc = run.main(["--profile", "tiny", "--rounds", "1", "--servers", "pop3sf",
                    "--only", "login-plain,pipe-list", "--data-dir", str(workdir / "data"),
-                   "--python", sys.executable, "--output", str(out)])
+                   "--python", sys.executable, "--worktree", "--output", str(out)])
     assert rc == 0
     text = out.read_text()
-    assert "## login-plain" in text and "## pipe-list" in text
+    assert "## login-plain" in text and "## pipe-list" in text and "+ work tree" in text
     assert "| server CPU per login (ms) |" in text
     row = next(ln for ln in text.splitlines() if ln.startswith("| logins/s |"))
     assert float(row.split("|")[2]) > 0
