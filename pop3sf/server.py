@@ -269,18 +269,20 @@ class Server:
             self.locks[account] = session
         self.user_sessions[account] += 1
         session.account = account
+        session.holds_account = True
         return None
 
     def release_account(self, session: Session) -> None:
+        """Give back the account's lock and session slot (once; the name stays for logs)."""
         account = session.account
-        if account is None:
+        if account is None or not session.holds_account:
             return
+        session.holds_account = False
         if self.locks.get(account) is session:
             del self.locks[account]
         self.user_sessions[account] -= 1
         if self.user_sessions[account] <= 0:
             del self.user_sessions[account]
-        session.account = None
 
     def logged_in(self, session: Session) -> None:
         self.stats["logins"] += 1

@@ -99,9 +99,9 @@ class Session:
         "server", "conn", "adapter", "state", "user", "utf8", "read_only", "waiting",
         "sasl", "account", "infos", "uids", "sizes", "refuse", "downgrade", "deleted",
         "live_count", "live_size", "producer", "retrieval", "bad_commands", "processing",
-        "close_reason", "committed", "finished", "started_greeting", "retrieved",
+        "close_reason", "finished", "started_greeting", "retrieved",
         "deleted_count", "mechanism", "in_flight", "finalize_pending", "drain_scheduled",
-        "answers", "line", "calls",
+        "answers", "line", "calls", "holds_account",
     )
 
     def __init__(self, server: Server, conn: Connection) -> None:
@@ -115,6 +115,7 @@ class Session:
         self.waiting: str | None = None
         self.sasl: sasl.Exchange | None = None
         self.account: str | None = None
+        self.holds_account = False  # the server's per-account lock and session slot
         self.infos: list[MessageInfo] = []
         self.uids: list[str] = []
         self.sizes: list[int] = []
@@ -128,7 +129,6 @@ class Session:
         self.bad_commands = 0
         self.processing = False
         self.close_reason = ""
-        self.committed = False
         self.finished = False
         self.started_greeting = False
         self.retrieved = 0
@@ -186,7 +186,7 @@ class Session:
         extra = {"POP3SF_CLIENT": conn.address, "POP3SF_EVENT": "disconnect"}
         if self.account is not None:
             extra["POP3SF_USER"] = self.account
-            if not self.committed and self.deleted and not self.read_only:
+            if self.state == TRANSACTION and self.deleted and not self.read_only:
                 log.info("%s %s: session ended without QUIT, %d marked deletions discarded",
                          conn.address, self.account, len(self.deleted), extra=extra)
             log.info("logout %s %s: retrieved=%d deleted=%d bytes=%d calls=%d%s", conn.address,
@@ -612,6 +612,7 @@ class Session:
         if error is not None:
             self._log_adapter_error("login", error)
             self.server.release_account(self)
+            self.account = None  # never logged in
             self._end_login(_error_reply(error))
             return
         if self.conn.closed:
@@ -930,23 +931,19 @@ class Session:
 
     # -- UPDATE --------------------------------------------------------------------------------
     def _update(self) -> None:
+        """QUIT: commit the deletions and end the adapter session *before* answering, so the
+        client's next login finds the account (and any cross-process lock) free."""
         self.state = UPDATE
         self.close_reason = "QUIT"
-        if self.read_only or not self.deleted:
-            self.committed = True
-            self._reply(f"+OK pop3sf signing off ({self.live_count} messages left)\r\n"
-                        .encode())
-            self.conn.finish()
-            return
-        uids = [self.infos[i].uid for i in sorted(self.deleted)]
+        uids = [] if self.read_only else [self.infos[i].uid for i in sorted(self.deleted)]
         self.waiting = "commit"
         self.server.commit_started(self)
-        self._call("mail", self._adapter_session().delete_messages, (uids,),
+        adapter, self.adapter = self._adapter_session(), None
+        self._call("mail", _commit, (adapter, uids),
                    lambda r, e: self._committed(len(uids), r, e))
 
     def _committed(self, count: int, result: Any, error: BaseException | None) -> None:
         self.server.commit_finished(self)
-        self.committed = True
         if error is None and not isinstance(result, DeleteResult):
             error = TemporaryFailure(f"delete_messages() returned {type(result).__name__}")
         if error is not None:
@@ -961,6 +958,7 @@ class Session:
         else:
             self.deleted_count = count
             reply = f"+OK pop3sf signing off ({self.live_count} messages left)\r\n".encode()
+        self.server.release_account(self)
         if not self.conn.closed:
             self._reply(reply)
             self.conn.finish()
@@ -972,6 +970,17 @@ class Session:
         self.conn.write(b"-ERR [SYS/TEMP] Server shutting down\r\n")
         self.close_reason = "server shutdown"
         self.conn.finish()
+
+
+def _commit(adapter: MailboxSession, uids: list[str]) -> DeleteResult:
+    """The UPDATE state on a worker: delete what was marked, then end the adapter session."""
+    try:
+        return adapter.delete_messages(uids) if uids else DeleteResult()
+    finally:
+        try:
+            adapter.connection_closed()
+        except Exception:
+            log.exception("connection_closed failed after QUIT")
 
 
 def _scrub(text: str, creds: Credentials) -> str:
