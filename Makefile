@@ -1,6 +1,8 @@
 # Developer targets. The Debian build uses pybuild (debian/rules), never this file.
 #   make fuzz       long coverage-guided campaign (FUZZ_TIME seconds per harness, default 600)
 #   make fuzz-ci    short campaign, under a minute in all; CI runs it via tests/test_fuzz_ci.py
+#   make bench      pop3sf against a private Dovecot (benchmarks/README.md); bench-quick: small
+#   make test       scripts/test (apt, venv, ruff, mypy, pytest)
 # Harnesses live in fuzz/ (atheris: pip install atheris). New corpus entries go to
 # $(FUZZ_DIR)/<harness>/corpus, crashes to $(FUZZ_DIR)/artifacts/; fuzz/seeds is never written.
 PYTHON ?= $(shell test -x .venv/bin/python && echo .venv/bin/python || echo python3)
@@ -10,7 +12,7 @@ FUZZ_CI_TIME ?= 12
 HARNESSES ?= session sasl wire
 FUZZ_FLAGS ?=
 
-.PHONY: help fuzz fuzz-ci
+.PHONY: help fuzz fuzz-ci bench bench-quick test
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -33,3 +35,12 @@ fuzz:
 fuzz-ci: SHELL := /bin/bash
 fuzz-ci:
 	$(call campaign,$(FUZZ_CI_TIME))
+
+bench:
+	$(MAKE) -C benchmarks bench
+
+bench-quick:
+	$(MAKE) -C benchmarks bench-quick
+
+test:
+	scripts/test

@@ -169,6 +169,9 @@ class Adapter(abc.ABC):
     allows_read_only: bool = True
     #: False if no call can block; the server then calls the session inline on its loop.
     blocking: bool = True
+    #: File descriptors a logged-in session keeps open (a directory fd, a DB connection): the
+    #: connection cap derived from the open-files limit counts them beside the socket.
+    fds_per_session: int = 0
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.config = config

@@ -127,6 +127,7 @@ class _DirectoryAdapterBase(Adapter):
 
     blocking = True
     allows_read_only = True
+    fds_per_session = 1  # the user's directory, held open against swaps
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)

@@ -355,6 +355,7 @@ from_address = string(default="pop3sf <pop3sf@localhost>")
 """
 
     blocking = True
+    fds_per_session = 1  # the Maildir's directory
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)

@@ -220,6 +220,7 @@ class _MySQLAdapterBase(Adapter):
 
     blocking = True
     allows_read_only = True
+    fds_per_session = 1  # the dedicated GET_LOCK connection of a read-write session
     multi_user: ClassVar[bool] = False
 
     def __init__(self, config: Mapping[str, Any]) -> None:

@@ -79,7 +79,8 @@ class Server:
     # -- limits ---------------------------------------------------------------------------------
     @property
     def max_connections(self) -> int:
-        derived = max(16, self.nofile - FD_RESERVE - 2 * sum(p.size for p in self.pools.values()))
+        spare = self.nofile - FD_RESERVE - 2 * sum(p.size for p in self.pools.values())
+        derived = max(16, spare // (1 + self.adapter.fds_per_session))
         configured = self.settings.limits.max_connections
         return min(configured, derived) if configured else derived
 

@@ -14,6 +14,7 @@ import logging
 import re
 import traceback
 from collections.abc import Callable, Iterator
+from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any
 
 from pop3sf import __version__, sasl
@@ -64,6 +65,7 @@ ERR_TOO_MANY_BAD = b"-ERR Too many bad commands, closing connection\r\n"
 ERR_NEEDS_UTF8 = b"-ERR [UTF8] This message needs UTF8; enable it with the UTF8 command\r\n"
 #: Pipelined RETR/TOP of messages up to this size are read in batches (see _read_batch).
 _BATCH_SMALL = 128 * 1024
+_NONE: frozenset[int] = frozenset()
 _BATCH_TOP = 1000
 _TOP_READ = 16 * 1024
 _BATCH_MAX = 64
@@ -119,9 +121,10 @@ class Session:
         self.infos: list[MessageInfo] = []
         self.uids: list[str] = []
         self.sizes: list[int] = []
-        self.refuse: set[int] = set()
-        self.downgrade: set[int] = set()
-        self.deleted: set[int] = set()
+        # Message-number sets, shared empty until needed: 10,000 idle sessions are the norm.
+        self.refuse: AbstractSet[int] = _NONE
+        self.downgrade: AbstractSet[int] = _NONE
+        self.deleted: AbstractSet[int] = _NONE
         self.live_count = 0
         self.live_size = 0
         self.producer: Iterator[bytes] | None = None
@@ -656,6 +659,8 @@ class Session:
         seen: set[str] = set()
         uids: list[str] = []
         sizes: list[int] = []
+        refuse: set[int] = set()
+        downgrade: set[int] = set()
         for i, info in enumerate(infos):
             if not isinstance(info.uid, str) or not isinstance(info.size, int) or info.size < 0:
                 raise ValueError(f"message {i + 1}: uid must be str and size an int >= 0")
@@ -673,12 +678,13 @@ class Session:
             size = info.size
             if info.utf8_header and not self.utf8 and policy != "send":
                 if policy == "downgrade" and info.downgraded_size is not None:
-                    self.downgrade.add(i)
+                    downgrade.add(i)
                     size = info.downgraded_size
                 else:
-                    self.refuse.add(i)
+                    refuse.add(i)
             sizes.append(size)
         self.infos, self.uids, self.sizes = infos, uids, sizes
+        self.refuse, self.downgrade = refuse or _NONE, downgrade or _NONE
         self.live_count, self.live_size = len(sizes), sum(sizes)
 
     # -- TRANSACTION ---------------------------------------------------------------------------
@@ -757,6 +763,9 @@ class Session:
         n = self._message(args)
         if n is not None:
             self.answers = None
+            if not self.deleted:
+                self.deleted = set()
+            assert isinstance(self.deleted, set)
             self.deleted.add(n)
             self.live_count -= 1
             self.live_size -= self.sizes[n]
@@ -769,7 +778,7 @@ class Session:
             self._reply(ERR_SYNTAX)
         else:
             self.answers = None
-            self.deleted.clear()
+            self.deleted = _NONE
             self.live_count, self.live_size = len(self.sizes), sum(self.sizes)
             self._reply(f"+OK {self.live_count} messages ({self.live_size} octets)\r\n"
                         .encode())
