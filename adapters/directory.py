@@ -224,7 +224,7 @@ password_hash = string
         if credentials.username != username:
             passwords.dummy_verify(credentials.password_bytes(), like=stored)
             raise AuthenticationFailed("unknown user")
-        _verify(stored, credentials.password_bytes())
+        passwords.verify_or_deny(stored, credentials.password_bytes())
         directory = os.path.abspath(options["directory"])
         fd = _open_dir(directory)
         base = os.path.normpath(options["uid_root"]) if options["uid_root"] else directory
@@ -295,22 +295,12 @@ bcrypt_rounds = integer(4, 31, default=12)
             if stored is None:
                 self.dummy_verify(password)
                 raise AuthenticationFailed("no password file")
-            _verify(stored, password)
+            passwords.verify_or_deny(stored, password)
         except BaseException:
             os.close(user_fd)
             raise
         base = os.path.normpath(self.options["uid_root"]) if self.options["uid_root"] else root
         return username, user_fd, os.path.join(base, username)
-
-
-def _verify(stored: str, password: bytes) -> None:
-    try:
-        ok = passwords.verify(stored, password)
-    except passwords.UnknownScheme as exc:
-        log.warning("password hash of unknown scheme %s; login denied", exc)
-        raise AuthenticationFailed("unknown password scheme") from None
-    if not ok:
-        raise AuthenticationFailed("wrong password")
 
 
 def _open_dir(path: str) -> int:

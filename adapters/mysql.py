@@ -397,16 +397,6 @@ class _MySQLAdapterBase(Adapter):
         return template.replace("%u", account)
 
 
-def _verify(stored: str, password: bytes) -> None:
-    try:
-        ok = passwords.verify(stored, password)
-    except passwords.UnknownScheme as exc:
-        log.warning("mysql: password hash of unknown scheme %s; login denied", exc)
-        raise AuthenticationFailed("unknown password scheme") from None
-    if not ok:
-        raise AuthenticationFailed("wrong password")
-
-
 class MySQLAdapter(_MySQLAdapterBase):
     """One account whose messages are the rows of one table (the original's single-user table).
 
@@ -443,7 +433,7 @@ messages_table = string(default="pop3sf_singleuser_messages")
                                    username.encode("utf-8", "surrogateescape")):
             passwords.dummy_verify(credentials.password_bytes(), like=stored)
             raise AuthenticationFailed("unknown user")
-        _verify(stored, credentials.password_bytes())
+        passwords.verify_or_deny(stored, credentials.password_bytes())
         return username, None
 
 
@@ -500,7 +490,7 @@ bcrypt_rounds = integer(4, 31, default=12)
             passwords.dummy_verify(password, like=self._dummy_hash())
             raise AuthenticationFailed("unknown user")
         user_id, stored_name, stored = rows[0]
-        _verify(to_text(stored).strip(), password)
+        passwords.verify_or_deny(to_text(stored).strip(), password)
         return to_text(stored_name), int(user_id)
 
 

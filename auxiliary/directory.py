@@ -40,7 +40,7 @@ from .sources import (
     BadName,
     MessageLike,
     MessageSummary,
-    NotSupported,
+    SingleUserSource,
     Source,
     SourceError,
     UnknownUser,
@@ -122,10 +122,8 @@ class _DirectorySourceBase(Source):
         return [summary for _, _, summary in found]
 
 
-class DirectorySource(_DirectorySourceBase):
+class DirectorySource(SingleUserSource, _DirectorySourceBase):
     """The single-user directory: its one user is the configured ``username``."""
-
-    has_users = False
 
     def __init__(self, config: Mapping[str, Any], service_user: str | None = None) -> None:
         super().__init__(validated(DirectoryAdapter.configspec, config, "[adapter]"),
@@ -153,21 +151,6 @@ class DirectorySource(_DirectorySourceBase):
         finally:
             os.close(fd)
 
-    def list_users(self) -> Sequence[str]:
-        return [self.config["username"]]
-
-    def _single(self) -> NotSupported:
-        return NotSupported("a single-user directory source has its one user in the config "
-                            "(username, password_hash); make a hash with `pop3sf-admin hash`")
-
-    def add_user(self, name: str, password: str) -> None:
-        raise self._single()
-
-    def set_password(self, name: str, password: str) -> None:
-        raise self._single()
-
-    def delete_user(self, name: str) -> None:
-        raise self._single()
 
 
 class MultiUserDirectorySource(_DirectorySourceBase):

@@ -27,7 +27,7 @@ from .sources import (
     BadName,
     MessageLike,
     MessageSummary,
-    NotSupported,
+    SingleUserSource,
     Source,
     SourceError,
     UnknownUser,
@@ -161,11 +161,10 @@ class MySQLSource(Source):
         return out
 
 
-class SingleUserMySQLSource(MySQLSource):
+class SingleUserMySQLSource(SingleUserSource, MySQLSource):
     """The single-user table: its one user is the configured ``username``."""
 
     adapter_class = MySQLAdapter
-    has_users = False
 
     def _user_id(self, user: str | None) -> int | None:
         name = self.config["username"]
@@ -173,21 +172,6 @@ class SingleUserMySQLSource(MySQLSource):
             raise UnknownUser(f"unknown user {user!r} (this source's user is {name!r})")
         return None
 
-    def list_users(self) -> Sequence[str]:
-        return [self.config["username"]]
-
-    def _single(self) -> NotSupported:
-        return NotSupported("a single-user MySQL source has its one user in the config "
-                            "(username, password_hash); make a hash with `pop3sf-admin hash`")
-
-    def add_user(self, name: str, password: str) -> None:
-        raise self._single()
-
-    def set_password(self, name: str, password: str) -> None:
-        raise self._single()
-
-    def delete_user(self, name: str) -> None:
-        raise self._single()
 
 
 class MultiUserMySQLSource(MySQLSource):

@@ -202,3 +202,26 @@ def write_atomic(dir_fd: int, name: str, data: bytes, *, owner: tuple[int, int] 
             pass
         raise
     os.fsync(dir_fd)
+
+
+class SingleUserSource(Source):
+    """A source whose one user lives in the config: there are no users to manage."""
+
+    has_users = False
+
+    def list_users(self) -> Sequence[str]:
+        return [self.config["username"]]
+
+    def _single(self) -> NotSupported:
+        return NotSupported("a single-user source has its one user in the config (username, "
+                            "password_hash); make a hash with `pop3sf-admin hash`")
+
+    def add_user(self, name: str, password: str) -> None:
+        raise self._single()
+
+    def set_password(self, name: str, password: str) -> None:
+        raise self._single()
+
+    def delete_user(self, name: str) -> None:
+        raise self._single()
+

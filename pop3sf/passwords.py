@@ -21,11 +21,14 @@ import ctypes.util
 import functools
 import hashlib
 import hmac
+import logging
 import re
 import threading
 from typing import Any
 
 import bcrypt
+
+log = logging.getLogger("pop3sf.passwords")
 
 #: bcrypt only reads 72 octets; truncating explicitly keeps newer bcrypt releases from raising.
 BCRYPT_MAX = 72
@@ -251,6 +254,20 @@ def verify(stored: str, password: bytes) -> bool:
 @functools.cache
 def _dummy_bcrypt() -> str:
     return bcrypt.hashpw(b"pop3sf-dummy", bcrypt.gensalt(rounds=12)).decode("ascii")
+
+
+def verify_or_deny(stored: str, password: bytes) -> None:
+    """For adapters: raise ``AuthenticationFailed`` unless ``password`` matches ``stored``.
+    A hash of an unknown scheme denies the login, with a warning for the admin."""
+    from pop3sf.adapters.base import AuthenticationFailed
+
+    try:
+        ok = verify(stored, password)
+    except UnknownScheme as exc:
+        log.warning("password hash of unknown scheme %s; login denied", exc)
+        raise AuthenticationFailed("unknown password scheme") from None
+    if not ok:
+        raise AuthenticationFailed("wrong password")
 
 
 def dummy_verify(password: bytes, like: str | None = None) -> None:
