@@ -514,8 +514,8 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def _closing_maildir(method: _F) -> _F:
-    """The Maildir's descriptor is held only during a call: 10,000 idle sessions would
-    otherwise hold 10,000 directory fds beside their sockets."""
+    """After the login's listing the Maildir's descriptor is closed: 10,000 idle sessions
+    would otherwise hold 10,000 directory fds beside their sockets. Retrieving reopens it."""
 
     @functools.wraps(method)
     def wrapper(self: MaildirSession, *args: Any) -> Any:
@@ -771,7 +771,6 @@ class MaildirSession(MailboxSession):
         msg.sub, msg.name = found
         return True
 
-    @_closing_maildir
     def open_message(self, uid: str) -> BinaryIO:
         msg = self._msgs.get(uid)
         if msg is None:
@@ -796,7 +795,6 @@ class MaildirSession(MailboxSession):
 
     # --- deletion ----------------------------------------------------------------------------
 
-    @_closing_maildir
     def delete_messages(self, uids: Collection[str]) -> DeleteResult:
         if self.read_only:
             return DeleteResult({uid: "read-only session" for uid in uids})

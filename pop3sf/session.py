@@ -903,8 +903,16 @@ class Session:
         if r.stream is None:
             r.stream = self._adapter_session().open_message(r.uid)
         data = r.stream.read(r.read_size)
+        at_end = not data
+        if data and len(data) < r.read_size:
+            # Probably the end: confirm it here rather than in another worker round trip.
+            more = r.stream.read(r.read_size)
+            if more:
+                data += more
+            else:
+                at_end = True
         out = r.encoder.feed(data) if data else b""
-        if not data or r.encoder.done:
+        if at_end or r.encoder.done:
             out += r.encoder.finish()
             r.eof = True
             stream, r.stream = r.stream, None
