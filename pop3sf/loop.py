@@ -24,6 +24,10 @@ log = logging.getLogger("pop3sf.loop")
 Callback = Callable[[], Any]
 
 
+def _nothing() -> None:
+    pass
+
+
 class Timer:
     """A cancellable timer whose deadline may be moved later without touching the heap."""
 
@@ -35,7 +39,10 @@ class Timer:
         self.cancelled = False
 
     def cancel(self) -> None:
+        """Its heap entry stays until the deadline, so let go of what the callback holds (a
+        finished worker call's closure and session) now, not a minute later."""
         self.cancelled = True
+        self.callback = _nothing
 
 
 class EventLoop:

@@ -30,15 +30,16 @@ class CallTimeout(Exception):
 class Call:
     """One submitted call; ``done`` runs on the loop exactly once (result, timeout or error)."""
 
-    __slots__ = ("func", "args", "done", "finished", "abandoned", "timer", "started")
+    __slots__ = ("func", "args", "done", "finished", "abandoned", "deadline", "started")
 
-    def __init__(self, func: Callable[..., Any], args: tuple[Any, ...], done: Done) -> None:
+    def __init__(self, func: Callable[..., Any], args: tuple[Any, ...], done: Done,
+                 deadline: float) -> None:
         self.func = func
         self.args = args
         self.done = done
         self.finished = False
         self.abandoned = False
-        self.timer: Timer | None = None
+        self.deadline = deadline
         self.started = 0.0
 
 
@@ -53,6 +54,10 @@ class WorkerPool:
         self.stuck = 0
         self.calls = 0
         self._lock = threading.Lock()
+        # Calls in flight, oldest first: with one timeout per pool that is also deadline order,
+        # so one loop timer (for the oldest) watches them all and nothing is left behind.
+        self.in_flight: dict[Call, None] = {}
+        self._timer: Timer | None = None
         for _ in range(threads):
             self._spawn()
 
@@ -63,11 +68,23 @@ class WorkerPool:
 
     def submit(self, func: Callable[..., Any], args: tuple[Any, ...], done: Done) -> Call:
         """Run ``func(*args)`` on a worker; ``done(result, error)`` then runs on the loop."""
-        call = Call(func, args, done)
-        call.timer = self.loop.call_later(self.timeout, lambda: self._expire(call))
+        call = Call(func, args, done, time.monotonic() + self.timeout)
+        self.in_flight[call] = None
+        if self._timer is None:
+            self._timer = self.loop.call_at(call.deadline, self._check_deadlines)
         self.calls += 1
         self.queue.put(call)
         return call
+
+    def _check_deadlines(self) -> None:
+        self._timer = None
+        now = time.monotonic()
+        for call in list(self.in_flight):
+            if call.deadline > now:
+                self._timer = self.loop.call_at(call.deadline, self._check_deadlines)
+                break
+            del self.in_flight[call]
+            self._expire(call)
 
     def _expire(self, call: Call) -> None:
         if call.finished:
@@ -104,8 +121,7 @@ class WorkerPool:
             log.warning("abandoned %s call returned late (%d still stuck)", self.name, self.stuck)
             return
         call.finished = True
-        if call.timer is not None:
-            call.timer.cancel()
+        self.in_flight.pop(call, None)
         call.done(result, error)
 
     def shutdown(self) -> None:
