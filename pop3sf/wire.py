@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import email.utils
 import re
-from collections.abc import Iterable
 from typing import BinaryIO, NamedTuple
 
 CHUNK = 256 * 1024
@@ -139,20 +138,6 @@ class WireEncoder:
         self._lines_left = 0
         self.done = True
         return data[: pos + 1]
-
-
-def encode_stream(stream: BinaryIO, encoder: WireEncoder, chunk: int = CHUNK) -> Iterable[bytes]:
-    """The wire form of a whole stream (used where memory is not a concern: tests, tools)."""
-    while not encoder.done:
-        data = stream.read(chunk)
-        if not data:
-            break
-        out = encoder.feed(data)
-        if out:
-            yield out
-    tail = encoder.finish()
-    if tail:
-        yield tail
 
 
 class Measure(NamedTuple):

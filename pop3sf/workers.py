@@ -52,7 +52,6 @@ class WorkerPool:
         self.queue: queue.SimpleQueue[Call | None] = queue.SimpleQueue()
         self.threads: list[threading.Thread] = []
         self.stuck = 0
-        self.calls = 0
         self._lock = threading.Lock()
         # Calls in flight, oldest first: with one timeout per pool that is also deadline order,
         # so one loop timer (for the oldest) watches them all and nothing is left behind.
@@ -72,7 +71,6 @@ class WorkerPool:
         self.in_flight[call] = None
         if self._timer is None:
             self._timer = self.loop.call_at(call.deadline, self._check_deadlines)
-        self.calls += 1
         self.queue.put(call)
         return call
 
