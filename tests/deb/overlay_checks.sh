@@ -50,6 +50,8 @@ check "pop3sf --daemon starts" pop3sf --daemon
 for i in $(seq 100); do [ -s /run/pop3sf/pop3sf.pid ] && break; sleep 0.05; done
 pid=$(cat /run/pop3sf/pop3sf.pid 2>/dev/null)
 check "daemon pidfile names a live process" kill -0 "${pid:-0}"
+# The pidfile is written while detaching, before privileges are dropped: wait for the drop.
+for i in $(seq 100); do [ "$(ps -o user= -p "${pid:-0}")" = pop3sf ] && break; sleep 0.05; done
 check "daemon runs as pop3sf" sh -c "[ \"\$(ps -o user= -p ${pid:-0})\" = pop3sf ]"
 check "second --daemon refused (exit 1)" sh -c 'pop3sf --daemon; [ $? -eq 1 ]'
 check "POP3 over STLS on 110 reads the mail" sh -c "/usr/bin/python3 $DIR/pop_check.py stls 127.0.0.1 110 alice 's3cret pw' | grep -q 'overlay test message'"
