@@ -146,7 +146,7 @@ def test_one_input(data: bytes) -> None:
     check_replies(stream, out)
     server = SERVER
     assert not server.locks and not server.user_sessions and server.sessions_alive == 0
-    assert server.auth_in_flight == 0 and not server.auth_by_group
+    assert not server.leaks()
     assert server.commits_in_flight == 0 and not server.by_group
     if b"QUIT" not in stream.upper():
         assert box.messages == before, "a message was deleted without QUIT"

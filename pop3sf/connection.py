@@ -36,7 +36,7 @@ class Connection:
         "created", "inbuf", "outbuf", "ssl", "bio_in", "bio_out", "handshaking", "closed",
         "eof", "discarding", "line_limit", "events", "reading_paused", "session", "timer",
         "auth_deadline", "handshake_deadline", "idle_deadline", "stall_deadline",
-        "close_when_flushed", "authenticated", "auth_in_flight", "bytes_out", "__weakref__",
+        "close_when_flushed", "authenticated", "bytes_out", "__weakref__",
     )
 
     def __init__(self, server: Server, sock: socket.socket, address: str, port: int,
@@ -71,7 +71,6 @@ class Connection:
         self.stall_deadline = float("inf")
         self.close_when_flushed = False
         self.authenticated = False
-        self.auth_in_flight = False
         self.bytes_out = 0
 
     # -- lifecycle ---------------------------------------------------------------------------

@@ -19,9 +19,9 @@ from pop3sf.adapters import Adapter
 from .config import ConfigError, Settings
 from .connection import Connection
 from .listeners import ListeningSocket
-from .loop import EventLoop
+from .loop import EventLoop, Timer
 from .session import ERR_IN_USE, ERR_TEMP, Session
-from .throttle import Penalties, address_group, in_networks, normalize_address
+from .throttle import Penalties, VerificationGate, address_group, in_networks, normalize_address
 from .tls import make_context
 from .workers import WorkerPool, run_inline
 
@@ -29,6 +29,9 @@ log = logging.getLogger("pop3sf.server")
 
 FD_RESERVE = 64
 ACCEPTS_PER_EVENT = 64
+#: After the shutdown grace period, how long to wait for adapter calls still running (their
+#: sessions' cleanup and commits) before exiting anyway.
+STUCK_WAIT = 5.0
 
 
 def raise_nofile_limit() -> int:
@@ -59,20 +62,23 @@ class Server:
         # the benchmark: 42 us per command with 2 threads, 85 with 8); raise it for slow I/O.
         self.pools = {
             "auth": WorkerPool(self.loop, "auth", workers.auth_threads or cores,
-                               workers.call_timeout),
+                               workers.call_timeout, workers.max_stuck_calls),
             "mail": WorkerPool(self.loop, "mail", workers.mailbox_threads or cores,
-                               workers.call_timeout),
+                               workers.call_timeout, workers.max_stuck_calls),
         }
+        self.verifications = VerificationGate(self.penalties, self.loop, self._auth_refusal)
         self.listeners: list[ListeningSocket] = []
         self.connections: set[Connection] = set()
         self.by_group: dict[str, dict[Connection, None]] = {}
         self.sessions_alive = 0
         self.locks: dict[str, Session] = {}
         self.user_sessions: collections.Counter[str] = collections.Counter()
-        self.auth_in_flight = 0
-        self.auth_by_group: collections.Counter[str] = collections.Counter()
         self.commits_in_flight = 0
         self.stopping = False
+        self.gave_up = False  # shutdown stopped waiting for stuck adapter calls
+        self._stop_timer: Timer | None = None
+        #: What serve_forever found not given back when it ended (see leaks()).
+        self.leaked: list[str] = []
         self.nofile = raise_nofile_limit()
         self.started = False
         self.stats = collections.Counter[str]()
@@ -118,12 +124,44 @@ class Server:
         return (f"{len(self.connections)} connections, {logged_in} logged in, "
                 f"{self.pools['auth'].stuck + self.pools['mail'].stuck} stuck adapter calls")
 
+    def calls_pending(self) -> int:
+        return sum(pool.pending() for pool in self.pools.values())
+
+    def _stopped(self) -> bool:
+        """Stopping, and every session's end has been told to its adapter (or we gave up)."""
+        return self.stopping and (self.gave_up or not (
+            self.connections or self.commits_in_flight or self.calls_pending()))
+
     def serve_forever(self) -> None:
         try:
-            self.loop.run(until=lambda: self.stopping and not self.connections
-                          and not self.commits_in_flight)
+            self.loop.run(until=self._stopped)
+            if self._stop_timer is not None:
+                self._stop_timer.cancel()
+            self.leaked = self.leaks()
+            if self.leaked:
+                log.error("resources not given back at exit: %s", "; ".join(self.leaked))
         finally:
             self.close()
+
+    def leaks(self) -> list[str]:
+        """Per-session bookkeeping still held: empty once every session has ended, except what
+        calls still stuck in an adapter hold (a session each, at most)."""
+        found = []
+        stuck = self.calls_pending()
+        gate = self.verifications
+        if self.connections:
+            found.append(f"{len(self.connections)} connections")
+        if self.sessions_alive > stuck:
+            found.append(f"{self.sessions_alive} adapter sessions not closed ({stuck} stuck)")
+        if gate.total or gate.running or gate.waiting:
+            found.append(f"{gate.total} verifications in flight, {len(gate.waiting)} queues")
+        if self.locks or self.user_sessions:
+            found.append(f"accounts still held: {sorted(self.user_sessions)}")
+        if self.commits_in_flight > stuck:
+            found.append(f"{self.commits_in_flight} commits")
+        if self.by_group:
+            found.append(f"{len(self.by_group)} address groups")
+        return found
 
     def close(self) -> None:
         for ls in self.listeners:
@@ -204,7 +242,7 @@ class Server:
         """Close the oldest not-yet-authenticated connection of the busiest address (§P9)."""
         for group in sorted(self.by_group, key=lambda g: len(self.by_group[g]), reverse=True):
             for conn in self.by_group[group]:
-                if not conn.authenticated and not conn.auth_in_flight and not conn.closed:
+                if not (conn.authenticated or conn.closed or self.verifications.is_running(conn)):
                     self.stats["shed"] += 1
                     log.warning("shedding %s to admit a new connection (server full)",
                                 conn.address, extra={"POP3SF_CLIENT": conn.address,
@@ -233,33 +271,19 @@ class Server:
         else:
             run_inline(func, args, done)
 
-    def auth_refusal(self, conn: Connection) -> str | None:
-        """Why a new authentication can't start now, or None."""
+    def _auth_refusal(self, group: str) -> str | None:
+        """Why a verification whose turn came can't start now, or None."""
         stuck = sum(p.stuck for p in self.pools.values())
         if stuck >= self.settings.workers.max_stuck_calls:
             return f"{stuck} adapter calls are stuck"
         if self.stopping:
             return "server shutting down"
         auth = self.settings.auth
-        if self.auth_in_flight >= auth.max_auth_in_flight:
+        if self.verifications.total >= auth.max_auth_in_flight:
             return "too many authentications in flight"
-        if self.auth_by_group[conn.group] >= auth.max_auth_in_flight_per_address:
+        if self.verifications.running[group] >= auth.max_auth_in_flight_per_address:
             return "too many authentications in flight from this address"
         return None
-
-    def auth_started(self, conn: Connection) -> None:
-        conn.auth_in_flight = True
-        self.auth_in_flight += 1
-        self.auth_by_group[conn.group] += 1
-
-    def auth_finished(self, conn: Connection) -> None:
-        if not conn.auth_in_flight:
-            return
-        conn.auth_in_flight = False
-        self.auth_in_flight -= 1
-        self.auth_by_group[conn.group] -= 1
-        if self.auth_by_group[conn.group] <= 0:
-            del self.auth_by_group[conn.group]
 
     # -- accounts -------------------------------------------------------------------------------
     def claim_account(self, session: Session, account: str, read_only: bool) -> bytes | None:
@@ -293,6 +317,7 @@ class Server:
         self.stats["logins"] += 1
 
     def session_released(self, session: Session) -> None:
+        """The adapter session was told the connection is over (or there was none)."""
         self.release_account(session)
         self.sessions_alive -= 1
 
@@ -344,7 +369,8 @@ class Server:
         for conn in list(self.connections):
             if conn.session is not None:
                 conn.session.shutdown()
-        self.loop.call_later(self.settings.server.shutdown_grace, self._grace_over)
+        self._stop_timer = self.loop.call_later(self.settings.server.shutdown_grace,
+                                                self._grace_over)
 
     def _grace_over(self) -> None:
         for conn in list(self.connections):
@@ -352,6 +378,17 @@ class Server:
             if session is not None and session.waiting == "commit":
                 continue  # a QUIT whose commit started finishes before exit
             conn.close("shutdown grace period over")
+        self._stop_timer = self.loop.call_later(STUCK_WAIT, self._give_up)
+
+    def _give_up(self) -> None:
+        """Adapter calls still running after the grace period: exit without them (a commit
+        that never returns is never answered, so no client is told anything false)."""
+        self._stop_timer = None
+        log.error("shutdown: %d adapter calls still running, %d commits unfinished; "
+                  "exiting without them", self.calls_pending(), self.commits_in_flight)
+        self.gave_up = True
+        for conn in list(self.connections):
+            conn.close("shutdown: adapter call still running")
 
     def request_stop(self) -> None:
         """Thread-safe: begin a graceful shutdown."""

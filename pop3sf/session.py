@@ -201,10 +201,12 @@ class Session:
             log.debug("disconnect %s%s", conn.address, f" ({reason})" if reason else "",
                       extra=extra)
         self.producer = None
+        server = self.server
+        server.verifications.cancel(conn, server.penalty_group(conn.address))
         if self.waiting != "commit":
             # The client is gone: its account is free now, not when the adapter's cleanup
             # ends, so an immediate reconnect is not refused with [IN-USE].
-            self.server.release_account(self)
+            server.release_account(self)
         if self.in_flight:
             self.finalize_pending = True
         else:
@@ -227,6 +229,8 @@ class Session:
         self.server.call_adapter("mail", cleanup, (), lambda _r, e: self._released(e))
 
     def _released(self, error: BaseException | None) -> None:
+        if isinstance(error, CallTimeout):
+            return  # the adapter session is released when the call returns
         if error is not None:
             log.error("connection_closed failed for %s: %r", self.conn.address, error)
         self.server.session_released(self)
@@ -301,7 +305,7 @@ class Session:
         answers = self.answers
         if answers is None:
             answers = self.answers = {}
-        if len(answers) < 4096:
+        if len(answers) < 4096 and len(self.line) <= 32:  # a bounded cache, whatever the input
             answers[self.line] = answer
 
     def _dispatch(self, line: bytes) -> None:
@@ -347,27 +351,38 @@ class Session:
     # -- adapter calls -------------------------------------------------------------------------
     def _call(self, pool: str, func: Callable[..., Any], args: tuple[Any, ...],
               done: Callable[[Any, BaseException | None], None]) -> None:
-        def finished(result: Any, error: BaseException | None) -> None:
-            self.in_flight = False
-            if isinstance(error, CallTimeout):
-                self.finalize_pending = False  # the stuck call keeps the adapter session
-                self.finished = True
-                if not self.conn.closed:
-                    self.conn.write(ERR_TEMP)
-                    self.close_reason = "adapter call timed out"
-                    self.conn.finish()
-                self.server.session_released(self)
-                return
-            done(result, error)
-            if self.finalize_pending and not self.in_flight:
-                self.finalize_pending = False
-                self._finalize()
-            elif not self.conn.closed:
-                self._process()
-
+        """Run one adapter call; ``done`` gets its outcome on the loop, even a late one."""
         self.in_flight = True
         self.calls += 1
-        self.server.call_adapter(pool, func, args, finished)
+        self.server.call_adapter(pool, func, args, lambda r, e: self._returned(done, r, e))
+
+    def _returned(self, done: Callable[[Any, BaseException | None], None], result: Any,
+                  error: BaseException | None) -> None:
+        if isinstance(error, CallTimeout):
+            self._timed_out()
+            return
+        self.in_flight = False
+        done(result, error)
+        if self.finalize_pending and not self.in_flight:
+            self.finalize_pending = False
+            self._finalize()
+        elif not self.conn.closed:
+            self._process()
+
+    def _timed_out(self) -> None:
+        """The call is abandoned but may still return: the session ends now (releasing what
+        the server holds for it), and its late outcome, when it comes, goes through ``done``
+        on the closed connection and then ends the adapter session. A commit is different:
+        its answer must say what happened, so the client waits for the real outcome."""
+        if self.waiting == "commit":
+            log.error("%s %s: the commit is taking longer than the call timeout; its answer "
+                      "waits for the outcome", self.conn.address, self.account)
+            return
+        if not self.conn.closed:
+            self.conn.write(ERR_TEMP)
+            self.conn.flush()
+            self.close_reason = "adapter call timed out"
+            self.conn.close(self.close_reason)
 
     def _adapter_session(self) -> MailboxSession:
         if self.adapter is None:
@@ -397,8 +412,9 @@ class Session:
         lines += [b"PIPELINING", b"RESP-CODES", b"AUTH-RESP-CODE"]
         if self.plaintext_allowed():
             lines.append(b"SASL " + " ".join(sasl.MECHANISMS).encode())
-        if self.conn.ssl is None and self.server.tls_context is not None:
-            lines.append(b"STLS")
+        if (self.state == AUTHORIZATION and self.conn.ssl is None
+                and self.server.tls_context is not None):
+            lines.append(b"STLS")  # only valid before login (RFC 2595 §4)
         lines += [b"UTF8 USER", b"LANG"]
         impl = b"IMPLEMENTATION pop3sf"
         if self.server.settings.protocol.implementation_version:
@@ -542,24 +558,21 @@ class Session:
         self._sasl_continue(exchange, challenge, creds)
 
     def _authenticate(self, creds: Credentials) -> None:
-        refusal = self.server.auth_refusal(self.conn)
-        if refusal:
-            log.warning("%s: login refused: %s", self.conn.address, refusal)
-            self._reply(ERR_TEMP)
-            return
+        """Queue the verification: the penalty delays its *processing*, not just the answer."""
         self.mechanism = creds.mechanism
-        self.waiting = "penalty"
-        delay = self.server.penalties.delay(self.server.penalty_group(self.conn.address))
-        if delay > 0:  # delay the processing of the attempt, not just its answer (§P7)
-            self.server.loop.call_later(delay, lambda: self._verify(creds))
-        else:
-            self._verify(creds)
+        self.waiting = "verification"
+        server, conn = self.server, self.conn
+        server.verifications.request(conn, server.penalty_group(conn.address),
+                                     lambda: self._verify(creds), self._verification_refused)
+
+    def _verification_refused(self, why: str) -> None:
+        self.waiting = None
+        log.warning("%s: login refused: %s", self.conn.address, why)
+        self._reply(ERR_TEMP)
+        self._process()
 
     def _verify(self, creds: Credentials) -> None:
         self.waiting = None
-        if self.conn.closed:  # left during the delay: nothing was verified, nothing to record
-            return
-        self.server.auth_started(self.conn)
         self._call("auth", self._do_authenticate, (creds,),
                    lambda r, e: self._verified(creds, r, e))
 
@@ -568,21 +581,24 @@ class Session:
 
     def _verified(self, creds: Credentials, result: Any, error: BaseException | None) -> None:
         conn = self.conn
-        self.server.auth_finished(conn)
         server = self.server
-        group = server.penalty_group(conn.address)
         if error is None and not (isinstance(result, AuthResult) and
                                   isinstance(result.account_id, str) and result.account_id):
             error = TemporaryFailure(f"authenticate() returned {type(result).__name__}, "
                                      "not an AuthResult with an account_id")
         if isinstance(error, AuthenticationFailed):
-            server.penalties.record_failure(group, creds.username.encode("utf-8", "replace"),
+            # Recorded even when the client already left, before the next attempt may start.
+            server.penalties.record_failure(server.penalty_group(conn.address),
+                                            creds.username.encode("utf-8", "replace"),
                                             creds.password_bytes())
-            log.info("%s: login failed (%s)", conn.address, creds.mechanism,
+            server.verifications.finished(conn)
+            log.info("%s: login failed for %s (%s)", conn.address, _printable(creds.username),
+                     creds.mechanism,
                      extra={"POP3SF_CLIENT": conn.address, "POP3SF_EVENT": "auth-failed"})
             if not conn.closed:
                 self._reply(ERR_AUTH)
             return
+        server.verifications.finished(conn)
         if error is not None:
             log.error("%s: authentication backend failed: %s: %s", conn.address,
                       type(error).__name__, _scrub(str(error), creds))
@@ -592,7 +608,6 @@ class Session:
             return
         if conn.closed:
             return
-        server.penalties.record_success(group)
         account = result.account_id
         problem = server.claim_account(self, account, self.read_only)
         if problem is not None:
@@ -798,10 +813,13 @@ class Session:
             self._reply(ERR_NEEDS_UTF8)
             return
         if self._batchable(n, top_lines) and self.server.adapter.blocking:
-            jobs = self._pipelined_retrievals([(n, top_lines)])
+            jobs, ends = self._pipelined_retrievals([(n, top_lines)])
             if len(jobs) > 1:
-                self._retrieve_batch(jobs)
+                self._retrieve_batch(jobs, ends)
                 return
+        self._stream(n, top_lines)
+
+    def _stream(self, n: int, top_lines: int | None) -> None:
         encoder = WireEncoder(top_lines=top_lines, downgrade=n in self.downgrade)
         self.retrieval = Retrieval(self.infos[n].uid, encoder,
                                    CHUNK if top_lines is None else _TOP_READ)
@@ -810,17 +828,21 @@ class Session:
         self._next_chunk()
 
     # A run of pipelined RETR/TOP of small messages is read in one worker call: a worker round
-    # trip costs more CPU than reading a small message (issue 6, pipe-top).
+    # trip costs more CPU than reading a small message. Each message's output in a batch is
+    # capped (_BATCH_SMALL): a TOP of a few lines can still be a 20 MB line, or a whole message
+    # without a blank line; the batch stops there and that one streams like any big message.
     def _batchable(self, n: int, top_lines: int | None) -> bool:
         """Small enough to read whole in a batch: a small message, or a short TOP."""
         return self.sizes[n] <= _BATCH_SMALL if top_lines is None else top_lines <= _BATCH_TOP
 
     def _pipelined_retrievals(self, jobs: list[tuple[int, int | None]]
-                              ) -> list[tuple[int, int | None]]:
-        """Take the RETR/TOP commands queued right behind this one off the input buffer."""
+                              ) -> tuple[list[tuple[int, int | None]], list[int]]:
+        """The RETR/TOP commands queued right behind this one, and where each one's line ends
+        in the input buffer. The lines stay there until their answers are written."""
         conn = self.conn
+        ends: list[int] = []
         if conn.discarding or self.sasl is not None:
-            return jobs
+            return jobs, ends
         buf, limit = conn.inbuf, conn.line_limit
         total = min(self.sizes[jobs[0][0]], _BATCH_SMALL)
         pos = 0
@@ -843,31 +865,36 @@ class Session:
             total += min(self.sizes[n], _BATCH_SMALL)
             jobs.append((n, top))
             pos = end + 1
-        if pos:
-            del buf[:pos]
-            conn.maybe_resume_reading()
-        return jobs
+            ends.append(pos)
+        return jobs, ends
 
-    def _retrieve_batch(self, jobs: list[tuple[int, int | None]]) -> None:
+    def _retrieve_batch(self, jobs: list[tuple[int, int | None]], ends: list[int]) -> None:
         work = [(self.infos[n].uid, WireEncoder(top_lines=top, downgrade=n in self.downgrade),
                  _BATCH_SMALL if top is None else _TOP_READ) for n, top in jobs]
-        self.retrieved += sum(1 for _, top in jobs if top is None)
-        self._call("mail", self._read_batch, (work,), self._batch_read)
+        self._call("mail", self._read_batch, (work,),
+                   lambda r, e: self._batch_read(jobs, ends, r, e))
 
     def _read_batch(self, work: list[tuple[str, WireEncoder, int]]
-                    ) -> list[bytes | BaseException]:
-        results: list[bytes | BaseException] = []
+                    ) -> list[bytes | BaseException | None]:
+        """Each message's complete output or exception, in order; None for one whose output
+        passed the cap (it and those after it are left for the ordinary way)."""
+        results: list[bytes | BaseException | None] = []
         session = self._adapter_session()
         for uid, encoder, size in work:
             try:
                 stream = session.open_message(uid)
                 try:
                     parts = []
-                    while not encoder.done:
+                    out = 0
+                    while not encoder.done and out <= _BATCH_SMALL:
                         data = stream.read(size)
                         if not data:
                             break
                         parts.append(encoder.feed(data))
+                        out += len(parts[-1])
+                    if out > _BATCH_SMALL:
+                        results.append(None)
+                        return results
                     parts.append(encoder.finish())
                 finally:
                     stream.close()
@@ -876,23 +903,33 @@ class Session:
                 results.append(exc)
         return results
 
-    def _batch_read(self, results: Any, error: BaseException | None) -> None:
+    def _batch_read(self, jobs: list[tuple[int, int | None]], ends: list[int], results: Any,
+                    error: BaseException | None) -> None:
         if self.conn.closed:
             return
         if error is not None:
             self._log_adapter_error("retrieving", error)
             self._reply(_error_reply(error))
-            return
+            return  # the commands behind it are still in the input buffer
         out: list[bytes] = []
         for result in results:
             if isinstance(result, bytes):
                 out += (b"+OK Message follows\r\n", result, b".\r\n")
-            else:
+            elif result is not None:
                 if isinstance(result, HeaderTooLarge | TypeError):
                     result = PermanentFailure(str(result))
                 self._log_adapter_error("retrieving", result)
                 out.append(_error_reply(result))
+        done = sum(1 for result in results if result is not None)
+        self.retrieved += sum(1 for i, result in enumerate(results)
+                              if jobs[i][1] is None and isinstance(result, bytes))
+        consumed = len(results) - 1  # commands answered (or started) after the first
+        if consumed:
+            del self.conn.inbuf[:ends[consumed - 1]]
+            self.conn.maybe_resume_reading()
         self.conn.write(b"".join(out))
+        if done < len(results):  # over the cap: stream this one
+            self._stream(*jobs[done])
 
     def _next_chunk(self) -> None:
         retrieval = self.retrieval
@@ -974,7 +1011,9 @@ class Session:
             reply = b"-ERR Some deleted messages not removed\r\n"
         else:
             self.deleted_count = count
-            reply = f"+OK pop3sf signing off ({self.live_count} messages left)\r\n".encode()
+            left = self.live_count
+            reply = (f"+OK pop3sf signing off ({left} message{'' if left == 1 else 's'} "
+                     "left)\r\n").encode()
         self.server.release_account(self)
         if not self.conn.closed:
             self._reply(reply)
@@ -998,6 +1037,11 @@ def _commit(adapter: MailboxSession, uids: list[str]) -> DeleteResult:
             adapter.connection_closed()
         except Exception:
             log.exception("connection_closed failed after QUIT")
+
+
+def _printable(name: str) -> str:
+    """A client-supplied name made safe for one log line."""
+    return "".join(c if c.isprintable() else "?" for c in name[:64]) or "''"
 
 
 def _scrub(text: str, creds: Credentials) -> str:

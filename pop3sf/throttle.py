@@ -13,9 +13,10 @@ import hmac
 import ipaddress
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from .config import Network
+from .loop import EventLoop, Timer
 
 
 def normalize_address(address: str) -> str:
@@ -62,6 +63,8 @@ class Penalties:
     The delay starts at ``initial`` and doubles per failure up to ``maximum``; failures decay by
     one per ``decay`` seconds. A retry of the same wrong password does not count again: the
     table keeps an HMAC of (user, password) under a per-process random key, never the password.
+    A success does not clear the record: an attacker holding one valid account would otherwise
+    reset the penalty between guesses at others.
     """
 
     def __init__(self, initial: float, maximum: float, decay: float, size: int) -> None:
@@ -71,6 +74,11 @@ class Penalties:
 
     def _current(self, entry: _Entry, now: float) -> float:
         return max(0.0, entry.failures - (now - entry.last) // self.decay)
+
+    def penalized(self, group: str) -> bool:
+        """True while the group has failures that have not decayed yet."""
+        entry = self._table.get(group)
+        return entry is not None and self._current(entry, time.monotonic()) >= 1
 
     def delay(self, group: str, now: float | None = None) -> float:
         """Seconds to wait before processing this group's next attempt."""
@@ -97,5 +105,98 @@ class Penalties:
         while len(self._table) > self.size:
             self._table.popitem(last=False)
 
-    def record_success(self, group: str) -> None:
-        self._table.pop(group, None)
+
+class _Waiter:
+    __slots__ = ("key", "start", "refuse")
+
+    def __init__(self, key: object, start: Callable[[], None],
+                 refuse: Callable[[str], None]) -> None:
+        self.key, self.start, self.refuse = key, start, refuse
+
+
+class VerificationGate:
+    """When each password verification may start: the penalty and the in-flight caps apply at
+    that moment, not when the command arrived.
+
+    Attempts wait in one queue per penalty group. While a group is penalised its verifications
+    run one at a time, each only once the delay since the last failure has passed, so parallel
+    connections, disconnects and successes with another account can't raise the group's rate of
+    wrong-password verifications above what the penalty allows. ``refusal(group)`` says why an
+    attempt whose turn came can't start (stuck calls, caps); it is then refused, not retried.
+    """
+
+    def __init__(self, penalties: Penalties, loop: EventLoop,
+                 refusal: Callable[[str], str | None]) -> None:
+        self.penalties = penalties
+        self.loop = loop
+        self.refusal = refusal
+        self.waiting: dict[str, collections.deque[_Waiter]] = {}
+        self.running: collections.Counter[str] = collections.Counter()
+        self.total = 0
+        self._holders: dict[object, str] = {}  # key -> group, for verifications running
+        self._timers: dict[str, Timer] = {}
+
+    def request(self, key: object, group: str, start: Callable[[], None],
+                refuse: Callable[[str], None]) -> None:
+        """Run ``start()`` when the group's turn allows, or ``refuse(why)``; one per ``key``."""
+        self.waiting.setdefault(group, collections.deque()).append(_Waiter(key, start, refuse))
+        self._pump(group)
+
+    def is_running(self, key: object) -> bool:
+        return key in self._holders
+
+    def finished(self, key: object) -> None:
+        """The verification of ``key`` ended (its result arrived, or its session did)."""
+        group = self._holders.pop(key, None)
+        if group is None:
+            return
+        self.total -= 1
+        self.running[group] -= 1
+        if self.running[group] <= 0:
+            del self.running[group]
+        if group in self.waiting:
+            self.loop.call_soon(lambda: self._pump(group))
+
+    def cancel(self, key: object, group: str) -> None:
+        """``key``'s session ended: drop its waiting attempt and end its verification."""
+        queue = self.waiting.get(group)
+        if queue is not None:
+            for waiter in queue:
+                if waiter.key is key:
+                    queue.remove(waiter)
+                    break
+            if not queue:
+                self._forget(group)
+        self.finished(key)
+
+    def _pump(self, group: str) -> None:
+        queue = self.waiting.get(group)
+        while queue:
+            delay = self.penalties.delay(group)
+            if delay > 0:
+                if group not in self._timers:
+                    self._timers[group] = self.loop.call_later(delay, lambda: self._wake(group))
+                return
+            if self.running[group] and self.penalties.penalized(group):
+                return  # one at a time while penalised: finished() pumps again
+            waiter = queue.popleft()
+            why = self.refusal(group)
+            if why is not None:
+                waiter.refuse(why)
+                continue
+            self.total += 1
+            self.running[group] += 1
+            self._holders[waiter.key] = group
+            waiter.start()
+        if queue is not None and not queue:
+            self._forget(group)
+
+    def _wake(self, group: str) -> None:
+        self._timers.pop(group, None)
+        self._pump(group)
+
+    def _forget(self, group: str) -> None:
+        self.waiting.pop(group, None)
+        timer = self._timers.pop(group, None)
+        if timer is not None:
+            timer.cancel()

@@ -1,9 +1,12 @@
 """Bounded worker pools for adapter calls (SPEC §A3).
 
 Authentication and mailbox I/O get separate pools, so a bcrypt storm can't starve logged-in
-sessions. A call that outlives its timeout is *abandoned*: Python can't kill a thread, so the
-thread is counted as stuck and replaced, and :attr:`WorkerPool.stuck` lets the server refuse new
-logins while too many are stuck.
+sessions. A call's time starts when a worker picks it up: time spent waiting in the queue is the
+pool's congestion, not the adapter's slowness. A call that outlives its timeout is *abandoned*:
+Python can't kill a thread, so its ``done`` hears :class:`CallTimeout` at once and then, when the
+thread finally returns, the late result as well, so whoever made the call can release what the
+call held. The pool replaces an abandoned thread only while the total stays within
+``threads + max_stuck``: a storm of slow calls can't multiply the threads competing for the CPU.
 """
 
 from __future__ import annotations
@@ -24,39 +27,43 @@ Done = Callable[[Any, BaseException | None], None]
 
 
 class CallTimeout(Exception):
-    """The adapter call did not finish within its per-call timeout."""
+    """The adapter call did not finish within its per-call timeout (it may still finish)."""
 
 
 class Call:
-    """One submitted call; ``done`` runs on the loop exactly once (result, timeout or error)."""
+    """One submitted call. ``done`` runs on the loop once with the outcome; a call that timed
+    out gets ``done(None, CallTimeout)`` first and ``done(result, error)`` when it returns."""
 
-    __slots__ = ("func", "args", "done", "finished", "abandoned", "deadline", "started")
+    __slots__ = ("func", "args", "done", "abandoned", "replaced", "returned", "started")
 
-    def __init__(self, func: Callable[..., Any], args: tuple[Any, ...], done: Done,
-                 deadline: float) -> None:
+    def __init__(self, func: Callable[..., Any], args: tuple[Any, ...], done: Done) -> None:
         self.func = func
         self.args = args
         self.done = done
-        self.finished = False
         self.abandoned = False
-        self.deadline = deadline
-        self.started = 0.0
+        self.replaced = False  # a new thread took the abandoned one's place: it exits after
+        self.returned = False  # the worker is done with it (the result may still be on its way)
+        self.started = 0.0  # set by the worker; 0.0 while queued
 
 
 class WorkerPool:
-    def __init__(self, loop: EventLoop, name: str, threads: int, timeout: float) -> None:
+    """``size`` threads taking calls from one queue; calls report back on the loop thread."""
+
+    def __init__(self, loop: EventLoop, name: str, threads: int, timeout: float,
+                 max_stuck: int = 16) -> None:
         self.loop = loop
         self.name = name
         self.size = threads
         self.timeout = timeout
+        self.max_threads = threads + max_stuck
         self.queue: queue.SimpleQueue[Call | None] = queue.SimpleQueue()
         self.threads: list[threading.Thread] = []
+        #: Abandoned calls whose thread has not returned yet (loop thread only).
         self.stuck = 0
-        self._lock = threading.Lock()
-        # Calls in flight, oldest first: with one timeout per pool that is also deadline order,
-        # so one loop timer (for the oldest) watches them all and nothing is left behind.
+        #: Calls submitted and not yet answered, oldest first (abandoned ones leave it).
         self.in_flight: dict[Call, None] = {}
         self._timer: Timer | None = None
+        self._lock = threading.Lock()  # replaced vs returned: one thread per free slot
         for _ in range(threads):
             self._spawn()
 
@@ -65,35 +72,45 @@ class WorkerPool:
         self.threads.append(thread)
         thread.start()
 
+    def pending(self) -> int:
+        """Calls whose outcome has not come back yet, stuck ones included."""
+        return len(self.in_flight) + self.stuck
+
     def submit(self, func: Callable[..., Any], args: tuple[Any, ...], done: Done) -> Call:
         """Run ``func(*args)`` on a worker; ``done(result, error)`` then runs on the loop."""
-        call = Call(func, args, done, time.monotonic() + self.timeout)
+        call = Call(func, args, done)
         self.in_flight[call] = None
-        if self._timer is None:
-            self._timer = self.loop.call_at(call.deadline, self._check_deadlines)
+        if self._timer is None:  # nothing submitted now can time out sooner than this
+            self._timer = self.loop.call_later(self.timeout, self._check_deadlines)
         self.queue.put(call)
         return call
 
     def _check_deadlines(self) -> None:
         self._timer = None
         now = time.monotonic()
+        next_check = None
         for call in list(self.in_flight):
-            if call.deadline > now:
-                self._timer = self.loop.call_at(call.deadline, self._check_deadlines)
-                break
-            del self.in_flight[call]
-            self._expire(call)
+            started = call.started
+            deadline = started + self.timeout if started else now + self.timeout
+            if deadline <= now:
+                del self.in_flight[call]
+                self._expire(call)
+            elif next_check is None or deadline < next_check:
+                next_check = deadline
+        if next_check is not None:
+            self._timer = self.loop.call_at(next_check, self._check_deadlines)
 
     def _expire(self, call: Call) -> None:
-        if call.finished:
-            return
-        call.finished = call.abandoned = True
+        call.abandoned = True
+        self.stuck += 1
+        self.threads = [t for t in self.threads if t.is_alive()]
         with self._lock:
-            self.stuck += 1
-        log.error("adapter call %s on the %s pool exceeded %.1f s; abandoned (%d stuck)",
-                  getattr(call.func, "__qualname__", call.func), self.name, self.timeout,
-                  self.stuck)
-        self._spawn()  # keep the pool's capacity; the stuck thread exits when it returns
+            if not call.returned and len(self.threads) < self.max_threads:
+                call.replaced = True
+                self._spawn()
+        log.error("adapter call %s on the %s pool exceeded %.1f s; abandoned (%d stuck, "
+                  "%d threads)", getattr(call.func, "__qualname__", call.func), self.name,
+                  self.timeout, self.stuck, len(self.threads))
         call.done(None, CallTimeout(f"{self.name} call timed out"))
 
     def _work(self) -> None:
@@ -105,24 +122,29 @@ class WorkerPool:
             try:
                 result: Any = call.func(*call.args)
                 error: BaseException | None = None
-            except BaseException as exc:  # reported to the session, never lost
+            except BaseException as exc:  # reported to the caller, never lost
                 result, error = None, exc
+            with self._lock:
+                call.returned = True
+                if call.replaced:
+                    self.loop.call_soon_threadsafe(
+                        functools.partial(self._finish, call, result, error))
+                    return  # its replacement serves the queue now
             self.loop.call_soon_threadsafe(functools.partial(self._finish, call, result, error))
-            if call.abandoned:
-                return  # a replacement was spawned when this call was abandoned
 
     def _finish(self, call: Call, result: Any, error: BaseException | None) -> None:
         if call.abandoned:
-            with self._lock:
-                self.stuck -= 1
-            self.threads = [t for t in self.threads if t.is_alive()]
-            log.warning("abandoned %s call returned late (%d still stuck)", self.name, self.stuck)
-            return
-        call.finished = True
-        self.in_flight.pop(call, None)
+            self.stuck -= 1
+            log.warning("abandoned %s call returned late (%d still stuck)", self.name,
+                        self.stuck)
+        else:
+            del self.in_flight[call]
         call.done(result, error)
 
     def shutdown(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         for _ in self.threads:
             self.queue.put(None)
 

@@ -157,8 +157,6 @@ def test_penalty_model() -> None:
     for key in "bcd":
         p.record_failure(key, b"u", b"x")
     assert p.delay("a") == 0  # LRU-bounded table
-    p.record_success("d")
-    assert p.delay("d") == 0
 
 
 def test_address_normalisation() -> None:
