@@ -91,6 +91,10 @@ class EventLoop:
             heapq.heappush(self._timers, (deadline, next(self._seq), timer))
         timer.deadline = deadline
 
+    def pending_timers(self) -> list[Callback]:
+        """The callbacks of timers still armed (for leak checks)."""
+        return [timer.callback for _, _, timer in self._timers if not timer.cancelled]
+
     # -- signals ---------------------------------------------------------------------------
     def add_signal_handler(self, signum: int, callback: Callback) -> None:
         """Run ``callback`` on the loop when the signal arrives (main thread only)."""

@@ -137,6 +137,8 @@ class Server:
             self.loop.run(until=self._stopped)
             if self._stop_timer is not None:
                 self._stop_timer.cancel()
+            for pool in self.pools.values():
+                pool.shutdown()
             self.leaked = self.leaks()
             if self.leaked:
                 log.error("resources not given back at exit: %s", "; ".join(self.leaked))
@@ -161,6 +163,9 @@ class Server:
             found.append(f"{self.commits_in_flight} commits")
         if self.by_group:
             found.append(f"{len(self.by_group)} address groups")
+        timers = [cb for cb in self.loop.pending_timers() if cb != self._tick]
+        if timers:
+            found.append(f"{len(timers)} timers still armed: {timers[:3]}")
         return found
 
     def close(self) -> None:

@@ -170,6 +170,11 @@ class Session:
         return self.in_flight or self.retrieval is not None or self.conn.backlog() > 0
 
     def on_input(self) -> None:
+        if self.conn.eof and self.waiting == "verification":
+            # Gone while its attempt waited for its turn: nothing verified, nothing to answer,
+            # and a dead connection must not hold the address's place in the queue.
+            self.conn.close("client left during the login delay")
+            return
         self._process()
 
     def on_drain(self) -> None:

@@ -14,8 +14,10 @@ against your adapter the same way it runs against the bundled ones.
 from __future__ import annotations
 
 import contextlib
+import os
 import poplib
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,11 +118,45 @@ def running_server(adapter_type: str = "list", adapter_config: Mapping[str, Any]
     thread = threading.Thread(target=run, name="pop3sf-test-server", daemon=True)
     running = RunningServer(server, "127.0.0.1", ports["pop3"], ports.get("pop3s"), thread,
                             errors)
+    files_before = open_files()
     thread.start()
     try:
         yield running
-    finally:
+    except BaseException:
         running.stop()
+        raise
+    running.stop()
+    assert_released(server, files_before)
+
+
+def open_files() -> set[str]:
+    """This process's descriptors on files and directories (not sockets, pipes or devices)."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("/") and not target.startswith(("/dev/", "/proc/")):
+            found.add(f"{fd} -> {target}")
+    return found
+
+
+def assert_released(server: Server, files_before: set[str], wait: float = 5.0) -> None:
+    """After a stopped server: every per-session resource was given back, on whatever path
+    the sessions ended — counters, account holds, verification queues, adapter sessions,
+    timers (checked by the server as it stops), worker threads and descriptors."""
+    assert not server.leaked, f"resources not released: {server.leaked}"
+    stuck = server.calls_pending()
+    deadline = time.monotonic() + wait
+    while True:
+        threads = [t for pool in server.pools.values() for t in pool.threads if t.is_alive()]
+        files = open_files() - files_before
+        if (len(threads) <= stuck and (stuck or not files)) or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert len(threads) <= stuck, f"{len(threads)} worker threads alive, {stuck} calls stuck"
+    assert stuck or not files, f"descriptors left open: {sorted(files)}"
 
 
 # --- the conformance suite -------------------------------------------------------------------

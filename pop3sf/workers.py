@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import queue
 import threading
 import time
@@ -24,6 +25,9 @@ from .loop import EventLoop, Timer
 log = logging.getLogger("pop3sf.workers")
 
 Done = Callable[[Any, BaseException | None], None]
+#: Workers run this much nicer than the loop: a pool busy hashing passwords (which releases
+#: the GIL) must not make the loop wait for a core to greet a client or answer a NOOP.
+WORKER_NICE = 5
 
 
 class CallTimeout(Exception):
@@ -64,6 +68,11 @@ class WorkerPool:
         self.in_flight: dict[Call, None] = {}
         self._timer: Timer | None = None
         self._lock = threading.Lock()  # replaced vs returned: one thread per free slot
+        self.nice: int | None = None
+        try:
+            self.nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + WORKER_NICE)
+        except OSError:
+            pass
         for _ in range(threads):
             self._spawn()
 
@@ -114,6 +123,11 @@ class WorkerPool:
         call.done(None, CallTimeout(f"{self.name} call timed out"))
 
     def _work(self) -> None:
+        if self.nice is not None:
+            try:  # Linux: per thread. The loop then wins the CPU whenever it has work.
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
+            except OSError:
+                pass
         while True:
             call = self.queue.get()
             if call is None:
@@ -139,6 +153,9 @@ class WorkerPool:
                         self.stuck)
         else:
             del self.in_flight[call]
+            if not self.in_flight and self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
         call.done(result, error)
 
     def shutdown(self) -> None:
