@@ -233,17 +233,18 @@ class _FieldWriter:
         except UnicodeDecodeError:
             charset, utf8 = b"unknown-8bit", False
         prefix = b"=?" + charset + b"?B?"
-        while raw:
+        pos = 0
+        while pos < len(raw):
             line = self.lines[-1]
             room = min(_WORD_MAX, _LINE_MAX - len(line) - len(ws)) - len(prefix) - 2
-            n = min(len(raw), max(0, room // 4 * 3))
-            while utf8 and 0 < n < len(raw) and raw[n] & 0xC0 == 0x80:
-                n -= 1  # never cut a UTF-8 character in two
-            if n == 0:  # no room left on this line
+            end = min(len(raw), pos + max(0, room // 4 * 3))
+            while utf8 and pos < end < len(raw) and raw[end] & 0xC0 == 0x80:
+                end -= 1  # never cut a UTF-8 character in two
+            if end == pos:  # no room left on this line
                 self.lines.append(b"")
                 continue
-            self.lines[-1] = line + ws + prefix + base64.b64encode(raw[:n]) + b"?="
-            raw, ws = raw[n:], b" "
+            self.lines[-1] = line + ws + prefix + base64.b64encode(raw[pos:end]) + b"?="
+            pos, ws = end, b" "
 
     def field(self) -> bytes:
         return b"\n".join(self.lines)
@@ -264,17 +265,21 @@ def _words(value: bytes) -> list[tuple[bytes, bytes]]:
 
 def _downgrade_unstructured(name: bytes, value: bytes) -> bytes:
     out = _FieldWriter(name)
-    run, run_ws = b"", b" "
+    run: list[bytes] = []  # a run of words to encode, with the whitespace between them
+    run_ws = b" "
     for ws, word in _words(value.replace(b"\n", b"")):
         if _needs_encoding(word):
-            run, run_ws = (run + ws + word, run_ws) if run else (word, ws)
+            if run:
+                run += (ws, word)
+            else:
+                run, run_ws = [word], ws
             continue
         if run:
-            out.encoded(run_ws, run)
-            run = b""
+            out.encoded(run_ws, b"".join(run))
+            run = []
         out.plain(ws, word)
     if run:
-        out.encoded(run_ws, run)
+        out.encoded(run_ws, b"".join(run))
     return out.field()
 
 

@@ -7,6 +7,7 @@ import email.header
 import email.policy
 import io
 import re
+import time
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -184,3 +185,15 @@ def test_downgraded_address_field_is_rfc2047_and_keeps_names(
     assert found == [("".join(n.split()), addr(i, a)) if a
                      else ("".join(f"{n}<{addr(i, a)}>".split()), "")
                      for i, (n, a) in enumerate(people)]
+
+
+def test_downgrading_the_largest_header_takes_linear_time() -> None:
+    """A 1 MB header of short 8-bit words (one long run) or many mailboxes: no quadratic work."""
+    for header in (b"Subject: " + "é ".encode() * 300_000 + b"\n\n",
+                   b"Subject: " + b"\xe9 a " * 200_000 + b"\n\n",
+                   b"To: " + ", ".join(f"Jörg{i} <j{i}@x.org>" for i in range(40_000)).encode()
+                   + b"\n\n"):
+        start = time.monotonic()
+        out = downgrade_header_section(header)
+        assert time.monotonic() - start < 5
+        assert max(out) < 0x80 and out.endswith(b"\n\n")
