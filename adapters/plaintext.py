@@ -115,7 +115,7 @@ def encode_words(text: str) -> str:
     pieces: list[str] = []
     current = ""
     for ch in text:
-        if len((current + ch).encode()) > 42:  # 56 base64 chars: lines stay within 78
+        if len((current + ch).encode()) > 39:  # 64-character words: "Subject: " + one <= 76
             pieces.append(current)
             current = ""
         current += ch
@@ -160,7 +160,10 @@ def address_field(value: str) -> str:
         return value  # not an address; left as UTF-8 (the server downgrades it for old clients)
     if name.isascii():
         return email.utils.formataddr((name, addr)) if name else addr
-    return f"{encode_words(name)} <{addr}>"
+    words = encode_words(name)
+    last = words.rpartition("\r\n")[2]  # a line holding an encoded-word stays within 76
+    fold = " " if len("From: " + last) + len(addr) + 3 <= 76 else "\r\n "
+    return f"{words}{fold}<{addr}>"
 
 
 def message_id(uid: str) -> str:

@@ -13,6 +13,7 @@ an optimisation only: a lost or corrupt journal just costs re-measuring.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -25,7 +26,10 @@ from pop3sf.wire import Measure, measure
 
 log = logging.getLogger(__name__)
 
-JOURNAL = "sizes-v1.log"
+#: The journal's name carries the version of the wire form it measured: a release that changes
+#: the downgrade's output changes the name, so sizes measured by the old code are never served.
+JOURNAL = "sizes-v2.log"
+STALE_JOURNALS = ("sizes-v1.log",)
 DEFAULT_MAX_ENTRIES = 100_000
 
 
@@ -163,6 +167,9 @@ class SizeCache:
         self._loaded = True
         try:
             os.makedirs(self.directory or ".", mode=0o750, exist_ok=True)
+            for stale in STALE_JOURNALS:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.directory or ".", stale))
             try:
                 with open(self._path(), "rb") as f:
                     lines = f.read().splitlines()

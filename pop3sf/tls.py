@@ -11,6 +11,15 @@ from .config import ConfigError, TLSSection
 
 log = logging.getLogger("pop3sf.tls")
 
+#: TLS 1.2 suites used when ``[tls] ciphers`` is empty: forward secrecy (ECDHE) and AEAD only,
+#: Mozilla's "intermediate" list without DHE. OpenSSL's own default would also accept RSA key
+#: exchange and CBC-SHA1 suites. TLS 1.3 suites are not affected by this string.
+DEFAULT_CIPHERS = ":".join((
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+))
+
 
 def make_context(tls: TLSSection, source: str = "config") -> ssl.SSLContext | None:
     """A server context for the configured certificate, or None when none is configured."""
@@ -20,12 +29,11 @@ def make_context(tls: TLSSection, source: str = "config") -> ssl.SSLContext | No
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
     ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
-    if tls.ciphers:
-        try:
-            ctx.set_ciphers(tls.ciphers)
-        except ssl.SSLError:
-            raise ConfigError(f"{source}: [tls] ciphers: no cipher matches {tls.ciphers!r}") \
-                from None
+    ciphers = tls.ciphers or DEFAULT_CIPHERS
+    try:
+        ctx.set_ciphers(ciphers)
+    except ssl.SSLError:
+        raise ConfigError(f"{source}: [tls] ciphers: no cipher matches {ciphers!r}") from None
     for key in ("certificate", "private_key"):
         path = getattr(tls, key)
         try:

@@ -201,63 +201,106 @@ _ADDRESS_FIELDS = frozenset(
 _FIELD = re.compile(rb"^([!-9;-~]+)[ \t]*:(.*)$", re.S)
 
 
-def _encoded_words(text: bytes) -> str:
-    """RFC 2047 B-encoded words for a run of octets, each ≤ 75 characters, folded."""
-    try:
-        chars = text.decode("utf-8")
-        charset = "utf-8"
-        pieces: list[bytes] = []
-        current = ""
-        for ch in chars:  # never split a character across two encoded words
-            if len((current + ch).encode()) > 45:
-                pieces.append(current.encode())
-                current = ""
-            current += ch
-        if current:
-            pieces.append(current.encode())
-    except UnicodeDecodeError:
-        charset = "unknown-8bit"
-        pieces = [text[i:i + 45] for i in range(0, len(text), 45)]
-    return "\n ".join(f"=?{charset}?B?{base64.b64encode(p).decode()}?=" for p in pieces)
+#: RFC 2047 §2: an encoded-word is at most 75 characters, a line holding one at most 76.
+_WORD_MAX = 75
+_LINE_MAX = 76
 
 
-def _downgrade_unstructured(value: bytes) -> bytes:
-    words = re.split(rb"([ \t\n]+)", value.strip())
-    out: list[bytes] = []
-    run: list[bytes] = []
+class _FieldWriter:
+    """Lays out one downgraded field: plain words and 8-bit runs, folded so that every line
+    holding an encoded-word stays within RFC 2047's limits.
 
-    def flush() -> None:
-        if run:
-            out.append(_encoded_words(b" ".join(run)).encode("ascii"))
-            run.clear()
+    Folding only ever puts a line break before existing whitespace, or between two encoded-words
+    (where decoders ignore whitespace), so the unfolded, decoded value is the original one.
+    """
 
-    for word in words:
-        if not word or word.isspace():
+    __slots__ = ("lines",)
+
+    def __init__(self, name: bytes) -> None:
+        self.lines = [name + b":"]
+
+    def plain(self, ws: bytes, word: bytes) -> None:
+        if len(self.lines[-1]) + len(ws) + len(word) > _LINE_MAX:
+            self.lines.append(b"")
+        self.lines[-1] += ws + word
+
+    def encoded(self, ws: bytes, raw: bytes) -> None:
+        """``raw`` as B-encoded words; whitespace beyond one character goes inside them."""
+        raw, ws = ws[1:] + raw, ws[:1]
+        try:
+            raw.decode("utf-8")
+            charset, utf8 = b"utf-8", True
+        except UnicodeDecodeError:
+            charset, utf8 = b"unknown-8bit", False
+        prefix = b"=?" + charset + b"?B?"
+        pos = 0
+        while pos < len(raw):
+            line = self.lines[-1]
+            room = min(_WORD_MAX, _LINE_MAX - len(line) - len(ws)) - len(prefix) - 2
+            end = min(len(raw), pos + max(0, room // 4 * 3))
+            while utf8 and pos < end < len(raw) and raw[end] & 0xC0 == 0x80:
+                end -= 1  # never cut a UTF-8 character in two
+            if end == pos:  # no room left on this line
+                self.lines.append(b"")
+                continue
+            self.lines[-1] = line + ws + prefix + base64.b64encode(raw[pos:end]) + b"?="
+            pos, ws = end, b" "
+
+    def field(self) -> bytes:
+        return b"\n".join(self.lines)
+
+
+def _needs_encoding(word: bytes) -> bool:
+    """8-bit, or ASCII that a decoder could mistake for an encoded-word."""
+    return max(word) >= 0x80 or b"=?" in word
+
+
+def _words(value: bytes) -> list[tuple[bytes, bytes]]:
+    """(whitespace before, word) pairs of an unfolded value; the first gets one space."""
+    words = re.findall(rb"([ \t]*)([^ \t]+)", value)
+    if words:
+        words[0] = (b" ", words[0][1])
+    return words
+
+
+def _downgrade_unstructured(name: bytes, value: bytes) -> bytes:
+    out = _FieldWriter(name)
+    run: list[bytes] = []  # a run of words to encode, with the whitespace between them
+    run_ws = b" "
+    for ws, word in _words(value.replace(b"\n", b"")):
+        if _needs_encoding(word):
+            if run:
+                run += (ws, word)
+            else:
+                run, run_ws = [word], ws
             continue
-        if max(word) >= 0x80:
-            run.append(word)
-        else:
-            flush()
-            out.append(word)
-    flush()
-    return b" " + b" ".join(out)
+        if run:
+            out.encoded(run_ws, b"".join(run))
+            run = []
+        out.plain(ws, word)
+    if run:
+        out.encoded(run_ws, b"".join(run))
+    return out.field()
 
 
-def _downgrade_addresses(value: bytes) -> bytes:
+def _downgrade_addresses(name: bytes, value: bytes) -> bytes:
     text = value.decode("utf-8", "surrogateescape").replace("\n", " ")
-    parts: list[str] = []
-    for name, addr in email.utils.getaddresses([text]):
-        if not addr.isascii() or not name.isascii():
-            name_b = name.encode("utf-8", "surrogateescape")
-            if addr.isascii():
-                encoded = _encoded_words(name_b).replace("\n ", " ")
-                parts.append(f"{encoded} <{addr}>")
-            else:  # no ASCII form of this address: an empty group named after it (RFC 6858 §3)
-                whole = (f"{name} <{addr}>" if name else addr).encode("utf-8", "surrogateescape")
-                parts.append(_encoded_words(whole).replace("\n ", " ") + " :;")
-        else:
-            parts.append(email.utils.formataddr((name, addr)) if name else addr)
-    return (" " + ", ".join(parts)).encode("ascii", "replace")
+    out = _FieldWriter(name)
+    pairs = email.utils.getaddresses([text])
+    for i, (display, addr) in enumerate(pairs):
+        comma = "," if i < len(pairs) - 1 else ""
+        if addr.isascii() and display.isascii():
+            formatted = email.utils.formataddr((display, addr)) if display else addr
+            for ws, word in _words((formatted + comma).encode("ascii", "replace")):
+                out.plain(ws, word)
+        elif addr.isascii():
+            out.encoded(b" ", display.encode("utf-8", "surrogateescape"))
+            out.plain(b" ", f"<{addr}>{comma}".encode("ascii"))
+        else:  # no ASCII form of this address: an empty group named after it (RFC 6858 §3)
+            whole = f"{display} <{addr}>" if display else addr
+            out.encoded(b" ", whole.encode("utf-8", "surrogateescape"))
+            out.plain(b" ", f":;{comma}".encode("ascii"))
+    return out.field()
 
 
 def downgrade_header_section(header: bytes) -> bytes:
@@ -277,9 +320,9 @@ def downgrade_header_section(header: bytes) -> bytes:
         if not f or max(f) < 0x80:
             out.append(f)
         elif m is None:  # not a header field at all: drop its 8-bit octets' meaning, keep it ASCII
-            out.append(b"X-Invalid-Header: " + _downgrade_unstructured(f).strip())
+            out.append(_downgrade_unstructured(b"X-Invalid-Header", f))
         elif m.group(1).lower().decode() in _ADDRESS_FIELDS:
-            out.append(m.group(1) + b":" + _downgrade_addresses(m.group(2)))
+            out.append(_downgrade_addresses(m.group(1), m.group(2)))
         else:
-            out.append(m.group(1) + b":" + _downgrade_unstructured(m.group(2)))
+            out.append(_downgrade_unstructured(m.group(1), m.group(2)))
     return b"\n".join(out)

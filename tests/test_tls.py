@@ -7,6 +7,7 @@ import socket
 import ssl
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from conftest import Raw
@@ -14,7 +15,7 @@ from test_protocol import make_adapter
 
 from pop3sf.config import ConfigError, TLSSection
 from pop3sf.testing import running_server
-from pop3sf.tls import make_context
+from pop3sf.tls import DEFAULT_CIPHERS, make_context
 
 
 class TLSRaw(Raw):
@@ -168,3 +169,74 @@ def test_auth_plain_over_tls(tls_files: dict[str, str],
         t = stls(srv.port, client_context)
         reply = t.cmd(b"AUTH PLAIN " + base64.b64encode(b"\0alice\0secret"))
         assert reply.startswith(b"+OK")
+
+
+def s_client(port: int, *args: str) -> tuple[bool, str]:
+    """Handshake with the real ``openssl s_client``; (negotiated, the cipher line it printed)."""
+    run = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}",
+                          "-servername", "localhost", *args],
+                         input=b"", capture_output=True, timeout=20)
+    out = run.stdout.decode("latin-1") + run.stderr.decode("latin-1")
+    line = next((x.strip() for x in out.splitlines() if ", Cipher is " in x), "")
+    return run.returncode == 0 and bool(line) and "(NONE)" not in line, line
+
+
+def test_default_tls12_ciphers_are_ecdhe_aead_only(tls_files: dict[str, str],
+                                                    client_context: ssl.SSLContext) -> None:
+    """No RSA key exchange, no CBC: each weak suite is offered alone and must be refused."""
+    ctx = make_context(TLSSection(tls_files["certificate"], tls_files["private_key"], ""))
+    assert ctx is not None
+    tls12 = [c for c in ctx.get_ciphers() if c["protocol"] == "TLSv1.2"]
+    assert tls12 and all(c["kea"] == "kx-ecdhe" and c["aead"] for c in tls12), tls12
+    with running_server(adapter=make_adapter(), tls=tls_files) as srv:
+        assert srv.tls_port is not None
+        for weak in ("AES128-SHA", "AES128-GCM-SHA256", "AES256-SHA256",
+                     "ECDHE-RSA-AES128-SHA", "ECDHE-RSA-AES256-SHA384"):
+            ok, line = s_client(srv.tls_port, "-tls1_2", "-cipher", weak)
+            assert not ok, f"{weak} negotiated: {line}"
+        ok, line = s_client(srv.tls_port, "-tls1_2")
+        assert ok and "TLSv1.2, Cipher is ECDHE-RSA-" in line, line
+        assert "GCM" in line or "CHACHA20" in line, line
+        ok, line = s_client(srv.tls_port, "-tls1_2", "-cipher", "ECDHE-RSA-CHACHA20-POLY1305")
+        assert ok, line
+        ok, line = s_client(srv.tls_port, "-tls1_3")
+        assert ok and "TLSv1.3, Cipher is TLS_" in line, line
+        ok, line = s_client(srv.tls_port, "-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0")
+        assert not ok, line
+        pop = srv.pop3_ssl(client_context)  # a default client context still connects
+        pop.user("alice")
+        pop.pass_("secret")
+        assert pop.stat()[0] == 3
+        pop.quit()
+        c = stls(srv.port, client_context)  # STLS uses the same context
+        assert c.sock.version() == "TLSv1.3"
+        c.cmd(b"QUIT")
+        tls12_only = ssl.create_default_context(cafile=tls_files["certificate"])
+        tls12_only.check_hostname = False
+        tls12_only.maximum_version = ssl.TLSVersion.TLSv1_2
+        pop = srv.pop3_ssl(tls12_only)
+        cipher = pop.sock.cipher()  # type: ignore[union-attr]
+        assert cipher is not None and cipher[0].startswith("ECDHE-RSA-"), cipher
+        pop.quit()
+
+
+def test_admin_ciphers_override_the_default(tls_files: dict[str, str]) -> None:
+    """An explicit ``ciphers`` is used as written, even one the default would refuse."""
+    tls = {**tls_files, "ciphers": "AES128-SHA:ECDHE-RSA-AES256-GCM-SHA384"}
+    with running_server(adapter=make_adapter(), tls=tls) as srv:
+        assert srv.tls_port is not None
+        ok, line = s_client(srv.tls_port, "-tls1_2", "-cipher", "AES128-SHA")
+        assert ok and "Cipher is AES128-SHA" in line, line
+        ok, line = s_client(srv.tls_port, "-tls1_2", "-cipher", "ECDHE-RSA-AES128-GCM-SHA256")
+        assert not ok, line  # narrowed to what the admin listed
+    with pytest.raises(ConfigError, match="no cipher matches"):
+        make_context(TLSSection(tls_files["certificate"], tls_files["private_key"], "NOPE-X"))
+
+
+def test_default_ciphers_documented() -> None:
+    """The man page and the shipped config name the same default list the code uses."""
+    root = Path(__file__).resolve().parent.parent
+    man = (root / "man" / "pop3sf.conf.5").read_text().replace("\\-", "-")
+    assert DEFAULT_CIPHERS in "".join(man.split())
+    conf = (root / "etc" / "pop3sf.conf").read_text()
+    assert DEFAULT_CIPHERS in "".join(line.lstrip("# ").strip() for line in conf.splitlines())
