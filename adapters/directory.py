@@ -289,12 +289,15 @@ bcrypt_rounds = integer(4, 31, default=12)
         try:
             try:
                 user_fd = os.open(username, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=root_fd)
-            except (FileNotFoundError, NotADirectoryError):
+            except FileNotFoundError:
                 self.deny(password, "unknown user")
             except OSError as exc:
                 _fail_if_out_of_resources(exc)
-                self.deny(password, "user directory is a symlink" if exc.errno == errno.ELOOP
-                          else f"cannot open user directory: {exc.strerror}", username)
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    self.deny(password, f"cannot open user directory: {exc.strerror}", username)
+                if _is_symlink(username, root_fd):  # ENOTDIR, or ELOOP, for a link
+                    self.deny(password, "user directory is a symlink, not served", username)
+                self.deny(password, "unknown user")  # a file, not a directory
         finally:
             os.close(root_fd)
         try:
@@ -315,6 +318,13 @@ def _open_dir(path: str) -> int:
         return os.open(path, _DIR_FLAGS)
     except OSError as exc:
         raise TemporaryFailure(f"cannot open message directory {path}: {exc}") from exc
+
+
+def _is_symlink(name: str, dir_fd: int) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
 
 
 def _fail_if_out_of_resources(exc: OSError) -> None:
