@@ -262,6 +262,10 @@ bcrypt_rounds = integer(4, 31, default=12)
     def _check_paths(self, options: Mapping[str, Any]) -> None:
         self._require_directory(options["root"], "root")
 
+    def start(self) -> None:
+        super().start()
+        self.reference()  # hashed now, not during the first login
+
     def reference(self) -> str:
         """A hash of the cost new users get: every login spends one check of this cost."""
         rounds = self.options["bcrypt_rounds"]

@@ -117,7 +117,7 @@ def test_unknown_user_and_wrong_password_same_answer_and_time() -> None:
         assert wrong > 0.01  # the bcrypt check really ran
         assert abs(wrong - unknown) < 0.35 * max(wrong, unknown), (wrong, unknown)
         cheap, unknown = _compare_unknown_and_wrong(srv.port, b"bob")  # padded to bcrypt
-        assert abs(cheap - unknown) < 0.35 * max(cheap, unknown), (cheap, unknown)
+        assert 0.5 < cheap / unknown < 2.0, (cheap, unknown)
 
 
 # -- account probing: broken, unknown and wrong-password accounts look alike -------------------
