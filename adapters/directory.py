@@ -27,7 +27,7 @@ import time
 import uuid
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn
 
 from pop3sf import passwords
 
@@ -248,7 +248,8 @@ class MultiUserDirectoryAdapter(_DirectoryAdapterBase):
         As for :class:`DirectoryAdapter`.
     ``bcrypt_rounds``
         Cost of the hashes ``pop3sf-admin`` writes (default 12; the server reads any cost).
-        Unknown user names are answered after a dummy check of this cost.
+        Every login spends one check of this cost: unknown names, broken accounts (no or an
+        unreadable password file) and cheaper hashes are padded to it.
     """
 
     configspec = """
@@ -261,41 +262,54 @@ bcrypt_rounds = integer(4, 31, default=12)
     def _check_paths(self, options: Mapping[str, Any]) -> None:
         self._require_directory(options["root"], "root")
 
-    def dummy_verify(self, password: bytes) -> None:
-        """A wrong-password check at the cost new users get, so unknown names don't show."""
+    def start(self) -> None:
+        super().start()
+        self.reference()  # hashed now, not during the first login
+
+    def reference(self) -> str:
+        """A hash of the cost new users get: every login spends one check of this cost."""
         rounds = self.options["bcrypt_rounds"]
         dummy = self._dummy
         if dummy is None or dummy[0] != rounds:
             dummy = self._dummy = (rounds, passwords.hash_bcrypt(b"pop3sf-dummy", rounds))
-        passwords.dummy_verify(password, like=dummy[1])
+        return dummy[1]
+
+    def deny(self, password: bytes, cause: str, account: str = "") -> NoReturn:
+        """Fail a login as a wrong password would, in the same time. An existing account that
+        can't log in (unreadable, no or a garbled password file) answers and costs what an
+        unknown name does, so probing can't find it; the log tells the admin why."""
+        if account:
+            log.warning("account %r can't log in: %s", account, cause)
+        passwords.dummy_verify(password, like=self.reference())
+        raise AuthenticationFailed(cause)
 
     def locate(self, credentials: Credentials) -> tuple[str, int, str]:
         username = credentials.username
         password = credentials.password_bytes()
         if not is_valid_username(username):
-            self.dummy_verify(password)
-            raise AuthenticationFailed("invalid user name")
+            self.deny(password, "invalid user name")
         root = os.path.abspath(self.options["root"])
         root_fd = _open_dir(root)
         try:
             try:
                 user_fd = os.open(username, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=root_fd)
-            except (FileNotFoundError, NotADirectoryError):
-                self.dummy_verify(password)
-                raise AuthenticationFailed("unknown user") from None
+            except FileNotFoundError:
+                self.deny(password, "unknown user")
             except OSError as exc:
-                if exc.errno != errno.ELOOP:  # ELOOP: a symlink, treated as unknown
-                    raise TemporaryFailure(f"cannot open user directory: {exc}") from exc
-                self.dummy_verify(password)
-                raise AuthenticationFailed("user directory is a symlink") from None
+                _fail_if_out_of_resources(exc)
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    self.deny(password, f"cannot open user directory: {exc.strerror}", username)
+                if _is_symlink(username, root_fd):  # ENOTDIR, or ELOOP, for a link
+                    self.deny(password, "user directory is a symlink, not served", username)
+                self.deny(password, "unknown user")  # a file, not a directory
         finally:
             os.close(root_fd)
         try:
-            stored = read_password_file(user_fd)
-            if stored is None:
-                self.dummy_verify(password)
-                raise AuthenticationFailed("no password file")
-            passwords.verify_or_deny(stored, password)
+            try:
+                stored = password_file(user_fd)
+            except (NoPasswordFile, UnreadablePasswordFile) as exc:
+                self.deny(password, str(exc), username)
+            passwords.verify_or_deny(stored, password, like=self.reference(), account=username)
         except BaseException:
             os.close(user_fd)
             raise
@@ -310,19 +324,42 @@ def _open_dir(path: str) -> int:
         raise TemporaryFailure(f"cannot open message directory {path}: {exc}") from exc
 
 
-def read_password_file(dir_fd: int) -> str | None:
-    """The stored hash of a user directory, or None if there is none (missing, empty, a link)."""
+def _is_symlink(name: str, dir_fd: int) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _fail_if_out_of_resources(exc: OSError) -> None:
+    """Out of descriptors or memory says nothing about the account: a temporary failure."""
+    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+        raise TemporaryFailure(f"cannot open a file: {exc.strerror}") from exc
+
+
+class NoPasswordFile(Exception):
+    """The user directory has no usable password file: none, empty, a symlink, not a file."""
+
+
+class UnreadablePasswordFile(TemporaryFailure):
+    """The password file is there but can't be read (permissions, I/O error)."""
+
+
+def password_file(dir_fd: int) -> str:
+    """The stored hash of a user directory. Raises :class:`NoPasswordFile`,
+    :class:`UnreadablePasswordFile`, or :class:`TemporaryFailure` while a writer holds it."""
     try:
         fd = os.open(PASSWORD_FILE, _OPEN_FLAGS, dir_fd=dir_fd)
     except (FileNotFoundError, NotADirectoryError):
-        return None
+        raise NoPasswordFile(f"no {PASSWORD_FILE}") from None
     except OSError as exc:
+        _fail_if_out_of_resources(exc)
         if exc.errno == errno.ELOOP:
-            return None
-        raise TemporaryFailure(f"cannot read password file: {exc}") from exc
+            raise NoPasswordFile(f"{PASSWORD_FILE} is a symlink") from None
+        raise UnreadablePasswordFile(f"cannot read {PASSWORD_FILE}: {exc.strerror}") from exc
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
+            raise NoPasswordFile(f"{PASSWORD_FILE} is not a regular file")
         # The original tools write it in place under LOCK_EX; wait briefly for such a writer.
         for _ in range(50):
             try:
@@ -332,11 +369,26 @@ def read_password_file(dir_fd: int) -> str | None:
                 time.sleep(0.02)
         else:
             raise TemporaryFailure("password file locked by a writer")
-        data = os.read(fd, 4096)
+        try:
+            data = os.read(fd, 4096)
+        except OSError as exc:
+            raise UnreadablePasswordFile(f"cannot read {PASSWORD_FILE}: {exc.strerror}") \
+                from exc
     finally:
         os.close(fd)
     text = data.decode("ascii", "replace").strip()
-    return text or None
+    if not text:
+        raise NoPasswordFile(f"{PASSWORD_FILE} is empty")
+    return text
+
+
+def read_password_file(dir_fd: int) -> str | None:
+    """The stored hash of a user directory, or None if there is none (missing, empty, a link);
+    :class:`TemporaryFailure` if it can't be read."""
+    try:
+        return password_file(dir_fd)
+    except NoPasswordFile:
+        return None
 
 
 class DirectorySession(MailboxSession):

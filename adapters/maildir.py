@@ -28,7 +28,6 @@ import os
 import re
 import stat
 import threading
-from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -423,21 +422,15 @@ from_address = string(default="pop3sf <pop3sf@localhost>")
                     "are denied (logged once per scheme)", self.passwd.path, user, scheme)
 
     def dummy_like(self) -> str | None:
-        """A real user's secret of the most common scheme, so that dummy verifications for
-        unknown names cost what real ones do (same scheme, same cost parameters)."""
+        """The reference secret of the passwd-file (see :func:`pop3sf.passwords.reference`):
+        unknown names are dummy-checked against it and cheaper hashes padded to it, so every
+        login costs the same whether the name exists and whatever scheme it uses."""
         try:
             entries = self.passwd.snapshot()
         except OSError:
             return None
         if entries is not self._like_source:
-            first: dict[str, str] = {}
-            counts: Counter[str] = Counter()
-            for entry in entries.values():
-                if passwords.is_supported(entry.password):
-                    scheme = passwords.scheme_of(entry.password)
-                    counts[scheme] += 1
-                    first.setdefault(scheme, entry.password)
-            self._like = first[counts.most_common(1)[0][0]] if counts else None
+            self._like = passwords.reference(entry.password for entry in entries.values())
             self._like_source = entries
         return self._like
 
@@ -452,15 +445,19 @@ from_address = string(default="pop3sf <pop3sf@localhost>")
             entry = self.passwd.lookup(name)
         except OSError as exc:
             raise TemporaryFailure(f"cannot read passwd_file: {exc.strerror}") from exc
-        if entry is None or not entry.password or not password \
-                or not is_valid_username(entry.user):
+        if entry is None or not password:
             passwords.dummy_verify(password, like=self.dummy_like())
             raise AuthenticationFailed("unknown user")
+        if not entry.password or not is_valid_username(entry.user):
+            cause = "an empty password" if not entry.password else "an invalid user name"
+            log.warning("passwd-file %s line %d: account %r has %s; login denied",
+                        self.passwd.path, entry.lineno, entry.user, cause)
+            passwords.dummy_verify(password, like=self.dummy_like())
+            raise AuthenticationFailed(cause)
         try:
-            ok = passwords.verify(entry.password, password)
+            ok = passwords.verify_padded(entry.password, password, like=self.dummy_like())
         except passwords.UnknownScheme as exc:
             self.warn_scheme(str(exc), entry.user)
-            passwords.dummy_verify(password, like=self.dummy_like())
             raise AuthenticationFailed("unknown password scheme") from None
         if not ok:
             raise AuthenticationFailed("wrong password")

@@ -105,17 +105,12 @@ class ListSession(MailboxSession):
 
     def authenticate(self, credentials: Credentials) -> AuthResult:
         box = self.adapter.mailboxes.get(credentials.username)
+        like = passwords.reference(b.secret for b in list(self.adapter.mailboxes.values()))
         if box is None:
-            any_secret = next(iter(self.adapter.mailboxes.values()), None)
-            passwords.dummy_verify(credentials.password_bytes(),
-                                   any_secret.secret if any_secret else None)
+            passwords.dummy_verify(credentials.password_bytes(), like)
             raise AuthenticationFailed("unknown user")
-        try:
-            ok = passwords.verify(box.secret, credentials.password_bytes())
-        except passwords.UnknownScheme:
-            ok = False
-        if not ok:
-            raise AuthenticationFailed("wrong password")
+        passwords.verify_or_deny(box.secret, credentials.password_bytes(), like,
+                                 account=credentials.username)
         self.box = box
         return AuthResult(credentials.username)
 

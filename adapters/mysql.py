@@ -490,7 +490,8 @@ bcrypt_rounds = integer(4, 31, default=12)
             passwords.dummy_verify(password, like=self._dummy_hash())
             raise AuthenticationFailed("unknown user")
         user_id, stored_name, stored = rows[0]
-        passwords.verify_or_deny(to_text(stored).strip(), password)
+        passwords.verify_or_deny(to_text(stored).strip(), password, like=self._dummy_hash(),
+                                 account=to_text(stored_name))
         return to_text(stored_name), int(user_id)
 
 

@@ -1,7 +1,8 @@
 """Password verification shared by the bundled adapters (SPEC §P6, §A6).
 
-Every check is constant-time in what it compares, and :func:`dummy_verify` lets an adapter spend
-the same time on an unknown user as on a wrong password, so timing reveals no names.
+Every check is constant-time in what it compares, and :func:`verify_padded` with
+:func:`dummy_verify` let an adapter spend the same time on an unknown user, a broken account, a
+cheap hash and a wrong password, so timing reveals no names.
 
 Stored secrets use Dovecot's notation, ``{SCHEME}value``, so a Dovecot passwd-file works as it
 is: ``{PLAIN}``, ``{CRYPT}`` (and un-prefixed crypt hashes, Dovecot's default for passwd-files),
@@ -24,6 +25,8 @@ import hmac
 import logging
 import re
 import threading
+from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 import bcrypt
@@ -251,20 +254,86 @@ def verify(stored: str, password: bytes) -> bool:
     raise UnknownScheme(_unknown_name(stored, scheme))
 
 
+# --- the same time for every account -------------------------------------------------------
+#
+# An attempt must not show whether its name exists, nor whether that account is broken or has a
+# cheap hash. The rule: every attempt spends one verification of the adapter's *reference*
+# secret, the one unknown names are dummy-checked against (the most common slow kind of hash of
+# the source, or what ``pop3sf-admin`` writes). An account whose own hash costs the same (same
+# scheme and cost parameters) is verified alone; any other is verified and then the reference is
+# dummy-checked too, so a {PLAIN} or {SSHA512} account costs the reference plus microseconds.
+# Padding by a real hash, not a sleep, keeps it equal under load. What this can't hide: an
+# account whose hash is *slower* than the reference (bcrypt cost 14 among cost 12) - nothing
+# short of a slower reference would; such hashes stand out only to the admin who chose them.
+
+
+def cost_class(stored: str) -> str:
+    """What decides how long checking ``stored`` takes: its algorithm and cost parameters
+    (``bcrypt$12``, ``$6$rounds=5000``, ``$y$j9T``); "" for the cheap ones (a comparison, one
+    salted digest, MD5 or DES crypt) and for schemes :func:`verify` can't check."""
+    kind, _, value = _classify(stored)
+    if kind not in ("bcrypt", "crypt") or not value.startswith("$") or value.startswith("$1$"):
+        return ""
+    if value.startswith(_BCRYPT_PREFIXES):
+        return "bcrypt$" + value[4:6]  # $2a$, $2b$, $2y$: the same work for the same cost
+    ident, _, rest = value[1:].partition("$")
+    params = rest.partition("$")[0]
+    if ident in ("5", "6") and not params.startswith("rounds="):
+        params = "rounds=5000"  # the default, implied when left out
+    elif ident == "7":
+        params = params[:11]  # scrypt: N, r and p run straight into the salt
+    return f"${ident}${params}"
+
+
+def reference(secrets: Iterable[str]) -> str | None:
+    """The secret a source's dummy checks imitate: one of its most common slow cost class
+    (cheap accounts are padded up to it); with no slow hash at all, any checkable one."""
+    counts: Counter[str] = Counter()
+    first: dict[str, str] = {}
+    cheap: str | None = None
+    for stored in secrets:
+        if not is_supported(stored):
+            continue
+        kind = cost_class(stored)
+        if kind:
+            counts[kind] += 1
+            first.setdefault(kind, stored)
+        elif cheap is None:
+            cheap = stored
+    return first[counts.most_common(1)[0][0]] if counts else cheap
+
+
 @functools.cache
 def _dummy_bcrypt() -> str:
     return bcrypt.hashpw(b"pop3sf-dummy", bcrypt.gensalt(rounds=12)).decode("ascii")
 
 
-def verify_or_deny(stored: str, password: bytes) -> None:
-    """For adapters: raise ``AuthenticationFailed`` unless ``password`` matches ``stored``.
-    A hash of an unknown scheme denies the login, with a warning for the admin."""
+def verify_padded(stored: str, password: bytes, like: str | None = None) -> bool:
+    """:func:`verify`, spending at least one verification of the reference ``like`` (None:
+    ``stored`` is the reference): a dummy check of ``like`` follows unless ``stored`` is of
+    its cost class. Raises :class:`UnknownScheme` after the dummy check."""
+    try:
+        ok = verify(stored, password)
+    except UnknownScheme:
+        dummy_verify(password, like)
+        raise
+    if like is not None and not (cost_class(stored) and cost_class(stored) == cost_class(like)):
+        dummy_verify(password, like)
+    return ok
+
+
+def verify_or_deny(stored: str, password: bytes, like: str | None = None,
+                   account: str = "") -> None:
+    """For adapters: raise ``AuthenticationFailed`` unless ``password`` matches ``stored``, in
+    the time of the reference ``like`` (see :func:`verify_padded`). A hash of an unknown scheme
+    denies the login, with a warning naming ``account`` for the admin."""
     from pop3sf.adapters.base import AuthenticationFailed
 
     try:
-        ok = verify(stored, password)
+        ok = verify_padded(stored, password, like)
     except UnknownScheme as exc:
-        log.warning("password hash of unknown scheme %s; login denied", exc)
+        log.warning("account %r: password hash of unknown scheme %s; login denied",
+                    account, exc)
         raise AuthenticationFailed("unknown password scheme") from None
     if not ok:
         raise AuthenticationFailed("wrong password")

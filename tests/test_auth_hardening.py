@@ -10,11 +10,13 @@ import base64
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -51,6 +53,47 @@ def attempt(port: int, user: bytes, password: bytes, source: str = "127.0.0.1",
         c.close()
 
 
+@contextlib.contextmanager
+def real_daemon(base: Path, user: str, config: str,
+                level: str = "info") -> Iterator[tuple[int, list[str]]]:
+    """The real ``pop3sf`` command in the foreground as ``user``, logging to stderr, on a port
+    the kernel picks: yields (port, stderr lines so far). ``config`` is appended."""
+    path = base / "pop3sf.conf"
+    path.write_text(textwrap.dedent(f"""\
+        [server]
+        user = {user}
+        shutdown_grace = 1
+        [listeners]
+            [[pop3]]
+            addresses = 127.0.0.1:0
+        [logging]
+        target = stderr
+        level = {level}
+        """) + config)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NOTIFY_SOCKET", "LISTEN_FDS", "INVOCATION_ID", "JOURNAL_STREAM")}
+    proc = subprocess.Popen([sys.executable, "-m", "pop3sf", "--config", str(path)],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stderr is not None
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(proc.stderr or []), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 20
+        while not any("listening on" in line for line in lines):
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
+            time.sleep(0.05)
+        port = int(next(ln for ln in lines if "listening on" in ln).split(":")[-1])
+        c = Raw.connect(port)
+        assert c.line().startswith(b"+OK"), "".join(lines)  # started, privileges dropped
+        c.close()
+        yield port, lines
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        reader.join(5)
+
+
 # -- no enumeration ----------------------------------------------------------------------------
 
 def _compare_unknown_and_wrong(port: int, user: bytes, rounds: int = 7) -> tuple[float, float]:
@@ -73,6 +116,153 @@ def test_unknown_user_and_wrong_password_same_answer_and_time() -> None:
         wrong, unknown = _compare_unknown_and_wrong(srv.port, b"alice")
         assert wrong > 0.01  # the bcrypt check really ran
         assert abs(wrong - unknown) < 0.35 * max(wrong, unknown), (wrong, unknown)
+        cheap, unknown = _compare_unknown_and_wrong(srv.port, b"bob")  # padded to bcrypt
+        assert 0.5 < cheap / unknown < 2.0, (cheap, unknown)
+
+
+# -- account probing: broken, unknown and wrong-password accounts look alike -------------------
+#
+# The real daemon runs as ``nobody`` (root reads every file, so an unreadable password file needs
+# another user), serving a world-readable tree outside pytest's 0700 tmp_path.
+
+PROBE_ROUNDS = 15
+#: What the daemon answers every failed login, whatever the cause.
+ERR_AUTH = b"-ERR [AUTH] Authentication failed"
+
+
+@pytest.fixture
+def world_dir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="pop3sf-probe-"))
+    os.chmod(d, 0o755)
+    yield d
+    for sub in d.rglob("*"):
+        if sub.is_dir() and not sub.is_symlink():
+            sub.chmod(0o755)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _fresh_sources() -> Iterator[str]:
+    """A new loopback address for every attempt: no attempt is delayed by an earlier one's
+    penalty, so what is timed is the verification alone."""
+    for i in range(60000):
+        yield f"127.{20 + i // 62500}.{i // 250 % 250}.{1 + i % 250}"
+
+
+def _probe(port: int, cases: dict[str, tuple[bytes, bytes]]) -> dict[str, float]:
+    """Median seconds PASS took per case, interleaved round by round (load hits all alike, in
+    a different order each round); every answer must be the same bytes."""
+    sources = _fresh_sources()
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    order = list(cases)
+    for i in range(PROBE_ROUNDS):
+        order = order[1:] + order[:1]
+        for name in order:
+            user, password = cases[name]
+            reply, took = attempt(port, user, password + b"%d" % i, source=next(sources))
+            assert reply == ERR_AUTH, (name, reply)
+            samples[name].append(took)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def _penalised_alike(port: int, cases: dict[str, tuple[bytes, bytes]], delay: float) -> None:
+    """Each case from its own address, twice: every second attempt waits out the penalty the
+    first one earned (a broken account's failure counts like any other)."""
+    took: dict[str, float] = {}
+
+    def twice(name: str, source: str) -> None:
+        user, password = cases[name]
+        assert attempt(port, user, password + b"a", source=source)[0] == ERR_AUTH
+        reply, took[name] = attempt(port, user, password + b"b", source=source)
+        assert reply == ERR_AUTH, (name, reply)
+
+    threads = [threading.Thread(target=twice, args=(name, f"127.19.0.{i + 1}"))
+               for i, name in enumerate(cases)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert set(took) == set(cases)
+    assert all(t > delay * 0.9 for t in took.values()), took
+
+
+def _assert_alike(medians: dict[str, float], reference: str = "unknown user") -> None:
+    ref = medians[reference]
+    assert ref > 0.01, medians  # the dummy verification really ran
+    for name, median in medians.items():
+        assert 0.5 < median / ref < 2.0 and abs(median - ref) < 0.5 * ref, (name, medians)
+
+
+def _logged(lines: list[str], account: str, cause: str) -> bool:
+    return any(account in line and cause in line and ("WARNING" in line or "ERROR" in line)
+               for line in lines)
+
+
+def _unreadable(path: Path) -> None:
+    """Unreadable for the daemon: root-owned 0600/0700 (it runs as nobody), or 000 when the
+    tests don't run as root (the daemon then stays this user)."""
+    path.chmod((0o700 if path.is_dir() else 0o600) if os.geteuid() == 0 else 0)
+
+
+PROBE_DAEMON = "[auth]\npenalty_initial = 0.5\npenalty_max = 1\n"
+
+
+def test_directory_multi_broken_accounts_look_like_unknown_ones(world_dir: Path) -> None:
+    root = world_dir / "mail"
+    root.mkdir(mode=0o755)
+
+    def user(name: str, stored: bytes | str) -> Path:
+        d = root / name
+        d.mkdir(mode=0o755)
+        f = d / ".pop3sf_password_bcrypt"
+        f.write_bytes(stored.encode() if isinstance(stored, str) else stored)
+        f.chmod(0o644)
+        return d
+
+    for name in ("alice", "bob", "carol"):
+        user(name, passwords.hash_bcrypt(b"right", rounds=9))
+    user("plain", "{PLAIN}right")
+    user("garbled", b"\x00\xff\xfe not a hash \x80\x81\n")
+    _unreadable(user("nopwread", passwords.hash_bcrypt(b"right", rounds=9)) /
+                ".pop3sf_password_bcrypt")
+    _unreadable(user("nodirread", passwords.hash_bcrypt(b"right", rounds=9)))
+    cases = {"unknown user": (b"nosuchuser", b"right"), "wrong password": (b"alice", b"wrong"),
+             "{PLAIN} user": (b"plain", b"wrong"), "garbled password file": (b"garbled", b"x"),
+             "unreadable password file": (b"nopwread", b"right"),
+             "unreadable user directory": (b"nodirread", b"right")}
+    with real_daemon(world_dir, "nobody", PROBE_DAEMON +
+                     f"[adapter]\ntype = directory_multi\nroot = {root}\nbcrypt_rounds = 9\n") \
+            as (port, lines):
+        medians = _probe(port, cases)
+        _penalised_alike(port, cases, 0.5)
+        assert attempt(port, b"alice", b"right", source="127.18.0.1")[0].startswith(b"+OK")
+    _assert_alike(medians)
+    for account, cause in (("nopwread", "Permission denied"), ("nodirread", "Permission denied"),
+                           ("garbled", "unknown scheme")):
+        assert _logged(lines, account, cause), (account, "".join(lines)[-3000:])
+
+
+@pytest.mark.skipif(not passwords.crypt_available(), reason="no libcrypt")
+def test_maildir_accounts_of_any_scheme_look_like_unknown_ones(world_dir: Path) -> None:
+    slow = "{SHA512-CRYPT}" + str(passwords.crypt(b"right", "$6$rounds=100000$saltsalt"))
+    lines_ = [f"{name}@example.org:{slow}::::{world_dir}/{name}::" for name in ("a", "b", "c")]
+    lines_ += [f"plain@example.org:{{PLAIN}}right::::{world_dir}/plain::",
+               f"ssha@example.org:{passwords.hash_salted('SSHA512', b'right', b'salt')}::::"
+               f"{world_dir}/ssha::",
+               f"md4@example.org:{{MD4}}0123456789abcdef::::{world_dir}/md4::"]
+    passwd = world_dir / "passwd"
+    passwd.write_text("\n".join(lines_) + "\n")
+    passwd.chmod(0o644)
+    cases = {"unknown user": (b"nobody@example.org", b"right"),
+             "wrong password": (b"a@example.org", b"wrong"),
+             "{PLAIN} user": (b"plain@example.org", b"wrong"),
+             "{SSHA512} user": (b"ssha@example.org", b"wrong"),
+             "unknown scheme": (b"md4@example.org", b"wrong")}
+    with real_daemon(world_dir, "nobody", PROBE_DAEMON +
+                     f"[adapter]\ntype = maildir\npasswd_file = {passwd}\n") as (port, lines):
+        medians = _probe(port, cases)
+        _penalised_alike(port, cases, 0.5)
+    _assert_alike(medians)
+    assert _logged(lines, "md4@example.org", "unknown scheme"), "".join(lines)[-3000:]
 
 
 # -- penalties ---------------------------------------------------------------------------------
@@ -271,49 +461,15 @@ def test_backend_errors_are_scrubbed_of_the_password(caplog: pytest.LogCaptureFi
 
 def test_secrets_never_in_the_real_commands_debug_log(tmp_path: Path) -> None:
     """The real ``pop3sf`` at level debug, logging to stderr: the whole stream is scanned."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     (tmp_path / "mail").mkdir()
     user = tmp_path / "mail" / "alice"
     user.mkdir()
     (user / ".pop3sf_password_bcrypt").write_text(passwords.hash_bcrypt(SECRET.encode(), 4))
     (user / "1.eml").write_bytes(MESSAGE)
-    config = tmp_path / "pop3sf.conf"
-    config.write_text(textwrap.dedent(f"""\
-        [server]
-        user = root
-        shutdown_grace = 1
-        [logging]
-        target = stderr
-        level = debug
-        [listeners]
-            [[pop3]]
-            addresses = 127.0.0.1:{port}
-        [auth]
-        penalty_initial = 0
-        [adapter]
-        type = directory_multi
-        root = {tmp_path / "mail"}
-        """))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NOTIFY_SOCKET", "LISTEN_FDS", "INVOCATION_ID", "JOURNAL_STREAM")}
-    proc = subprocess.Popen([sys.executable, "-m", "pop3sf", "--config", str(config)],
-                            stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        assert proc.stderr is not None
-        lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.extend(proc.stderr or []), daemon=True)
-        reader.start()
-        deadline = time.monotonic() + 20
-        while not any("listening on" in line for line in lines):
-            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
-            time.sleep(0.05)
+    with real_daemon(tmp_path, "root", "[auth]\npenalty_initial = 0\n[adapter]\n"
+                     f"type = directory_multi\nroot = {tmp_path / 'mail'}\n", level="debug") \
+            as (port, lines):
         _secret_sessions(port)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(20)
-        reader.join(5)
     log = "".join(lines)
     assert "DEBUG" in log and "login 127.0.0.1 alice" in log and "login failed" in log, log[-2000:]
     _scan(log)

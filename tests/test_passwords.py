@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import statistics
 import subprocess
 import threading
 import time
@@ -195,3 +197,69 @@ def test_default_dummy_is_a_cost_12_bcrypt() -> None:
     cost = _cost(lambda: dummy_verify(b"whatever"), repeat=2)
     four = _cost(lambda: verify(passwords.hash_bcrypt(b"x", rounds=4), b"y"), repeat=2)
     assert cost > 20 * four
+
+
+# --- every account costs the reference -----------------------------------------------------
+
+def test_cost_class_names_algorithm_and_cost() -> None:
+    cost_class = passwords.cost_class
+    assert cost_class(DOVEADM_VECTORS["CRYPT"]) == cost_class(DOVEADM_VECTORS["BLF-CRYPT"]) \
+        == cost_class("$2b$05$" + "x" * 53) == "bcrypt$05"  # $2y$/$2b$, prefixed or bare
+    assert cost_class(passwords.hash_bcrypt(b"x", 4)) == "bcrypt$04"
+    assert cost_class(DOVEADM_VECTORS["SHA512-CRYPT"]) == "$6$rounds=5000"
+    assert cost_class("$6$rounds=5000$salt$hash") == "$6$rounds=5000"
+    assert cost_class("{SHA256-CRYPT}$5$rounds=9000$salt$hash") == "$5$rounds=9000"
+    assert cost_class("$y$j9T$salt$hash") == "$y$j9T" != cost_class("$y$jBT$salt$hash")
+    for cheap in ("PLAIN", "PLAIN.B64", "SSHA256", "SSHA512", "SSHA256.HEX", "MD5-CRYPT"):
+        assert cost_class(DOVEADM_VECTORS[cheap]) == "", cheap
+    assert cost_class("{MD4}abcd") == cost_class("abQ6Ep3EYTHc.") == ""
+
+
+def test_reference_is_the_most_common_slow_hash() -> None:
+    b12, b10 = "$2b$12$" + "a" * 53, "{BLF-CRYPT}$2b$10$" + "b" * 53
+    sha = "{SHA512-CRYPT}$6$salt$" + "c" * 86
+    assert passwords.reference([sha, b12, "{PLAIN}x", b10, "{PLAIN}y", "{MD4}0", b10,
+                                "{SSHA256}AAAA"]) == b10
+    assert passwords.reference(["{PLAIN}x", sha, "{PLAIN}y", "{PLAIN}z"]) == sha
+    assert passwords.reference(["{MD4}0", "{PLAIN}x", "{SSHA256}AAAA"]) == "{PLAIN}x"
+    assert passwords.reference(["{MD4}0"]) is None and passwords.reference([]) is None
+
+
+@needs_crypt
+def test_verify_padded_spends_the_reference_on_every_account() -> None:
+    """A cheap or unknown-scheme account costs one check of the reference, like an unknown name
+    (a dummy check); an account of the reference's own class costs just that, not double."""
+    like = passwords.hash_bcrypt(b"other", rounds=9)
+    same = passwords.hash_bcrypt(b"pw", rounds=9)
+    cheap = ["{PLAIN}pw", passwords.hash_salted("SSHA512", b"pw", b"salt"),
+             "{MD5-CRYPT}" + str(passwords.crypt(b"pw", "$1$saltsalt"))]
+    assert all(passwords.verify_padded(s, b"pw", like) for s in [same, *cheap])
+    assert not any(passwords.verify_padded(s, b"px", like) for s in [same, *cheap])
+    with pytest.raises(UnknownScheme):
+        passwords.verify_padded("{MD4}00", b"pw", like)
+    samples: dict[str, list[float]] = {}
+    cases = {"unknown name": None, "same class": same, "unknown scheme": "{MD4}00",
+             **{s.partition("}")[0] + "}": s for s in cheap}}
+    for _ in range(5):  # interleaved; CPU time of this thread, which other load barely moves
+        for name, stored in cases.items():
+            start = time.thread_time()
+            if stored is None:
+                dummy_verify(b"px", like)
+            else:
+                with contextlib.suppress(UnknownScheme):
+                    passwords.verify_padded(stored, b"px", like)
+            samples.setdefault(name, []).append(time.thread_time() - start)
+    medians = {name: statistics.median(times) for name, times in samples.items()}
+    ref = medians["unknown name"]
+    assert ref > 0.005
+    assert all(0.7 < cost / ref < 1.4 for cost in medians.values()), medians
+
+
+def test_verify_or_deny_names_the_account_of_an_unknown_scheme(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from pop3sf.adapters.base import AuthenticationFailed
+
+    with pytest.raises(AuthenticationFailed), caplog.at_level("WARNING", "pop3sf.passwords"):
+        passwords.verify_or_deny("{MD4}secretpart", b"pw", "{PLAIN}x", account="carol")
+    assert "'carol'" in caplog.text and "MD4" in caplog.text
+    assert "secretpart" not in caplog.text
