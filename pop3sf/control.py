@@ -190,6 +190,11 @@ class _Client:
 
     def _timed_out(self) -> None:
         log.info("control client timed out")
+        if not self.outbuf:  # still waiting for the request: say why it ends (best effort)
+            try:
+                self.sock.send(_reply({"ok": False, "error": "timed out"}))
+            except OSError:
+                pass
         self.close()
 
     def _on_event(self, mask: int) -> None:
@@ -309,7 +314,10 @@ def ask(path: str, request: dict[str, Any], timeout: float = 10.0) -> dict[str, 
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
-        sock.sendall(_reply(request))
+        try:
+            sock.sendall(_reply(request))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # turned away at once (busy): the reason is already waiting to be read
         data = bytearray()
         while not data.endswith(b"\n") and len(data) <= MAX_REPLY:
             chunk = sock.recv(1 << 16)
