@@ -151,12 +151,12 @@ class ControlServer:
                 if c.authenticated and not c.closed and c.session is not None]
 
     def kick(self, target: str, peer: str) -> list[dict[str, Any]]:
-        """End the account's sessions, or every connection from the address, like a dropped
-        connection: deletions marked without QUIT are discarded."""
+        """End the account's sessions (a login still in progress too), or every connection
+        from the address, like a dropped connection: deletions marked without QUIT are
+        discarded."""
         address = normalize_address(target)
         chosen = [c for c in self.server.connections if not c.closed and (
-            c.address == address or
-            (c.authenticated and c.session is not None and c.session.account == target))]
+            c.address == address or (c.session is not None and c.session.account == target))]
         log.info("kick %s (asked by %s): ending %d connection(s)", target, peer, len(chosen),
                  extra={"POP3SF_EVENT": "kick"})
         ended = [session_info(c) for c in chosen]
@@ -168,7 +168,7 @@ class ControlServer:
 class _Client:
     """One control connection: read a line, answer, close; a deadline bounds all of it."""
 
-    __slots__ = ("control", "sock", "inbuf", "outbuf", "timer", "events", "__weakref__")
+    __slots__ = ("control", "sock", "inbuf", "outbuf", "timer", "events")
 
     def __init__(self, control: ControlServer, sock: socket.socket) -> None:
         self.control = control
