@@ -1,14 +1,15 @@
 """The control socket: ``pop3sf-admin who`` and ``kick`` ask the running server over Unix.
 
 The loop serves it like a POP3 listener, never waiting on it: one JSON request line in (at
-most :data:`MAX_REQUEST` bytes), one JSON reply line out, then the connection is closed. At most
+most :data:`MAX_REQUEST` bytes), JSON reply lines out, then the connection is closed. At most
 :data:`MAX_CLIENTS` at once, each with a deadline, so a stalled or hostile client costs the
-POP3 sessions nothing. Who may ask is left to the file system: the socket is mode 0660 in a
-directory created 0750, so only root and the service group can connect.
+POP3 sessions nothing; a long ``who`` is encoded a batch at a time as the client reads it, so
+10,000 sessions do not hold up the loop either. Who may ask is left to the file system: the
+socket is mode 0660 in a directory created 0750, so only root and the service group connect.
 
 Requests: ``{"command": "who"}`` and ``{"command": "kick", "target": ACCOUNT_OR_ADDRESS}``.
-Replies: ``{"ok": true, "sessions": [...]}`` (for kick: the sessions it ended) or
-``{"ok": false, "error": "..."}``.
+Reply: one line per session (for kick: those it ended), then the status line that ends every
+reply, ``{"ok": true, "count": N}`` or ``{"ok": false, "error": "..."}``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import selectors
 import socket
 import stat
 import struct
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from .loop import Timer
@@ -34,6 +36,7 @@ log = logging.getLogger("pop3sf.control")
 MAX_REQUEST = 4096
 MAX_CLIENTS = 4
 CLIENT_TIMEOUT = 5.0
+BATCH = 200  # sessions encoded per write while a reply drains
 KICK_REASON = "kicked by admin"
 
 
@@ -46,7 +49,7 @@ def session_info(conn: Connection) -> dict[str, Any]:
         "port": conn.port,
         "listener": conn.listener,
         "tls": conn.ssl is not None,
-        "since": session.logged_in_at if session is not None and conn.authenticated else None,
+        "since": int(session.logged_in_at) if session and conn.authenticated else None,
         "bytes_out": conn.bytes_out,
         "read_only": bool(session and session.read_only),
     }
@@ -129,26 +132,34 @@ class ControlServer:
             self.clients.add(_Client(self, sock))
 
     # -- requests -----------------------------------------------------------------------------
-    def handle(self, line: bytes, peer: str) -> dict[str, Any]:
+    def handle(self, line: bytes, peer: str) -> Iterator[bytes]:
+        """The reply to one request line, in pieces to send one after the other."""
         try:
             request = json.loads(line)
         except (ValueError, UnicodeDecodeError):
-            return {"ok": False, "error": "bad request: not a JSON line"}
+            return _error("bad request: not a JSON line")
         if not isinstance(request, dict):
-            return {"ok": False, "error": "bad request: not a JSON object"}
+            return _error("bad request: not a JSON object")
         command = request.get("command")
         if command == "who":
-            return {"ok": True, "sessions": self.who()}
+            return self.who()
         if command == "kick":
             target = request.get("target")
             if not isinstance(target, str) or not target.strip():
-                return {"ok": False, "error": "bad request: kick needs a target"}
-            return {"ok": True, "sessions": self.kick(target.strip(), peer)}
-        return {"ok": False, "error": f"unknown command {command!r}"}
+                return _error("bad request: kick needs a target")
+            ended = self.kick(target.strip(), peer)
+            return iter([b"".join(map(_reply, ended)) + _reply({"ok": True, "count": len(ended)})])
+        return _error(f"unknown command {command!r}")
 
-    def who(self) -> list[dict[str, Any]]:
-        return [session_info(c) for c in self.server.connections
-                if c.authenticated and not c.closed and c.session is not None]
+    def who(self) -> Iterator[bytes]:
+        """The logged-in sessions as the request found them (those gone since are left out)."""
+        chosen = [c for c in self.server.connections if c.authenticated and not c.closed]
+        count = 0
+        for start in range(0, len(chosen), BATCH):
+            batch = [c for c in chosen[start:start + BATCH] if not c.closed]
+            count += len(batch)
+            yield b"".join(_reply(session_info(c)) for c in batch)
+        yield _reply({"ok": True, "count": count})
 
     def kick(self, target: str, peer: str) -> list[dict[str, Any]]:
         """End the account's sessions (a login still in progress too), or every connection
@@ -168,13 +179,14 @@ class ControlServer:
 class _Client:
     """One control connection: read a line, answer, close; a deadline bounds all of it."""
 
-    __slots__ = ("control", "sock", "inbuf", "outbuf", "timer", "events")
+    __slots__ = ("control", "sock", "inbuf", "outbuf", "pending", "timer", "events")
 
     def __init__(self, control: ControlServer, sock: socket.socket) -> None:
         self.control = control
         self.sock = sock
         self.inbuf = bytearray()
         self.outbuf = b""
+        self.pending: Iterator[bytes] | None = None
         self.events = selectors.EVENT_READ
         loop = control.server.loop
         self.timer: Timer = loop.call_later(control.timeout, self._timed_out)
@@ -182,6 +194,7 @@ class _Client:
 
     def close(self) -> None:
         self.timer.cancel()
+        self.pending = None
         if self.events:
             self.control.server.loop.selector.unregister(self.sock)
             self.events = 0
@@ -190,7 +203,7 @@ class _Client:
 
     def _timed_out(self) -> None:
         log.info("control client timed out")
-        if not self.outbuf:  # still waiting for the request: say why it ends (best effort)
+        if self.pending is None:  # still waiting for the request: say why (best effort)
             try:
                 self.sock.send(_reply({"ok": False, "error": "timed out"}))
             except OSError:
@@ -216,12 +229,13 @@ class _Client:
         if end >= 0:
             self._answer(self.control.handle(bytes(self.inbuf[:end]), _peer(self.sock)))
         elif len(self.inbuf) > MAX_REQUEST:
-            self._answer({"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"})
+            self._answer(_error(f"request longer than {MAX_REQUEST} bytes"))
         elif not data:
-            self._answer({"ok": False, "error": "incomplete request (no newline)"})
+            self._answer(_error("incomplete request (no newline)"))
 
-    def _answer(self, reply: dict[str, Any]) -> None:
-        self.outbuf = _reply(reply)
+    def _answer(self, reply: Iterator[bytes]) -> None:
+        self.pending = reply
+        self.inbuf = bytearray()
         try:
             self.sock.shutdown(socket.SHUT_RD)
         except OSError:
@@ -229,6 +243,14 @@ class _Client:
         self._flush()
 
     def _flush(self) -> None:
+        """Send what is buffered, encoding at most one more piece per call: a long reply
+        takes turns with the POP3 sessions."""
+        if not self.outbuf:
+            piece = next(self.pending, None) if self.pending is not None else None
+            if piece is None:
+                self.close()
+                return
+            self.outbuf = piece
         try:
             sent = self.sock.send(self.outbuf)
         except (BlockingIOError, InterruptedError):
@@ -237,15 +259,17 @@ class _Client:
             self.close()
             return
         self.outbuf = self.outbuf[sent:]
-        if not self.outbuf:
-            self.close()
-        elif self.events != selectors.EVENT_WRITE:
+        if self.events != selectors.EVENT_WRITE:
             self.events = selectors.EVENT_WRITE
             self.control.server.loop.selector.modify(self.sock, self.events, self._on_event)
 
 
 def _reply(reply: dict[str, Any]) -> bytes:
     return json.dumps(reply, separators=(",", ":")).encode() + b"\n"
+
+
+def _error(message: str) -> Iterator[bytes]:
+    return iter([_reply({"ok": False, "error": message})])
 
 
 def _peer(sock: socket.socket) -> str:
@@ -309,8 +333,9 @@ MAX_REPLY = 256 * 1024 * 1024
 
 
 def ask(path: str, request: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
-    """Send one request and return the reply. Raises OSError (FileNotFoundError,
-    ConnectionRefusedError, PermissionError, TimeoutError) or ValueError for a bad reply."""
+    """Send one request; return its status line with the session lines as ``sessions``.
+    Raises OSError (FileNotFoundError, ConnectionRefusedError, PermissionError, TimeoutError)
+    or ValueError for a reply cut short or not from pop3sf."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
@@ -319,12 +344,15 @@ def ask(path: str, request: dict[str, Any], timeout: float = 10.0) -> dict[str, 
         except (BrokenPipeError, ConnectionResetError):
             pass  # turned away at once (busy): the reason is already waiting to be read
         data = bytearray()
-        while not data.endswith(b"\n") and len(data) <= MAX_REPLY:
-            chunk = sock.recv(1 << 16)
+        while len(data) <= MAX_REPLY:
+            try:
+                chunk = sock.recv(1 << 16)
+            except ConnectionResetError:
+                break
             if not chunk:
                 break
             data += chunk
-    reply = json.loads(data)
-    if not isinstance(reply, dict) or "ok" not in reply:
-        raise ValueError("not a pop3sf control reply")
-    return reply
+    *lines, status = [json.loads(line) for line in data.splitlines()] or [None]
+    if not isinstance(status, dict) or "ok" not in status:
+        raise ValueError("the reply ended early or is not from pop3sf")
+    return {**status, "sessions": lines}

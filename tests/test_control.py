@@ -317,6 +317,30 @@ def test_hostile_control_clients_cost_pop3_sessions_nothing(tmp_path: Path) -> N
         pop.quit()
 
 
+def test_who_with_many_sessions(tmp_path: Path) -> None:
+    """More sessions than one reply batch: all listed, in turns with the POP3 sessions."""
+    count = 2 * control.BATCH + 50
+    root = tmp_path / "mail"
+    adapter = make_mail(root, 1)
+    path = tmp_path / "control"
+    conf = write_config(tmp_path / "pop3sf.conf", adapter, str(path))
+    with running_server("directory_multi", {"root": adapter["root"], "bcrypt_rounds": 4},
+                        server={"control_socket": str(path)},
+                        limits={"max_sessions_per_user": 1000,
+                                "max_connections_per_address": 1000}) as srv:
+        pops = [login(srv.pop3(), "carol", read_only=True) for _ in range(count)]
+        try:
+            run = admin(conf, "who", "--json")
+            assert run.returncode == 0, run.stderr
+            sessions = json.loads(run.stdout)
+            assert len(sessions) == count
+            assert {s["port"] for s in sessions} == {p.sock.getsockname()[1] for p in pops}
+            assert all(s["account"] == "carol" and s["read_only"] for s in sessions)
+        finally:
+            for pop in pops:
+                pop.close()
+
+
 @needs_root
 def test_real_daemon_as_root_drops_privileges_and_removes_its_socket(tmp_path: Path) -> None:
     """``pop3sf`` started as root with user = nobody: the control directory is made for nobody
