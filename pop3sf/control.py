@@ -165,7 +165,7 @@ class ControlServer:
         """End the account's sessions (a login still in progress too), or every connection
         from the address, like a dropped connection: deletions marked without QUIT are
         discarded."""
-        address = normalize_address(target)
+        address = normalize_address(target.strip("[]"))
         chosen = [c for c in self.server.connections if not c.closed and (
             c.address == address or (c.session is not None and c.session.account == target))]
         log.info("kick %s (asked by %s): ending %d connection(s)", target, peer, len(chosen),

@@ -383,7 +383,8 @@ def test_real_daemon_as_root_drops_privileges_and_removes_its_socket(tmp_path: P
         assert os.stat(f"/proc/{proc.pid}").st_uid == nobody.pw_uid
         assert (path.parent.stat().st_uid, stat.S_IMODE(path.parent.stat().st_mode)) == \
             (nobody.pw_uid, 0o750)
-        assert path.stat().st_uid == nobody.pw_uid
+        assert (path.stat().st_uid, path.stat().st_gid) == (nobody.pw_uid, nobody.pw_gid)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o660
         pop = login(poplib.POP3("127.0.0.1", port, timeout=10), "bob")
         assert [r["account"] for r in who(conf)] == ["bob"]
         assert admin(conf, "kick", "bob").returncode == 0
