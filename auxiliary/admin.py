@@ -230,7 +230,9 @@ def ask_server(settings: Settings, request: dict[str, Any]) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise Failure(f"talking to pop3sf on {path} failed: {exc}", EX_IOERR) from None
     if not reply["ok"]:
-        raise Failure(f"pop3sf refused: {reply.get('error')}", EX_TEMPFAIL)
+        error = str(reply.get("error"))
+        raise Failure(f"pop3sf refused: {error}",
+                      EX_TEMPFAIL if error.startswith(("busy", "timed out")) else EX_SOFTWARE)
     return reply
 
 
@@ -263,8 +265,7 @@ def cmd_kick(settings: Settings, args: argparse.Namespace) -> int:
         raise Failure(f"no session of account or from address {args.target}", EX_NOUSER)
     for s in ended:
         who = s["account"] or "(not logged in)"
-        print(f"{PROG}: ended {who} from {_client(s)} on {s['listener']}; marked deletions "
-              "discarded", file=sys.stderr)
+        print(f"{PROG}: ended {who} from {_client(s)} on {s['listener']}", file=sys.stderr)
     return EX_OK
 
 
