@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import json
 import os
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pop3sf.adapters.plaintext import decode_text
 
-from pop3sf import passwords
+from pop3sf import control, passwords
 
 from .sources import (
     BadMessage,
@@ -31,6 +33,9 @@ from .sources import (
     password_bytes,
 )
 
+if TYPE_CHECKING:
+    from pop3sf.config import Settings
+
 PROG = "pop3sf-admin"
 DEFAULT_CONFIG = "/etc/pop3sf.conf"
 
@@ -43,13 +48,16 @@ EX_UNAVAILABLE = 69  # the source can't do that (users of a single-user source)
 EX_SOFTWARE = 70
 EX_CANTCREAT = 73  # user already exists
 EX_IOERR = 74
+EX_TEMPFAIL = 75  # who/kick: the server is busy or does not answer
 EX_NOPERM = 77
 EX_CONFIG = 78
 
 EPILOG = """\
 exit status: 0 success, 64 usage, 65 bad name/message/password, 66 unreadable input,
 67 unknown user, 69 not supported by this source, 73 user exists, 74 I/O error,
-77 permission denied, 78 bad configuration, 1 other source errors."""
+77 permission denied, 78 bad configuration, 1 other source errors.
+who/kick: 69 server not running (or its control socket disabled), 67 kick matched nothing,
+75 server busy or not answering."""
 
 
 class Failure(Exception):
@@ -66,6 +74,12 @@ class SourceSettings(NamedTuple):
 
 def load_settings(path: str) -> SourceSettings:
     """The configured source, read through the server's own config loader."""
+    settings = load_server_settings(path)
+    return SourceSettings(settings.adapter_type, settings.adapter_config, settings.service_user)
+
+
+def load_server_settings(path: str) -> Settings:
+    """The whole configuration, with errors as :class:`Failure`."""
     from pop3sf.config import ConfigError, load_config
 
     if not os.path.exists(path):
@@ -80,7 +94,7 @@ def load_settings(path: str) -> SourceSettings:
         raise Failure(f"cannot read {path}: {exc.strerror}", EX_NOPERM) from exc
     except OSError as exc:
         raise Failure(f"cannot read {path}: {exc}", EX_CONFIG) from exc
-    return SourceSettings(settings.adapter_type, settings.adapter_config, settings.service_user)
+    return settings
 
 
 # --- input --------------------------------------------------------------------------------
@@ -193,6 +207,68 @@ def cmd_hash(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+# --- live sessions: who and kick, asked of the running server ----------------------------
+
+
+def ask_server(settings: Settings, request: dict[str, Any]) -> dict[str, Any]:
+    """The running server's reply over its control socket, or a Failure saying why not."""
+    path = settings.server.control_socket
+    if not path:
+        raise Failure(f"the control socket is disabled ([server] control_socket is empty in "
+                      f"{settings.source}); set it and restart pop3sf", EX_UNAVAILABLE)
+    try:
+        reply = control.ask(path, request)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise Failure(f"pop3sf is not running (nothing answers on {path})",
+                      EX_UNAVAILABLE) from None
+    except PermissionError:
+        group = settings.server.group or settings.server.user
+        raise Failure(f"permission denied on {path}; run as root or as a member of group "
+                      f"{group}", EX_NOPERM) from None
+    except TimeoutError:
+        raise Failure(f"pop3sf did not answer on {path}", EX_TEMPFAIL) from None
+    except (OSError, ValueError) as exc:
+        raise Failure(f"talking to pop3sf on {path} failed: {exc}", EX_IOERR) from None
+    if not reply["ok"]:
+        error = str(reply.get("error"))
+        raise Failure(f"pop3sf refused: {error}",
+                      EX_TEMPFAIL if error.startswith(("busy", "timed out")) else EX_SOFTWARE)
+    return reply
+
+
+def _client(s: Mapping[str, Any]) -> str:
+    host = s["address"]
+    return f"[{host}]:{s['port']}" if ":" in host else f"{host}:{s['port']}"
+
+
+def cmd_who(settings: Settings, args: argparse.Namespace) -> int:
+    sessions = sorted(ask_server(settings, {"command": "who"})["sessions"],
+                      key=lambda s: (s["account"], s["since"]))
+    if args.json:
+        print(json.dumps(sessions, indent=1))
+        return EX_OK
+    rows = [("ACCOUNT", "ADDRESS", "LISTENER", "TLS", "SINCE", "SENT", "MODE")]
+    rows += [(s["account"], _client(s), s["listener"], "yes" if s["tls"] else "no",
+              time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["since"])),
+              str(s["bytes_out"]), "read-only" if s["read_only"] else "read-write")
+             for s in sessions]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+              .rstrip())
+    return EX_OK
+
+
+def cmd_kick(settings: Settings, args: argparse.Namespace) -> int:
+    ended = ask_server(settings, {"command": "kick", "target": args.target})["sessions"]
+    if not ended:
+        raise Failure(f"no session of account or from address {args.target}", EX_NOUSER)
+    for s in ended:
+        who = s["account"] or "(not logged in)"
+        print(f"{PROG}: ended {who} from {_client(s)} on {s['listener']}", file=sys.stderr)
+    return EX_OK
+
+
 # --- command line -------------------------------------------------------------------------
 
 
@@ -235,6 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("hash", help="print a bcrypt hash of a password (for password_hash)")
     p.add_argument("--rounds", type=int, default=12, choices=range(4, 32), metavar="4..31")
     p.set_defaults(func=None)
+
+    p = sub.add_parser("who", help="list the running server's logged-in sessions")
+    p.add_argument("--json", action="store_true", help="print them as JSON")
+    p.set_defaults(func=cmd_who)
+    p = sub.add_parser("kick", help="end the sessions of an account or a client address "
+                       "(their deletions are not committed)")
+    p.add_argument("target", metavar="ACCOUNT|ADDRESS")
+    p.set_defaults(func=cmd_kick)
     return parser
 
 
@@ -255,6 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.area == "hash":
             return cmd_hash(args)
+        if args.area in ("who", "kick"):
+            return int(args.func(load_server_settings(args.config), args))
         settings = load_settings(args.config)
         source = open_source(settings.adapter_type, settings.adapter_config,
                              settings.service_user)

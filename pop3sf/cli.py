@@ -113,8 +113,10 @@ def _serve(settings: Settings, listeners: list[ListeningSocket], path: str,
                          settings.logging.queue_size, daemonized)
     try:
         if os.geteuid() == 0 and settings.server.user:
-            from . import daemon
+            from . import control, daemon
 
+            control.prepare_directory(settings.server.control_socket, settings.server.user,
+                                      settings.server.group)
             try:
                 daemon.drop_privileges(settings.server.user, settings.server.group or None)
             except daemon.DaemonError as exc:

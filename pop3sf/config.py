@@ -33,6 +33,7 @@ class ServerSection:
     group: str
     pidfile: str
     shutdown_grace: float
+    control_socket: str
 
 
 @dataclass(frozen=True)
@@ -231,9 +232,12 @@ def _build(cfg: ConfigObj, source: str, adapter_type: str, adapter_class: type[A
     if limits.idle_timeout < 600:
         log.warning("%s: [limits] idle_timeout %s s is below RFC 1939's 10-minute autologout "
                     "floor", source, limits.idle_timeout)
+    server = ServerSection(**cfg["server"])
+    if server.control_socket and not server.control_socket.startswith("/"):
+        raise ConfigError(f"{source}: [server] control_socket must be an absolute path")
     return Settings(
         source=source,
-        server=ServerSection(**cfg["server"]),
+        server=server,
         logging=LoggingSection(**cfg["logging"]),
         listeners=listeners,
         tls=tls,

@@ -18,6 +18,7 @@ from pop3sf.adapters import Adapter
 
 from .config import ConfigError, Settings
 from .connection import Connection
+from .control import ControlServer
 from .listeners import ListeningSocket
 from .loop import EventLoop, Timer
 from .session import ERR_IN_USE, ERR_TEMP, Session
@@ -83,6 +84,7 @@ class Server:
         self.started = False
         self.stats = collections.Counter[str]()
         self.on_tick: list[Callable[[], None]] = []
+        self.control: ControlServer | None = None  # pop3sf-admin who/kick
         #: Per-command debug logging costs even when filtered out; decided once.
         self.debug = log.isEnabledFor(logging.DEBUG)
 
@@ -108,6 +110,8 @@ class Server:
             self.loop.selector.register(ls.sock, 1, lambda _m, ls=ls: self._accept(ls))
         self.adapter.start()
         self.started = True
+        if self.settings.server.control_socket:
+            self.control = ControlServer.open(self, self.settings.server.control_socket)
         self.loop.call_later(1.0, self._tick)
 
     def _tick(self) -> None:
@@ -169,6 +173,9 @@ class Server:
         return found
 
     def close(self) -> None:
+        if self.control is not None:
+            self.control.close()
+            self.control = None
         for ls in self.listeners:
             try:
                 self.loop.selector.unregister(ls.sock)
@@ -353,6 +360,8 @@ class Server:
             log.warning("reload: listener changes need a restart; listeners kept as they are")
         if settings.workers != self.settings.workers:
             log.warning("reload: [workers] changes need a restart")
+        if settings.server.control_socket != self.settings.server.control_socket:
+            log.warning("reload: [server] control_socket changes need a restart")
         auth = settings.auth
         self.penalties.initial, self.penalties.maximum = auth.penalty_initial, auth.penalty_max
         self.penalties.decay = auth.penalty_decay

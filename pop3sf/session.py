@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from collections.abc import Set as AbstractSet
@@ -104,6 +105,7 @@ class Session:
         "close_reason", "finished", "started_greeting", "retrieved",
         "deleted_count", "mechanism", "in_flight", "finalize_pending", "drain_scheduled",
         "answers", "line", "calls", "holds_account",
+        "logged_in_at",
     )
 
     def __init__(self, server: Server, conn: Connection) -> None:
@@ -146,6 +148,7 @@ class Session:
         self.answers: dict[bytes, bytes] | None = None
         self.line = b""
         self.calls = 0  # adapter calls that went to a worker: reported at logout
+        self.logged_in_at = 0.0  # wall-clock time of the login, for pop3sf-admin who
 
     # -- hooks from the connection -------------------------------------------------------------
     def start(self) -> None:
@@ -642,6 +645,7 @@ class Session:
             return
         self.state = TRANSACTION
         self.conn.authenticated = True
+        self.logged_in_at = time.time()
         self.server.logged_in(self)
         log.info("login %s %s (%s%s): %d messages, %d octets", self.conn.address, self.account,
                  self.mechanism, ", read-only" if self.read_only else "", self.live_count,
