@@ -91,11 +91,11 @@ def test_timed_out_logins_release_counters_holds_and_descriptors(tmp_path: Path)
     logs in from it before the late results arrive), and when the late results come the
     adapter sessions end and their descriptors close."""
     root = tmp_path / "mail"
-    user_dir(root, "slow", rounds=12)  # ~0.6 s a check here, well over the timeout
+    user_dir(root, "slow", rounds=13)  # ~1.2 s a check here, well over the timeout
     user_dir(root, "fast")
     files_before = open_files()
-    with running_server("directory_multi", {"root": str(root)},
-                        workers={"call_timeout": 0.2, "max_stuck_calls": 8},
+    with running_server("directory_multi", {"root": str(root), "bcrypt_rounds": 4},
+                        workers={"call_timeout": 0.4, "max_stuck_calls": 8},
                         auth={"max_auth_in_flight_per_address": 3}) as srv:
         slow = []
         for _ in range(6):  # twice the per-address cap: leaked slots would lock it out
@@ -178,7 +178,8 @@ def test_sigterm_exits_within_grace_plus_bounded_wait_with_calls_stuck_forever(
     root = tmp_path / "mail"
     for user in ("reader", "committer"):
         user_dir(root, user)
-    server = CliServer(tmp_path, f"type = test_resilience:HangingDirectory\nroot = {root}\n",
+    server = CliServer(tmp_path, f"type = test_resilience:HangingDirectory\nroot = {root}\n"
+                       "bcrypt_rounds = 4\n",
                        extra="[workers]\ncall_timeout = 0.5\n", env={"PYTHONPATH": str(TESTS)})
     server.config.write_text(server.config.read_text().replace("shutdown_grace = 3",
                                                                "shutdown_grace = 1"))
@@ -278,7 +279,7 @@ def test_storm_with_a_witness(tmp_path: Path) -> None:
     user_dir(root, "victim", password=b"right", rounds=10)
     user_dir(root, "witness")
     addresses = [f"127.0.5.{i}" for i in range(1, 5)]
-    with running_server("directory_multi", {"root": str(root)},
+    with running_server("directory_multi", {"root": str(root), "bcrypt_rounds": 10},
                         workers={"max_stuck_calls": 8},
                         auth={"penalty_initial": 0.5, "penalty_max": 2}) as srv:
         witness, reply = try_login(srv.port, b"witness", b"pw")
@@ -374,7 +375,7 @@ def test_memory_is_bounded_for_pipelined_retrievals_of_hostile_shapes(tmp_path: 
     line = b"Subject: one long line\r\n\r\n" + b"x" * (20 << 20) + b"\r\n"
     headless = b"".join(b"X-Header-%d: %s\r\n" % (i, b"v" * 70) for i in range(250_000))
     user_dir(root, "big", messages=(line, headless, b"Subject: small\r\n\r\nsmall\r\n"))
-    server = CliServer(tmp_path, f"type = directory_multi\nroot = {root}\n")
+    server = CliServer(tmp_path, f"type = directory_multi\nroot = {root}\nbcrypt_rounds = 4\n")
     server.start()
     try:
         c, reply = try_login(server.port, b"big", b"pw")
