@@ -109,8 +109,9 @@ def check_pidfile(path: str, owner: str | None = None) -> None:
     if pid is not None:
         if pid > 0 and pid != os.getpid() and _alive(pid):
             raise PidfileError(f"pop3sf is already running as pid {pid} (pidfile {path})")
-        _log_before_setup(logging.WARNING, "removing stale pidfile %s (pid %s not running; "
-                          "did pop3sf crash or get killed?)", path, pid or "unreadable")
+        _log_before_setup(logging.WARNING, "removing stale pidfile %s (%s; did pop3sf crash "
+                          "or get killed?)", path,
+                          f"pid {pid} not running" if pid else "no readable pid")
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -141,9 +142,12 @@ class _HandOver(logging.Handler):
 
     def __init__(self, record: logging.LogRecord) -> None:
         super().__init__()
-        self.kept = record
+        self.kept: logging.LogRecord | None = record
 
     def emit(self, record: logging.LogRecord) -> None:
+        kept = self.kept
+        if kept is None:        # handed over already (another thread got here first)
+            return
         root = logging.getLogger()
         others = [h for h in root.handlers if h is not self]
         if not others:          # still nothing set up: what Python does without handlers
@@ -151,10 +155,13 @@ class _HandOver(logging.Handler):
             if last is not None and record.levelno >= last.level:
                 last.handle(record)
             return
-        root.removeHandler(self)
+        # A new list, not removeHandler(): the logger is iterating over the current one, and
+        # removing from it would skip the next handler for this record.
+        root.handlers = others
+        self.kept = None
         for handler in others:
-            if self.kept.levelno >= handler.level:
-                handler.handle(self.kept)
+            if kept.levelno >= handler.level:
+                handler.handle(kept)
 
 
 def _log_before_setup(level: int, msg: str, *args: object) -> None:

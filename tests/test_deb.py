@@ -217,6 +217,11 @@ def test_deb_overlay_install(built: dict[str, Path], tmp_path: Path) -> None:
              str(e.get("MESSAGE"))]
     if not stale or stale[0].get("PRIORITY") != "4":
         failed.append(f"the daemon's log names the stale pidfile it removed: {stale}")
+    else:       # kept until logging exists, then logged ahead of the daemon's first record
+        after = [e.get("MESSAGE") for e in entries if e.get("_PID") == stale[0].get("_PID")]
+        if after[:1] != [stale[0].get("MESSAGE")] or \
+                not any("running as user pop3sf" in str(m) for m in after):
+            failed.append(f"the stale pidfile note comes first, nothing lost after it: {after}")
     if any("size cache" in str(e.get("MESSAGE")) for e in entries):
         failed.append("size cache unusable: " + "; ".join(
             str(e.get("MESSAGE")) for e in entries if "size cache" in str(e.get("MESSAGE"))))
