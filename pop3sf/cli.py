@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", default=DEFAULT_CONFIG, help="config file "
                    f"(default {DEFAULT_CONFIG})")
     p.add_argument("--check-config", action="store_true",
-                   help="validate the config (and certificates, adapter) and exit 0 or 1")
+                   help="validate the config (and certificates, adapter) and exit 0 or 78")
     p.add_argument("--daemon", action="store_true", help="detach (python-daemon, pidfile)")
     p.add_argument("--version", action="version", version=f"pop3sf {__version__}")
     return p
@@ -68,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_config(args.config)
         check(settings)
     except ConfigError as exc:
-        return _fail(str(exc))
+        _fail(str(exc))
+        return os.EX_CONFIG     # 78: systemd's RestartPreventExitStatus= stops a restart loop
     if args.check_config:
         print(f"pop3sf: {args.config}: configuration OK")
         return 0
@@ -127,7 +128,7 @@ def _serve(settings: Settings, listeners: list[ListeningSocket], path: str,
             server.start(listeners)
         except ConfigError as exc:
             log.error("%s", exc)
-            return 1
+            return os.EX_CONFIG
         except Exception as exc:
             log.error("cannot start: %s", exc)
             return 1

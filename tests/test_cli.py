@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import poplib
 import re
 import signal
@@ -92,11 +93,11 @@ def test_check_config(config: Path, tmp_path: Path) -> None:
     bad.write_text(config.read_text() + "\n[limits]\nidle_timeout = soon\n")
     out = subprocess.run([*POP3SF, "--check-config", "--config", str(bad)],
                          capture_output=True, text=True)
-    assert out.returncode == 1
+    assert out.returncode == os.EX_CONFIG      # 78: no restart loop under systemd
     assert str(bad) in out.stderr and "[limits] idle_timeout" in out.stderr
     missing = subprocess.run([*POP3SF, "--config", str(tmp_path / "nope.conf")],
                              capture_output=True, text=True)
-    assert missing.returncode == 1 and "cannot read" in missing.stderr
+    assert missing.returncode == os.EX_CONFIG and "cannot read" in missing.stderr
 
 
 def test_serve_reload_and_terminate(daemon: Daemon, config: Path) -> None:

@@ -433,12 +433,12 @@ def test_unreadable_files_as_the_service_user(tls_files: dict[str, str]) -> None
             """))
         config.chmod(0o644)
         run = run_cli(config, "--check-config", user="nobody")
-        assert run.returncode == 1, run.stderr
+        assert run.returncode == os.EX_CONFIG, run.stderr
         assert "[tls] private_key" in run.stderr and "Permission denied" in run.stderr
         assert "Traceback" not in run.stderr
         config.chmod(0o600)
         run = run_cli(config, "--check-config", user="nobody")
-        assert run.returncode == 1, run.stderr
+        assert run.returncode == os.EX_CONFIG, run.stderr
         assert str(config) in run.stderr and "Permission denied" in run.stderr
         assert "Traceback" not in run.stderr
     finally:

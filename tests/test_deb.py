@@ -1,6 +1,8 @@
 """The Debian package for real (``pytest -m deb``): build it, lintian it, install it in a
-throw-away overlay without systemd, then in a box whose PID 1 is a real systemd: socket
-activation on 110 and 995, the journal, reload, stop, upgrade, remove and purge.
+throw-away overlay without systemd, then in boxes whose PID 1 is a real systemd: socket
+activation on 110 and 995, the journal, reload, stop, upgrade, remove and purge; what an
+admin's mistakes do (a broken config at start and on reload, mail beside mail/ at purge);
+the package's own autopkgtest (debian/tests).
 
 Building needs the packages of tests/deb/install-build-deps.sh (not root); installing needs root
 (overlayfs and namespaces, tests/deb/ovl-run.sh and sdbox.sh). Nothing is installed on the host.
@@ -13,8 +15,9 @@ import os
 import re
 import shutil
 import subprocess
+import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -35,6 +38,10 @@ def _missing_build_tools() -> str | None:
     for tool in ("dpkg-buildpackage", "dh", "dh_python3", "fakeroot", "lintian"):
         if shutil.which(tool, path=CLEAN_PATH) is None:
             return f"{tool} not installed (run tests/deb/install-build-deps.sh)"
+    unmet = subprocess.run(["dpkg-checkbuilddeps"], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "PATH": CLEAN_PATH})
+    if unmet.returncode != 0:
+        return f"{unmet.stderr.strip()} (run tests/deb/install-build-deps.sh)"
     return None
 
 
@@ -102,6 +109,11 @@ def test_deb_control_fields(built: dict[str, Path]) -> None:
     assert _relations(_deb_field(deb, "Provides")) == {"pop3-server"}
     assert _deb_field(deb, "Architecture") == "all"
     assert _deb_field(deb, "Package") == "pop3sf"
+    dsc = next(built["dir"].glob("*.dsc")).read_text()
+    build_depends = _relations(re.search(r"^Build-Depends: (.*)$", dsc, re.M).group(1))  # type: ignore[union-attr]
+    # pyproject.toml names a PEP 517 backend: pybuild builds through it only with the plugin
+    assert {"pybuild-plugin-pyproject", "dh-python", "python3-setuptools"} <= build_depends
+    assert re.search(r"^Testsuite: autopkgtest$", dsc, re.M), dsc
 
 
 def test_deb_layout(built: dict[str, Path]) -> None:
@@ -125,11 +137,15 @@ def test_deb_layout(built: dict[str, Path]) -> None:
 
 
 def test_lintian_clean(built: dict[str, Path]) -> None:
-    run = subprocess.run(["lintian", "--fail-on", "error,warning", str(built["changes"])],
+    """Source and binary package, info tags included (-I; the one override is explained in
+    debian/pop3sf.lintian-overrides)."""
+    run = subprocess.run(["lintian", "-I", "--fail-on", "error,warning", str(built["changes"])],
                          capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PATH": CLEAN_PATH})
-    tags = [line for line in run.stdout.splitlines() if re.match(r"^[EW]: ", line)]
+    tags = [line for line in run.stdout.splitlines() if re.match(r"^[EWI]: ", line)]
     assert run.returncode == 0 and not tags, run.stdout + run.stderr
+    # the source package was checked too (its tags, e.g. the pyproject backend, are there)
+    assert re.search(r"^Architecture: source all$", built["changes"].read_text(), re.M)
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
@@ -141,8 +157,13 @@ def test_units_offline_security() -> None:
     assert not re.search(r"^IPAddress(Deny|Allow)=", text, re.M)
     for key in ("Type=notify", "WatchdogSec=", "LimitNOFILE=65536", "User=pop3sf",
                 "PartOf=pop3sf.socket pop3sf-tls.socket", "ExecReload=/bin/kill -HUP $MAINPID",
-                "ExecStart=/usr/sbin/pop3sf --config /etc/pop3sf.conf"):
+                "ExecStart=/usr/sbin/pop3sf --config /etc/pop3sf.conf",
+                "RestartPreventExitStatus=78\n"):
         assert key in text, key
+    # the config is checked before the server is signalled (a failing ExecReload= stops there)
+    reloads = re.findall(r"^ExecReload=(.*)$", text, re.M)
+    assert reloads == ["/usr/sbin/pop3sf --config /etc/pop3sf.conf --check-config",
+                       "/bin/kill -HUP $MAINPID"], reloads
     stop = float(re.search(r"^TimeoutStopSec=(\d+)s?$", text, re.M).group(1))  # type: ignore[union-attr]
     assert stop > 20, "TimeoutStopSec must exceed the default shutdown grace of 20 s"
     out = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager",
@@ -167,8 +188,9 @@ def _parse_checks(output: str) -> tuple[list[str], list[str]]:
 
 @pytest.mark.skipif(INSTALL_SKIP is not None, reason=str(INSTALL_SKIP))
 def test_deb_overlay_install(built: dict[str, Path], tmp_path: Path) -> None:
-    """Install where no systemd runs: layout, user, conffile, verify, security, --check-config,
-    pop3sf-admin, by-hand --daemon with a private journald, purge."""
+    """Install where no systemd runs: layout, user, conffile, cache directory, verify, security,
+    --check-config, pop3sf-admin, by-hand --daemon with a private journald (a stale pidfile
+    after SIGKILL named when removed), purge."""
     work = tmp_path / "work"
     work.mkdir()
     for path in (built["deb"], HERE / "pop_check.py", HERE / "overlay_checks.sh"):
@@ -181,7 +203,7 @@ def test_deb_overlay_install(built: dict[str, Path], tmp_path: Path) -> None:
         env={**os.environ, "PATH": CLEAN_PATH, "OVL_BIND": str(work)})
     passed, failed = _parse_checks(run.stdout)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert len(passed) >= 38, run.stdout
+    assert len(passed) >= 46, run.stdout
     # the by-hand daemon logged to journald (not to /dev/null), without secrets
     entries = _journal_entries(["journalctl", "-D", str(journal), "-o", "json", "--no-pager",
                                 "SYSLOG_IDENTIFIER=pop3sf"])
@@ -191,6 +213,18 @@ def test_deb_overlay_install(built: dict[str, Path], tmp_path: Path) -> None:
                       f"({len(entries)} pop3sf entries)")
     if any(PASSWORD in str(e.get("MESSAGE")) for e in entries):
         failed.append("a password reached the journal")
+    stale = [e for e in entries if "removing stale pidfile /run/pop3sf/pop3sf.pid" in
+             str(e.get("MESSAGE"))]
+    if not stale or stale[0].get("PRIORITY") != "4":
+        failed.append(f"the daemon's log names the stale pidfile it removed: {stale}")
+    else:       # kept until logging exists, then logged ahead of the daemon's first record
+        after = [e.get("MESSAGE") for e in entries if e.get("_PID") == stale[0].get("_PID")]
+        if after[:1] != [stale[0].get("MESSAGE")] or \
+                not any("running as user pop3sf" in str(m) for m in after):
+            failed.append(f"the stale pidfile note comes first, nothing lost after it: {after}")
+    if any("size cache" in str(e.get("MESSAGE")) for e in entries):
+        failed.append("size cache unusable: " + "; ".join(
+            str(e.get("MESSAGE")) for e in entries if "size cache" in str(e.get("MESSAGE"))))
     if "already running" not in run.stderr:
         failed.append("second --daemon said 'already running'")
     assert not failed, "failed checks: " + "; ".join(failed) + "\n--- stderr tail:\n" + \
@@ -255,6 +289,23 @@ class Box:
         out = self.run("journalctl", "--no-pager", "-o", "json", *match).stdout
         return [json.loads(line) for line in out.splitlines() if line.strip()]
 
+    def implementation(self) -> str:
+        """The CAPA IMPLEMENTATION line on 110: shows which config the server runs with."""
+        capa = self.pop("capa", 110, user=None).get("capa_before", [])
+        return next((c for c in capa if c.startswith("IMPLEMENTATION")), "")
+
+    def show(self, prop: str, unit: str = "pop3sf.service") -> str:
+        return self.out("systemctl", "show", "-P", prop, unit)
+
+    def install(self, deb: Path) -> subprocess.CompletedProcess[str]:
+        """Copy in the .deb and pop_check.py and install it, the postinst starting the sockets."""
+        self.cp("/root", deb, HERE / "pop_check.py")
+        # The image's Docker-style policy-rc.d (exit 101) would stop the postinst from starting
+        # the sockets (NOTES trap 6); drop it inside the box only.
+        self.run("rm", "-f", "/usr/sbin/policy-rc.d")
+        return self.run("apt-get", "install", "-y", "--no-install-recommends",
+                        f"/root/{deb.name}")
+
 
 class Checks:
     """ci-e2e.sh style: every check runs, failures are collected and reported together."""
@@ -302,13 +353,8 @@ def test_deb_systemd_box(built: dict[str, Path], tmp_path: Path) -> None:
 def _box_lifecycle(box: Box, check: Checks, deb: Path) -> None:
     check("box reached state running", box.out("systemctl", "is-system-running") == "running",
           box.out("systemctl", "--failed", "--no-legend"))
-    box.cp("/root", deb, HERE / "pop_check.py")
-    # The image's Docker-style policy-rc.d (exit 101) would stop the postinst from starting
-    # the sockets (NOTES trap 6); drop it inside the box only.
-    box.run("rm", "-f", "/usr/sbin/policy-rc.d")
     pkg = f"/root/{deb.name}"
-
-    run = box.run("apt-get", "install", "-y", "--no-install-recommends", pkg)
+    run = box.install(deb)
     if not check("apt-get install (postinst under systemd)", run.returncode == 0,
                  run.stdout[-2000:] + run.stderr[-2000:]):
         return
@@ -380,9 +426,7 @@ def _box_lifecycle(box: Box, check: Checks, deb: Path) -> None:
           not any(PASSWORD in str(e.get("MESSAGE")) for e in box.journal("-u", "pop3sf.service")))
 
     # -- reload applies a changed setting; a broken config is refused and the old one kept
-    def implementation() -> str:
-        capa = box.pop("capa", 110, user=None).get("capa_before", [])
-        return next((c for c in capa if c.startswith("IMPLEMENTATION")), "")
+    implementation = box.implementation
     before = implementation()
     check("CAPA IMPLEMENTATION without version by default",
           before.startswith("IMPLEMENTATION") and "2.0" not in before, before)
@@ -397,7 +441,9 @@ def _box_lifecycle(box: Box, check: Checks, deb: Path) -> None:
           box.out("systemctl", "show", "-P", "MainPID", "pop3sf.service") == main_pid)
     box.sh("cp /etc/pop3sf.conf /root/good.conf && "
            "sed -i 's/^max_line_length = .*/max_line_length = 10/' /etc/pop3sf.conf")
-    box.run("systemctl", "reload", "pop3sf.service")
+    # A SIGHUP that bypasses ExecReload's check (kill -HUP by hand): the server's own check.
+    # (`systemctl reload` refusing it: test_box_reload_of_a_broken_config_fails_visibly.)
+    box.run("systemctl", "kill", "--kill-who=main", "--signal=HUP", "pop3sf.service")
     check.poll("bad config on reload: error logged, old settings kept",
                lambda: any("max_line_length" in str(e.get("MESSAGE")) and
                            int(e.get("PRIORITY", 6)) <= 3
@@ -477,3 +523,168 @@ def _box_lifecycle(box: Box, check: Checks, deb: Path) -> None:
                   ).returncode != 0)
     check("purge kept the mail",
           box.run("test", "-d", "/var/lib/pop3sf/mail/alice").returncode == 0)
+
+
+# --------------------------------------------------------------------------- admin mistakes
+
+BREAK_CONFIG = "sed -i 's/^max_line_length = .*/max_line_length = 10/' /etc/pop3sf.conf"
+CONFIG_ERROR = "[protocol] max_line_length"     # what the error message names
+
+
+@pytest.fixture
+def installed_box(built: dict[str, Path], tmp_path: Path) -> Iterator[Box]:
+    """A fresh box with the package installed: sockets listening, no user, service not run."""
+    if BOX_SKIP:
+        pytest.skip(BOX_SKIP)
+    box = Box(tmp_path / "box")
+    box.boot()
+    try:
+        run = box.install(built["deb"])
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+        yield box
+    finally:
+        journal = box.run("journalctl", "--no-pager", "-o", "short-precise", "-u",
+                          "pop3sf.service", "-u", "pop3sf.socket", "-u", "pop3sf-tls.socket")
+        (tmp_path / "box-journal.txt").write_text(journal.stdout)
+        box.stop()
+
+
+def _add_alice(box: Box, *messages: str) -> None:
+    run = box.run("pop3sf-admin", "user", "add", "alice", input=PASSWORD + "\n")
+    assert run.returncode == 0, run.stderr
+    for text in messages:
+        run = box.run("pop3sf-admin", "message", "add", "alice", input=text + "\n")
+        assert run.returncode == 0, run.stderr
+
+
+def _status(box: Box) -> str:
+    return box.run("systemctl", "status", "--no-pager", "-n", "30", "pop3sf.service").stdout
+
+
+def _wait_until(predicate: Callable[[], bool], timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def test_box_config_error_fails_the_unit_without_restarts(installed_box: Box) -> None:
+    """A config error exits 78 (EX_CONFIG) and RestartPreventExitStatus=78 keeps systemd from
+    restarting it: the unit ends failed with the reason in `systemctl status`; a client that
+    connects meanwhile is not left hanging; fixing the config and restarting the sockets
+    brings it back."""
+    box = installed_box
+    _add_alice(box, "config error test")
+    box.sh(BREAK_CONFIG)
+    run = box.run("systemctl", "start", "pop3sf.service")
+    assert run.returncode != 0, run.stdout + run.stderr
+    time.sleep(5)                       # more than RestartSec=2s: a restart would have begun
+    state = {p: box.show(p) for p in ("ActiveState", "Result", "ExecMainStatus", "NRestarts")}
+    assert state == {"ActiveState": "failed", "Result": "exit-code", "ExecMainStatus": "78",
+                     "NRestarts": "0"}, state
+    status = _status(box)
+    assert CONFIG_ERROR in status and "status=78/CONFIG" in status, status
+
+    # A client arriving now makes the socket start the service again; each start fails at once
+    # and systemd's start limit stops the sockets: the client's connection is closed quickly.
+    probe = box.run("/usr/bin/python3", "-c", textwrap.dedent("""
+        import socket, time
+        start = time.monotonic()
+        sock = socket.create_connection(("127.0.0.1", 110), timeout=30)
+        try:
+            data = sock.recv(100)
+        except OSError as exc:
+            data = repr(exc).encode()
+        print(round(time.monotonic() - start, 2), data)
+        """))
+    seconds, _, answer = probe.stdout.strip().partition(" ")
+    assert probe.returncode == 0 and float(seconds) < 10 and "+OK" not in answer, \
+        probe.stdout + probe.stderr
+    assert box.show("NRestarts") == "0"
+    assert box.show("Result", "pop3sf.socket") == "service-start-limit-hit"
+    assert 110 not in box.listening()
+
+    box.sh("sed -i 's/^max_line_length = .*/max_line_length = 8192/' /etc/pop3sf.conf")
+    run = box.sh("systemctl reset-failed pop3sf.service pop3sf.socket pop3sf-tls.socket && "
+                 "systemctl start pop3sf.socket pop3sf-tls.socket")
+    assert run.returncode == 0, run.stderr
+    assert "config error test" in _mail_text(box.pop("tls", 995))
+
+
+def test_box_reload_of_a_broken_config_fails_visibly(installed_box: Box) -> None:
+    """ExecReload= checks the config before signalling: `systemctl reload` of a broken config
+    exits non-zero with the reason in `systemctl status`, the server keeps running on its old
+    config; once fixed, the same reload applies it."""
+    box = installed_box
+    _add_alice(box, "reload test")
+    before = box.implementation()                      # also starts the service
+    assert before.startswith("IMPLEMENTATION") and not re.search(r"\d+\.\d+", before), before
+    main_pid = box.show("MainPID")
+    box.sh("cp /etc/pop3sf.conf /root/good.conf")
+    # broken, and changing a visible setting: were any of it applied, CAPA would show it
+    box.sh("sed -i 's/^implementation_version = no/implementation_version = yes/' "
+           f"/etc/pop3sf.conf && {BREAK_CONFIG}")
+    run = box.run("systemctl", "reload", "pop3sf.service")
+    assert run.returncode != 0, run.stdout + run.stderr
+    status = _status(box)
+    assert CONFIG_ERROR in status and "Reload failed" in status, status
+    assert (box.show("ActiveState"), box.show("MainPID")) == ("active", main_pid)
+    time.sleep(1)
+    assert box.implementation() == before
+    assert "reload test" in _mail_text(box.pop("tls", 995))
+
+    box.sh("cp /root/good.conf /etc/pop3sf.conf && sed -i "
+           "'s/^implementation_version = no/implementation_version = yes/' /etc/pop3sf.conf")
+    run = box.run("systemctl", "reload", "pop3sf.service")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert _wait_until(lambda: re.search(r"\d+\.\d+", box.implementation()) is not None), \
+        box.implementation()
+    assert box.show("MainPID") == main_pid
+
+
+def test_box_purge_keeps_mail_and_admin_data(installed_box: Box) -> None:
+    """/var/lib/pop3sf is the unit's only writable path, so admins keep mail there beside
+    mail/: purge deletes none of it (not even an empty directory the admin made); it removes
+    the conffile and the size cache."""
+    box = installed_box
+    _add_alice(box, "purge test alice")
+    box.sh("install -d -o pop3sf -g pop3sf -m 0750 /var/lib/pop3sf/bob /var/lib/pop3sf/archive"
+           " && printf 'Subject: bob\\n\\npurge test bob\\n' > /var/lib/pop3sf/bob/1.eml"
+           " && chown pop3sf:pop3sf /var/lib/pop3sf/bob/1.eml")
+    assert "purge test alice" in _mail_text(box.pop("tls", 995))     # the service has run
+    assert box.run("test", "-s", "/var/cache/pop3sf/sizes-v1.log").returncode == 0
+    listing = ("cd /var/lib/pop3sf && find . -printf '%p %y %u:%g %m %s\\n' | sort && "
+               "find . -type f -exec sha256sum {} + | sort")
+    before = box.sh(listing).stdout
+    assert "./bob/1.eml" in before and "./mail/alice/" in before and "./archive d" in before
+    run = box.run("apt-get", "purge", "-y", "pop3sf")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert box.sh(listing).stdout == before
+    for gone in ("/etc/pop3sf.conf", "/var/cache/pop3sf"):
+        assert box.run("test", "-e", gone).returncode != 0, gone
+
+
+def test_box_autopkgtest(installed_box: Box) -> None:
+    """debian/tests as autopkgtest would run them against the installed package (fetch a
+    message over 110 and 995); they install nothing and clean up after themselves, so a purge
+    then removes the (empty) directories the package made."""
+    box = installed_box
+    box.cp("/root/src/debian", ROOT / "debian" / "tests")
+    tests = re.findall(r"^Tests:\s*(.+)$", (ROOT / "debian" / "tests" / "control").read_text(),
+                       re.M)
+    names = [name for line in tests for name in line.replace(",", " ").split()]
+    assert names == ["fetch-110-995"], names
+    packages = box.out("dpkg-query", "-W", "-f", "${Package} ${Version} ${Status}\\n")
+    for name in names:
+        run = box.run("sh", "-c", f'cd /root/src && AUTOPKGTEST_TMP=$(mktemp -d) '
+                      f'debian/tests/{name}')
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "ok - port 110" in run.stdout and "ok - port 995" in run.stdout, run.stdout
+    assert box.out("dpkg-query", "-W", "-f", "${Package} ${Version} ${Status}\\n") == packages
+    assert box.out("pop3sf-admin", "user", "list") == ""
+    run = box.run("apt-get", "purge", "-y", "pop3sf")
+    assert run.returncode == 0, run.stderr[-2000:]
+    for gone in ("/var/lib/pop3sf", "/var/cache/pop3sf", "/etc/pop3sf.conf"):
+        assert box.run("test", "-e", gone).returncode != 0, gone

@@ -3,7 +3,8 @@
 # (default: the tree this script is in).
 #
 # The copy leaves the working tree untouched (no debian/pop3sf/, no .egg-info); OUT_DIR gets
-# the .deb, .changes and .buildinfo, and the last line printed is the path of the .deb.
+# the .deb, the source package (.dsc, .tar.xz: lintian checks the source too), .changes and
+# .buildinfo, and the last line printed is the path of the .deb.
 # Needs the build dependencies (tests/deb/install-build-deps.sh); not root (fakeroot).
 set -euo pipefail
 case $# in
@@ -26,7 +27,7 @@ tar -C "$src" -cf - \
     --exclude=./debian/files --exclude='./debian/*.substvars' \
     --exclude='./debian/*.debhelper.log' --exclude=./debian/debhelper-build-stamp \
     . | tar -C "$work/pop3sf" -xf -
-(cd "$work/pop3sf" && dpkg-buildpackage -us -uc -b) >"$out/build.log" 2>&1 || {
+(cd "$work/pop3sf" && dpkg-buildpackage -us -uc) >"$out/build.log" 2>&1 || {
     tail -40 "$out/build.log" >&2; echo "build failed; log: $out/build.log" >&2; exit 1; }
-cp "$work"/*.deb "$work"/*.changes "$work"/*.buildinfo "$out"/
+cp "$work"/*.deb "$work"/*.dsc "$work"/*.tar.* "$work"/*.changes "$work"/*.buildinfo "$out"/
 ls "$out"/pop3sf_*_all.deb | tail -1

@@ -6,7 +6,8 @@ set -e
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends \
-    build-essential fakeroot debhelper dh-python python3-all python3-setuptools \
+    build-essential fakeroot debhelper dh-python pybuild-plugin-pyproject python3-all \
+    python3-setuptools \
     lintian devscripts \
     python3-systemd python3-daemon python3-configobj python3-bcrypt python3-lockfile \
     python3-pymysql ssl-cert openssl procps adduser systemd iproute2 util-linux man-db

@@ -28,6 +28,8 @@ check "pop3sf is in group ssl-cert" sh -c 'id -nG pop3sf | tr " " "\n" | grep -q
 check "conffile root:pop3sf 0640" sh -c '[ "$(stat -c "%U:%G %a" /etc/pop3sf.conf)" = "root:pop3sf 640" ]'
 check "/etc/pop3sf.conf is a conffile" sh -c 'dpkg-query -W -f="\${Conffiles}" pop3sf | grep -q "/etc/pop3sf.conf "'
 check "/var/lib/pop3sf/mail owned by pop3sf" sh -c '[ "$(stat -c "%U:%G" /var/lib/pop3sf/mail)" = "pop3sf:pop3sf" ]'
+# Without systemd no CacheDirectory= makes it: the package does, for the shipped size_cache_dir.
+check "/var/cache/pop3sf made by the package, pop3sf:pop3sf 0750" sh -c '[ "$(stat -c "%U:%G %a" /var/cache/pop3sf)" = "pop3sf:pop3sf 750" ]'
 check "snakeoil certificate present" test -s /etc/ssl/certs/ssl-cert-snakeoil.pem -a -s /etc/ssl/private/ssl-cert-snakeoil.key
 check "sockets enabled" test -L /etc/systemd/system/sockets.target.wants/pop3sf.socket -a -L /etc/systemd/system/sockets.target.wants/pop3sf-tls.socket
 check "service not enabled (socket-activated only)" sh -c '! ls /etc/systemd/system/*.wants/pop3sf.service 2>/dev/null | grep -q .'
@@ -56,12 +58,31 @@ check "daemon runs as pop3sf" sh -c "[ \"\$(ps -o user= -p ${pid:-0})\" = pop3sf
 check "second --daemon refused (exit 1)" sh -c 'pop3sf --daemon; [ $? -eq 1 ]'
 check "POP3 over STLS on 110 reads the mail" sh -c "/usr/bin/python3 $DIR/pop_check.py stls 127.0.0.1 110 alice 's3cret pw' | grep -q 'overlay test message'"
 check "POP3 over implicit TLS on 995 reads the mail" sh -c "/usr/bin/python3 $DIR/pop_check.py tls 127.0.0.1 995 alice 's3cret pw' | grep -q 'overlay test message'"
+check "the daemon keeps exact sizes in /var/cache/pop3sf" sh -c '[ -s /var/cache/pop3sf/sizes-v1.log ] && [ "$(stat -c %U /var/cache/pop3sf/sizes-v1.log)" = pop3sf ]'
 check "daemon survives SIGHUP" sh -c "kill -HUP ${pid:-0}; sleep 0.5; kill -0 ${pid:-0}"
 check "daemon stops on SIGTERM" sh -c "kill -TERM ${pid:-0}; for i in \$(seq 100); do kill -0 ${pid:-0} 2>/dev/null || exit 0; sleep 0.1; done; exit 1"
 check "pidfile removed at exit" test ! -e /run/pop3sf/pop3sf.pid
 
+# A daemon killed with SIGKILL leaves its pidfile: the next start removes it and says so,
+# on the terminal and in the log (test_deb.py reads the journal).
+pop3sf --daemon
+for i in $(seq 100); do [ -s /run/pop3sf/pop3sf.pid ] && break; sleep 0.05; done
+pid=$(cat /run/pop3sf/pop3sf.pid 2>/dev/null)
+kill -KILL "${pid:-0}"
+for i in $(seq 100); do kill -0 "${pid:-0}" 2>/dev/null || break; sleep 0.05; done
+check "SIGKILL leaves a stale pidfile" sh -c "[ \"\$(cat /run/pop3sf/pop3sf.pid)\" = ${pid:-0} ] && ! kill -0 ${pid:-0}"
+err=$(pop3sf --daemon 2>&1); rc=$?
+echo "$err" >&2
+check "--daemon over a stale pidfile starts (exit 0)" test "$rc" -eq 0
+check "--daemon names the stale pidfile it removes" sh -c "echo \"\$1\" | grep -q 'removing stale pidfile /run/pop3sf/pop3sf.pid (pid ${pid:-0} not running'" sh "$err"
+for i in $(seq 100); do new=$(cat /run/pop3sf/pop3sf.pid 2>/dev/null); [ -n "$new" ] && [ "$new" != "$pid" ] && break; sleep 0.05; done
+check "the new daemon serves" sh -c "/usr/bin/python3 $DIR/pop_check.py tls 127.0.0.1 995 alice 's3cret pw' | grep -q 'overlay test message'"
+kill -TERM "${new:-0}"
+for i in $(seq 100); do kill -0 "${new:-0}" 2>/dev/null || break; sleep 0.1; done
+
 check "apt-get purge" apt-get purge -y pop3sf
 check "purge removed the conffile" test ! -e /etc/pop3sf.conf
-check "purge kept the mail" test -d /var/lib/pop3sf/mail/alice
+check "purge kept the mail" sh -c '[ -n "$(find /var/lib/pop3sf/mail/alice -type f -name "*.txt")" ]'
+check "purge removed the size cache" test ! -e /var/cache/pop3sf
 check "purge removed the enable symlinks" test ! -e /etc/systemd/system/sockets.target.wants/pop3sf.socket
 exit 0
