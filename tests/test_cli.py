@@ -92,11 +92,11 @@ def test_check_config(config: Path, tmp_path: Path) -> None:
     bad.write_text(config.read_text() + "\n[limits]\nidle_timeout = soon\n")
     out = subprocess.run([*POP3SF, "--check-config", "--config", str(bad)],
                          capture_output=True, text=True)
-    assert out.returncode == 1
+    assert out.returncode == 78                      # EX_CONFIG
     assert str(bad) in out.stderr and "[limits] idle_timeout" in out.stderr
     missing = subprocess.run([*POP3SF, "--config", str(tmp_path / "nope.conf")],
                              capture_output=True, text=True)
-    assert missing.returncode == 1 and "cannot read" in missing.stderr
+    assert missing.returncode == 78 and "cannot read" in missing.stderr
 
 
 def test_serve_reload_and_terminate(daemon: Daemon, config: Path) -> None:

@@ -349,10 +349,11 @@ def _free_port() -> int:
 class Instance:
     """A config + mail directory for one by-hand pop3sf, with user alice and one message."""
 
-    def __init__(self, base: Path, user: str, target: str = "stderr") -> None:
+    def __init__(self, base: Path, user: str, target: str = "file") -> None:
         self.base = base
         self.port = _free_port()
         self.pidfile = base / "run" / "pop3sf.pid"
+        self.logfile = base / "pop3sf.log"
         self.mail = base / "mail"
         self.mail.mkdir(parents=True)
         self.config = base / "pop3sf.conf"
@@ -370,6 +371,7 @@ class Instance:
             pidfile = {self.pidfile}
             [logging]
             target = {target}
+            file = {self.logfile if target == "file" else ""}
             [listeners]
                 [[pop3]]
                 addresses = 127.0.0.1:{self.port}
