@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import poplib
 import pwd
@@ -413,3 +414,104 @@ def test_readable_secret_who_may_read(shared_dir: Path) -> None:
     path.chmod(0o644)
     none = run_cli("--check-config", "--no-connect", "--config", str(path))
     assert none.returncode == 0 and "readable" not in none.stderr, none.stderr
+
+
+# --------------------------------------------------------------------------- journald priorities
+
+def _journald_missing() -> str | None:
+    if not IS_ROOT:
+        return "needs root (private journald in a mount namespace)"
+    if not (shutil.which("unshare") and shutil.which("journalctl")
+            and os.path.exists("/lib/systemd/systemd-journald")):
+        return "systemd-journald, journalctl or unshare missing"
+    return None
+
+
+STREAM_RUNNER = '''
+"""Run pop3sf with stdout and stderr on a journal stream, as systemd runs a service
+(SyslogLevelPrefix= on, JOURNAL_STREAM naming the stream)."""
+import os, poplib, socket, subprocess, sys, time
+from systemd import journal
+
+POP3SF, CONFIGS, PORT = sys.argv[1].split(), sys.argv[2], int(sys.argv[3])
+
+
+def start(ident, *args):
+    stream = journal.stream(ident, level_prefix=True)
+    st = os.fstat(stream.fileno())
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "INVOCATION_ID")}
+    env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+    return subprocess.Popen([*POP3SF, *args], stdout=stream, stderr=stream, env=env, cwd="/")
+
+
+assert start("case-bad", "--check-config", "-c", CONFIGS + "/bad.conf").wait(30) == 78
+assert start("case-warn", "--check-config", "-c", CONFIGS + "/warn.conf").wait(30) == 0
+assert start("case-start", "-c", CONFIGS + "/bad.conf").wait(30) == 78
+server = start("case-serve", "-c", CONFIGS + "/serve.conf")
+deadline = time.monotonic() + 20
+while True:
+    try:
+        pop = poplib.POP3("127.0.0.1", PORT, timeout=10)
+        break
+    except OSError:
+        assert time.monotonic() < deadline and server.poll() is None
+        time.sleep(0.05)
+pop.capa()
+pop.quit()
+with open(CONFIGS + "/serve.conf", "a") as f:
+    f.write("[limits]\\nmax_bad_commands = -1\\n")
+server.send_signal(1)                       # SIGHUP: a broken config, refused
+for _ in range(3):                          # a few loop turns: the reload ran
+    pop = poplib.POP3("127.0.0.1", PORT, timeout=10)
+    pop.capa()
+    pop.quit()
+server.terminate()
+assert server.wait(30) == 0
+'''
+
+
+@pytest.mark.skipif(_journald_missing() is not None, reason=str(_journald_missing()))
+def test_errors_reach_the_journal_at_their_priority(tmp_path: Path) -> None:
+    """With stderr on the journal (as under systemd), every line has the priority of its level,
+    from the first error of a start-up that fails to a reload the running server refuses:
+    ``journalctl -p err`` shows exactly the error lines."""
+    mail = tmp_path / "m.eml"
+    mail.write_bytes(b"Subject: hi\r\n\r\nhello\r\n")
+    port = free_port()
+    adapter = {"type": "list", "users": "alice:{PLAIN}secret", "messages": str(mail)}
+    (tmp_path / "bad.conf").write_text(config_text(adapter, extra="[limits]\nidle_timeout = x\n"))
+    (tmp_path / "warn.conf").write_text(config_text(adapter, extra="[limits]\nidle_timeout = 9\n"))
+    (tmp_path / "serve.conf").write_text(config_text(adapter, port=port))
+    runner = tmp_path / "runner.py"
+    runner.write_text(STREAM_RUNNER)
+    jdir = tmp_path / "journal"
+    run = subprocess.run([str(WITH_JOURNALD), str(jdir), "--", "/usr/bin/python3", str(runner),
+                          " ".join(POP3SF), str(tmp_path), str(port)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+    def entries(*args: str) -> list[tuple[str, str, str]]:
+        out = subprocess.run(["journalctl", "-D", str(jdir), "-o", "json", "--no-pager", *args],
+                             capture_output=True, text=True, check=True, timeout=30)
+        found = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+        return [(e.get("SYSLOG_IDENTIFIER", ""), e["PRIORITY"], e["MESSAGE"]) for e in found
+                if str(e.get("SYSLOG_IDENTIFIER", "")).startswith("case-")]
+
+    every = entries()
+    by_text = {(ident, text): prio for ident, prio, text in every}
+
+    def priority(ident: str, pattern: str) -> str:
+        hits = [p for (i, text), p in by_text.items() if i == ident and re.search(pattern, text)]
+        assert len(hits) == 1, (ident, pattern, every)
+        return hits[0]
+
+    assert priority("case-bad", r"^pop3sf: error: .*\[limits\] idle_timeout is invalid") == "3"
+    assert priority("case-warn", r"^pop3sf: warning: .*idle_timeout 9\.0 s is below") == "4"
+    assert priority("case-warn", r"configuration OK") == "6"
+    assert priority("case-start", r"^pop3sf: error: .*\[limits\] idle_timeout is invalid") == "3"
+    assert priority("case-serve", r"listening on pop3") == "6"
+    assert priority("case-serve", r"INFO pop3sf: pop3sf .* started") == "6"
+    assert priority("case-serve", r"ERROR pop3sf: reload failed, old configuration kept") == "3"
+    assert not [e for e in every if e[2].startswith("<")], every     # prefixes consumed
+    errors = entries("-p", "err")
+    assert sorted(i for i, _p, _t in errors) == ["case-bad", "case-serve", "case-start"], errors
