@@ -156,8 +156,10 @@ def output_handler(target: str, file: str = "") -> logging.Handler:
     if target == "journald":
         return systemd.journal_handler()
     if target == "syslog":
-        handler: logging.Handler = logging.handlers.SysLogHandler(
-            SYSLOG_SOCKET, logging.handlers.SysLogHandler.LOG_DAEMON)
+        syslog = logging.handlers.SysLogHandler(SYSLOG_SOCKET,
+                                                logging.handlers.SysLogHandler.LOG_DAEMON)
+        syslog.append_nul = False           # as syslog(3) sends them
+        handler: logging.Handler = syslog
         handler.setFormatter(logging.Formatter("pop3sf[%(process)d]: %(message)s"))
         return handler
     if target == "file":
