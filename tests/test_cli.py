@@ -171,8 +171,9 @@ def shared_dir() -> Iterator[Path]:
 
 
 def config_text(adapter: dict[str, Any], user: str = "", extra: str = "",
-                port: int = 0) -> str:
-    lines = ["[server]", f"user = {user}", "shutdown_grace = 3", "[logging]", "target = stderr",
+                port: int = 0, group: str = "") -> str:
+    lines = ["[server]", f"user = {user}", f"group = {group}", "shutdown_grace = 3",
+             "[logging]", "target = stderr",
              "[listeners]", "    [[pop3]]", f"    addresses = 127.0.0.1:{port}", "[adapter]"]
     lines += [f"{k} = {v}" for k, v in adapter.items()]
     return "\n".join(lines) + "\n" + extra
@@ -272,10 +273,7 @@ def test_check_config_as_the_service_user(shared_dir: Path, tls_files: dict[str,
     unknown = "no-such-user-" + uuid.uuid4().hex[:6]
     run = check(config_text(listed, unknown))
     assert run.returncode == 78 and f"unknown user {unknown!r}" in run.stderr, run.stderr
-    run = check(config_text(listed, "nobody", f"[server]\ngroup = {unknown}\n")
-                .replace("[server]\nuser = nobody\nshutdown_grace = 3\n", "")
-                .replace(f"[server]\ngroup = {unknown}\n",
-                         f"[server]\nuser = nobody\ngroup = {unknown}\n"))
+    run = check(config_text(listed, "nobody", group=unknown))
     assert run.returncode == 78 and f"unknown group {unknown!r}" in run.stderr, run.stderr
 
     # A mail directory only root can open: found only by reaching the data source.
@@ -286,8 +284,19 @@ def test_check_config_as_the_service_user(shared_dir: Path, tls_files: dict[str,
     assert run.returncode == 78, run.stderr
     assert f"root = '{mail}': cannot open: Permission denied" in run.stderr
     assert check(config_text(multi, "nobody"), "--no-connect").returncode == 0
+    passwd = shared_dir / "passwd"
+    passwd.write_text(f"alice:{{PLAIN}}pw::::{mail}/alice::\n")
+    passwd.chmod(0o644)
+    maildir = {"type": "maildir", "passwd_file": str(passwd), "root": str(mail)}
+    run = check(config_text(maildir, "nobody"))
+    assert run.returncode == 78, run.stderr
+    assert f"[adapter] (maildir): root = '{mail}': cannot open" in run.stderr
     os.chown(mail, nobody.pw_uid, nobody.pw_gid)
     assert check(config_text(multi, "nobody")).returncode == 0
+    assert check(config_text(maildir, "nobody")).returncode == 0
+    passwd.chmod(0o600)                                        # read by check(), as nobody
+    run = check(config_text(maildir, "nobody"), "--no-connect")
+    assert run.returncode == 78 and "passwd_file" in run.stderr, run.stderr
 
 
 # --------------------------------------------------------------------------- privileges
