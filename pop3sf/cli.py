@@ -134,6 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.bootstrap()
     try:
         return _run(args)
+    except Exception:
+        logs.bootstrap()            # a crash, too, reaches the journal at its priority
+        log.critical("pop3sf failed unexpectedly", exc_info=True)
+        return EX_SOFTWARE
     finally:
         logs.end_bootstrap()
 

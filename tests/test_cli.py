@@ -524,3 +524,20 @@ def test_errors_reach_the_journal_at_their_priority(tmp_path: Path) -> None:
     assert not [e for e in every if e[2].startswith("<")], every     # prefixes consumed
     errors = entries("-p", "err")
     assert sorted(i for i, _p, _t in errors) == ["case-bad", "case-serve", "case-start"], errors
+
+
+def test_an_unexpected_crash_is_logged_critical(tmp_path: Path) -> None:
+    """A bug (here a third-party adapter with a broken configspec) is not a config error: it
+    exits 70 (EX_SOFTWARE) and its traceback goes out as a critical record, not bare stderr."""
+    (tmp_path / "brokenspec.py").write_text(
+        "from pop3sf.adapters.memory import ListAdapter\n\n"
+        "class Broken(ListAdapter):\n    configspec = 42\n")
+    path = tmp_path / "pop3sf.conf"
+    path.write_text(config_text({"type": "brokenspec:Broken"}))
+    env = {k: v for k, v in os.environ.items() if k not in SYSTEMD_ENV}
+    env["PYTHONPATH"] = str(tmp_path)
+    run = subprocess.run([*POP3SF, "--check-config", "--config", str(path)], env=env,
+                         capture_output=True, text=True, timeout=60, cwd="/")
+    assert run.returncode == 70, run.stderr
+    assert run.stderr.startswith("pop3sf: critical: pop3sf failed unexpectedly\nTraceback")
+    assert "TypeError" in run.stderr
