@@ -25,6 +25,7 @@ Register your adapter under the entry point group ``pop3sf.adapters`` (or name i
 from __future__ import annotations
 
 import abc
+import os
 import unicodedata
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +61,17 @@ class MessageGone(AdapterError):
 
 class ConfigurationError(AdapterError):
     """The adapter's config section is unusable; the message names the problem."""
+
+
+def probe_directory(path: str, key: str) -> None:
+    """Raise :class:`ConfigurationError` unless this process can list and enter *path*."""
+    try:
+        with os.scandir(path) as entries:
+            next(entries, None)
+    except OSError as exc:
+        raise ConfigurationError(f"{key} = {path!r}: cannot open: {exc.strerror}") from exc
+    if not os.access(path, os.X_OK):
+        raise ConfigurationError(f"{key} = {path!r}: cannot open its files: permission denied")
 
 
 @dataclass(frozen=True)
@@ -179,6 +191,11 @@ class Adapter(abc.ABC):
     def check(self) -> None:
         """Verify the config against the system (paths exist, files readable) without side
         effects; raise :class:`ConfigurationError`. ``pop3sf --check-config`` calls it."""
+
+    def probe(self) -> None:
+        """Reach the data source once, as the service would: log in to the database, open the
+        mail directory. Raise :class:`ConfigurationError` saying why it failed.
+        ``pop3sf --check-config`` calls it after :meth:`check` (not with ``--no-connect``)."""
 
     def start(self) -> None:
         """Open shared resources (pools). Called once before the first session; should run

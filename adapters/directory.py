@@ -44,6 +44,7 @@ from .base import (
     Peer,
     TemporaryFailure,
     normalize_secret,
+    probe_directory,
 )
 from .plaintext import PlaintextMessage
 from .sizecache import FileChanged, SizeCache
@@ -152,6 +153,10 @@ class _DirectoryAdapterBase(Adapter):
 
     def check(self) -> None:
         self._check_paths(self.options)
+
+    def probe(self) -> None:
+        key = "directory" if "directory" in self.options else "root"
+        probe_directory(self.options[key], key)
 
     def start(self) -> None:
         self.check()

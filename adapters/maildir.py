@@ -48,6 +48,7 @@ from .base import (
     Peer,
     PermanentFailure,
     TemporaryFailure,
+    probe_directory,
 )
 from .passwdfile import PasswdEntry, PasswdFile
 from .sizecache import FileChanged, SizeCache
@@ -391,6 +392,10 @@ from_address = string(default="pop3sf <pop3sf@localhost>")
         root = self.options["root"]
         if root and not os.path.isdir(root):
             raise ConfigurationError(f"root = {root!r}: not an existing directory")
+
+    def probe(self) -> None:
+        if self.options["root"]:
+            probe_directory(self.options["root"], "root")
 
     def reload(self, config: Mapping[str, Any]) -> None:
         options = self._check(config)

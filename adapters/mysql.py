@@ -274,6 +274,20 @@ class _MySQLAdapterBase(Adapter):
             if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
                 raise ConfigurationError(f"{key} = {path!r}: not a readable file")
 
+    def probe(self) -> None:
+        """Log in with the configured account and run one query."""
+        try:
+            conn = self.driver.connect(self.params, autocommit=True)
+        except Exception as exc:
+            raise ConfigurationError(f"cannot connect to {self.params.where()}: "
+                                     f"{str(exc).strip() or type(exc).__name__}") from exc
+        try:
+            self.fetch_all(conn, "SELECT 1")
+        except Exception as exc:
+            raise ConfigurationError(f"query on {self.params.where()} failed: {exc}") from exc
+        finally:
+            _close_quietly(conn)
+
     def start(self) -> None:
         self.check()
         try:

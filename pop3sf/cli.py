@@ -3,7 +3,9 @@
 The order matters: listeners are bound (or inherited from systemd) while still privileged,
 python-daemon detaches *before* logging and worker threads exist (a fork keeps no threads, and a
 journald socket opened earlier would end up as a client's fd), then privileges are dropped and
-the server starts.
+only then is the adapter imported and built. Everything that touches the adapter or the
+certificates before that is checked as the service user: in a child process that dropped root
+first (:func:`check_as_service`).
 """
 
 from __future__ import annotations
@@ -16,14 +18,26 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from . import __version__
-from .config import ConfigError, Settings, load_config
+from pop3sf.adapters import ConfigurationError
+
+from . import __version__, logs
+from .config import (
+    ConfigError,
+    ServiceAccount,
+    Settings,
+    load_config,
+    readable_secrets,
+    service_account,
+)
 from .listeners import ListeningSocket, open_listeners
-from .logs import setup_logging
 from .server import Server
 from .tls import make_context
 
 DEFAULT_CONFIG = "/etc/pop3sf.conf"
+#: sysexits.h EX_CONFIG: the configuration can't work; systemd does not restart on it.
+EX_CONFIG = 78
+#: sysexits.h EX_SOFTWARE: the check itself crashed.
+EX_SOFTWARE = 70
 log = logging.getLogger("pop3sf")
 
 
@@ -32,25 +46,78 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", default=DEFAULT_CONFIG, help="config file "
                    f"(default {DEFAULT_CONFIG})")
     p.add_argument("--check-config", action="store_true",
-                   help="validate the config (and certificates, adapter) and exit 0 or 78")
+                   help="validate the config as the service user (certificates, adapter, data "
+                        f"source) and exit 0, or {EX_CONFIG} naming the problem")
+    p.add_argument("--no-connect", action="store_true",
+                   help="with --check-config: do not connect to the data source (offline)")
     p.add_argument("--daemon", action="store_true", help="detach (python-daemon, pidfile)")
     p.add_argument("--version", action="version", version=f"pop3sf {__version__}")
     return p
 
 
-def _fail(message: str) -> int:
-    print(f"pop3sf: error: {message}", file=sys.stderr)
-    return 1
+def _fail(message: str, status: int = EX_CONFIG) -> int:
+    log.error("%s", message)
+    return status
 
 
-def check(settings: Settings) -> None:
-    """Everything start-up would check, without binding: certificates and the adapter config."""
+def check(settings: Settings, connect: bool = False) -> None:
+    """Everything start-up would check, without binding: certificates and the adapter config;
+    with *connect*, reaching the data source too (:meth:`Adapter.probe`)."""
     make_context(settings.tls, settings.source)
+    adapter_class = settings.adapter_class
+    adapter = None
     try:
-        settings.adapter_class(settings.adapter_config).check()
+        adapter = adapter_class(settings.adapter_config)
+        adapter.check()
+        if connect:
+            adapter.probe()
+    except ConfigError:
+        raise
     except Exception as exc:
         raise ConfigError(f"{settings.source}: [adapter] ({settings.adapter_type}): {exc}") \
             from None
+    finally:
+        if adapter is not None:
+            try:
+                adapter.close()
+            except Exception:
+                pass
+
+
+def check_as_service(settings: Settings, account: ServiceAccount | None,
+                     connect: bool = False) -> None:
+    """:func:`check` with the service user's rights, so that a key or directory only root can
+    read fails here and not in the running server. As root with a service user, the check runs
+    in a child process that dropped root first; otherwise in this process."""
+    if account is None or os.geteuid() != 0 or account.uid == 0:
+        check(settings, connect)
+        return
+    from . import daemon
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                        # the child: never returns
+        os.close(rfd)
+        status, message = 0, ""
+        try:
+            daemon.drop_privileges(account.name, settings.server.group or None)
+            check(settings, connect)
+        except (ConfigError, daemon.PrivilegeError) as exc:
+            status, message = EX_CONFIG, str(exc)
+        except BaseException as exc:
+            status, message = EX_SOFTWARE, f"checking as user {account.name} failed: " \
+                f"{type(exc).__name__}: {exc}"
+        with os.fdopen(wfd, "wb") as out:
+            out.write(message.encode("utf-8", "replace"))
+        os._exit(status)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as pipe:
+        message = pipe.read().decode("utf-8", "replace")
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if code != 0:
+        raise ConfigError(message or f"checking as user {account.name} failed (status {code})")
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:
@@ -64,13 +131,32 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    logs.bootstrap()
     try:
-        settings = load_config(args.config)
-        check(settings)
+        return _run(args)
+    except Exception:
+        logs.bootstrap()            # a crash, too, reaches the journal at its priority
+        log.critical("pop3sf failed unexpectedly", exc_info=True)
+        return EX_SOFTWARE
+    finally:
+        logs.end_bootstrap()
+
+
+def _run(args: argparse.Namespace) -> int:
+    detach = args.daemon and not args.check_config
+    try:
+        settings = load_config(args.config, resolve=False)
+        account = service_account(settings)
+        target = logs.resolve_target(settings.logging, detach, settings.source)
+        check_as_service(settings, account, connect=args.check_config and not args.no_connect)
     except ConfigError as exc:
         _fail(str(exc))
         return os.EX_CONFIG     # 78: systemd's RestartPreventExitStatus= stops a restart loop
     if args.check_config:
+        _warn_secrets(settings, account)
+        if account is not None and os.geteuid() not in (0, account.uid):
+            log.warning("checked with the rights of uid %d, not of the service user %s: run "
+                        "the check as root or as %s", os.geteuid(), account.name, account.name)
         print(f"pop3sf: {args.config}: configuration OK")
         return 0
     if args.daemon:
@@ -81,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # before binding: "already running as pid N" beats EADDRINUSE
             daemon.check_pidfile(settings.server.pidfile, settings.server.user)
         except daemon.DaemonError as exc:
-            return _fail(str(exc))
+            return _fail(str(exc), 1)
     inherited = None
     if os.environ.get("LISTEN_FDS"):
         from . import systemd
@@ -97,42 +183,54 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import daemon
 
         try:
+            logs.end_bootstrap()
             context = daemon.daemonize(settings.server.pidfile,
                                        [ls.sock.fileno() for ls in listeners],
                                        pidfile_owner=settings.server.user)
         except daemon.DaemonError as exc:
-            return _fail(str(exc))
+            print(f"pop3sf: error: {exc}", file=sys.stderr)
+            return 1
         with context:
-            return _serve(settings, listeners, args.config, daemonized=True)
-    return _serve(settings, listeners, args.config)
+            return _serve(settings, account, target, listeners, args.config)
+    return _serve(settings, account, target, listeners, args.config)
 
 
-def _serve(settings: Settings, listeners: list[ListeningSocket], path: str,
-           daemonized: bool = False) -> int:
+def _warn_secrets(settings: Settings, account: ServiceAccount | None) -> None:
+    warning = readable_secrets(settings, account)
+    if warning:
+        log.warning("%s", warning)
+
+
+def _serve(settings: Settings, account: ServiceAccount | None, target: str,
+           listeners: list[ListeningSocket], path: str) -> int:
     limit_malloc_arenas()
-    logs = setup_logging(settings.logging.target, settings.logging.level,
-                         settings.logging.queue_size, daemonized)
+    conf = settings.logging
+    pipeline = logs.setup_logging(target, conf.level, conf.queue_size, conf.file)
     try:
-        if os.geteuid() == 0 and settings.server.user:
+        _warn_secrets(settings, account)
+        if os.geteuid() == 0 and account is not None:
             from . import control, daemon
 
-            control.prepare_directory(settings.server.control_socket, settings.server.user,
+            control.prepare_directory(settings.server.control_socket, account.name,
                                       settings.server.group)
             try:
-                daemon.drop_privileges(settings.server.user, settings.server.group or None)
+                daemon.drop_privileges(account.name, settings.server.group or None)
             except daemon.DaemonError as exc:
                 log.error("cannot start: %s", exc)
-                return 1
+                return EX_CONFIG
         try:
             server = Server(settings)
             server.start(listeners)
         except ConfigError as exc:
             log.error("%s", exc)
-            return os.EX_CONFIG
+            return EX_CONFIG
+        except ConfigurationError as exc:
+            log.error("%s: [adapter] (%s): %s", settings.source, settings.adapter_type, exc)
+            return EX_CONFIG
         except Exception as exc:
             log.error("cannot start: %s", exc)
             return 1
-        server.on_tick.append(logs.handler.report_drops)
+        server.on_tick.append(pipeline.handler.report_drops)
         _install_signals(server, path)
         notify = _systemd_notifier(server)
         log.info("pop3sf %s started (%s adapter, %d listeners)", __version__,
@@ -143,7 +241,7 @@ def _serve(settings: Settings, listeners: list[ListeningSocket], path: str,
         log.info("pop3sf stopped")
         return 0
     finally:
-        logs.stop()
+        pipeline.stop()
 
 
 def _install_signals(server: Server, path: str) -> None:

@@ -6,10 +6,15 @@ allowed, so the server never starts half-configured.
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import logging
-from collections.abc import Mapping
+import os
+import pwd
+import stat
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from importlib.resources import files
 from typing import Any
 
@@ -41,6 +46,7 @@ class LoggingSection:
     target: str
     level: str
     queue_size: int
+    file: str
 
 
 @dataclass(frozen=True)
@@ -111,13 +117,26 @@ class Settings:
     limits: LimitsSection
     workers: WorkersSection
     adapter_type: str
-    adapter_class: type[Adapter]
-    adapter_config: dict[str, Any]
+    adapter_keys: dict[str, Any] = field(repr=False)
     raw: ConfigObj = field(repr=False, compare=False)
 
     @property
     def service_user(self) -> str:
         return self.server.user
+
+    # The adapter's module is imported, and its keys validated, on first use: a server started
+    # as root does that only after dropping privileges.
+    @cached_property
+    def _adapter(self) -> tuple[type[Adapter], dict[str, Any]]:
+        return resolve_adapter(self.adapter_type, self.adapter_keys, self.source)
+
+    @property
+    def adapter_class(self) -> type[Adapter]:
+        return self._adapter[0]
+
+    @property
+    def adapter_config(self) -> dict[str, Any]:
+        return self._adapter[1]
 
 
 def _spec(text: str) -> ConfigObj:
@@ -162,15 +181,16 @@ def parse_address(text: str, source: str, listener: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def load_config(path: str) -> Settings:
-    """Read and validate a config file."""
+def load_config(path: str, resolve: bool = True) -> Settings:
+    """Read and validate a config file; with *resolve* false, the adapter is left for later
+    (its module not imported, its keys not validated)."""
     try:
         cfg = ConfigObj(path, file_error=True, encoding="utf-8", interpolation=False)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except ConfigObjError as exc:
         raise ConfigError(f"{path}: syntax error: {exc}") from None
-    return settings_from(cfg, path)
+    return settings_from(cfg, path, resolve)
 
 
 def settings_from_dict(data: Mapping[str, Any], source: str = "<config>") -> Settings:
@@ -178,7 +198,7 @@ def settings_from_dict(data: Mapping[str, Any], source: str = "<config>") -> Set
     return settings_from(ConfigObj(dict(data), interpolation=False), source)
 
 
-def settings_from(cfg: ConfigObj, source: str) -> Settings:
+def settings_from(cfg: ConfigObj, source: str, resolve: bool = True) -> Settings:
     cfg.configspec = _spec(files("pop3sf").joinpath("configspec.ini").read_text())
     adapter_section = cfg.get("adapter")
     adapter_keys = dict(adapter_section) if isinstance(adapter_section, Mapping) else None
@@ -188,23 +208,30 @@ def settings_from(cfg: ConfigObj, source: str) -> Settings:
     _validate(cfg, source)
     if not cfg["listeners"]:
         raise ConfigError(f"{source}: [listeners] needs at least one [[name]] subsection")
-    adapter_type = cfg["adapter"]["type"]
+    settings = _build(cfg, source, cfg["adapter"]["type"], adapter_keys or {})
+    if resolve:
+        settings.adapter_class  # noqa: B018 -- import and validate now
+    return settings
+
+
+def resolve_adapter(adapter_type: str, keys: Mapping[str, Any],
+                    source: str) -> tuple[type[Adapter], dict[str, Any]]:
+    """Import the adapter class and validate its ``[adapter]`` keys against its configspec."""
     try:
         adapter_class = load_adapter_class(adapter_type)
     except ConfigurationError as exc:
         raise ConfigError(f"{source}: [adapter] type: {exc}") from None
-    section = ConfigObj(adapter_keys or {}, interpolation=False)
+    section = ConfigObj(dict(keys), interpolation=False)
     section.configspec = _spec("type = string(min=1)\n" + adapter_class.configspec)
     try:
         _validate(section, source, f" (adapter {adapter_type!r})")
     except ConfigError as exc:
         raise ConfigError(str(exc).replace("top level", "[adapter]")) from None
-    adapter_config = {k: v for k, v in section.items() if k != "type"}
-    return _build(cfg, source, adapter_type, adapter_class, adapter_config)
+    return adapter_class, {k: v for k, v in section.items() if k != "type"}
 
 
-def _build(cfg: ConfigObj, source: str, adapter_type: str, adapter_class: type[Adapter],
-           adapter_config: dict[str, Any]) -> Settings:
+def _build(cfg: ConfigObj, source: str, adapter_type: str,
+           adapter_keys: dict[str, Any]) -> Settings:
     listeners = tuple(
         Listener(name, tuple(parse_address(a, source, name) for a in sec["addresses"]),
                  sec["tls"])
@@ -216,6 +243,10 @@ def _build(cfg: ConfigObj, source: str, adapter_type: str, adapter_class: type[A
                           "implicit-TLS listener(s)")
     if bool(tls.certificate) != bool(tls.private_key):
         raise ConfigError(f"{source}: [tls] certificate and private_key go together")
+    logging_section = LoggingSection(**cfg["logging"])
+    if logging_section.target == "file" and not os.path.isabs(logging_section.file):
+        raise ConfigError(f"{source}: [logging] file must be an absolute path with "
+                          f"target = file (got {logging_section.file!r})")
     auth = dict(cfg["auth"])
     networks = []
     for text in auth.pop("plaintext_auth_networks"):
@@ -238,7 +269,7 @@ def _build(cfg: ConfigObj, source: str, adapter_type: str, adapter_class: type[A
     return Settings(
         source=source,
         server=server,
-        logging=LoggingSection(**cfg["logging"]),
+        logging=logging_section,
         listeners=listeners,
         tls=tls,
         protocol=protocol,
@@ -246,7 +277,80 @@ def _build(cfg: ConfigObj, source: str, adapter_type: str, adapter_class: type[A
         limits=limits,
         workers=WorkersSection(**cfg["workers"]),
         adapter_type=adapter_type,
-        adapter_class=adapter_class,
-        adapter_config=adapter_config,
+        adapter_keys=adapter_keys,
         raw=cfg,
     )
+
+
+@dataclass(frozen=True)
+class ServiceAccount:
+    """``[server] user``/``group`` resolved: who the server runs as once it dropped root."""
+
+    name: str
+    uid: int
+    gid: int
+
+
+def service_account(settings: Settings) -> ServiceAccount | None:
+    """The configured service user and group, or None when ``user`` is empty; an unknown user
+    or group is a :class:`ConfigError` (the server could never start)."""
+    user, group = settings.server.user, settings.server.group
+    if not user:
+        return None
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError(f"{settings.source}: [server] user: unknown user {user!r} (create it, "
+                          f"e.g. 'adduser --system --group {user}')") from None
+    gid = entry.pw_gid
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ConfigError(f"{settings.source}: [server] group: unknown group "
+                              f"{group!r}") from None
+    return ServiceAccount(entry.pw_name, entry.pw_uid, gid)
+
+
+SECRET_WORDS = ("password", "secret", "passphrase")
+
+
+def inline_secrets(settings: Settings) -> list[str]:
+    """``[section] key`` of every non-empty key named like a secret (not a ``*_file`` path)."""
+    def walk(section: Mapping[str, Any], where: str) -> Iterator[str]:
+        for key, value in section.items():
+            if isinstance(value, Mapping):
+                yield from walk(value, f"{where}[{key}]")
+            elif (value and any(w in key.lower() for w in SECRET_WORDS)
+                  and not key.endswith("_file")):
+                yield f"{where} {key}"
+    raw = {k: v for k, v in settings.raw.items() if k != "adapter"}
+    return [*walk(raw, ""), *walk(settings.adapter_keys, "[adapter]")]
+
+
+def readable_secrets(settings: Settings, account: ServiceAccount | None) -> str | None:
+    """A warning when the config file holds a secret others can read, else None.
+
+    Readable by the service's own group is expected (it reads the file itself under systemd);
+    by anyone else, or by everyone, is not.
+    """
+    secrets = inline_secrets(settings)
+    if not secrets:
+        return None
+    try:
+        st = os.stat(settings.source)
+    except OSError:
+        return None
+    own = {0, account.gid if account else os.getegid()}
+    if st.st_mode & stat.S_IROTH:
+        who = "everyone"
+    elif st.st_mode & stat.S_IRGRP and st.st_gid not in own:
+        try:
+            who = f"group {grp.getgrgid(st.st_gid).gr_name}"
+        except KeyError:
+            who = f"group {st.st_gid}"
+    else:
+        return None
+    return (f"{settings.source} holds {', '.join(secrets)} and is readable by {who} "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}): make it root:<service group> 0640, or move "
+            "the secret to a password_file")

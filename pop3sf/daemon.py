@@ -3,7 +3,8 @@
 Under systemd none of this is used: the unit runs pop3sf in the foreground (``Type=notify``),
 as ``User=pop3sf``, with sockets passed in. By hand, the CLI must call things in this order::
 
-    settings = load_config(path)                    # errors -> stderr, exit 1
+    settings = load_config(path, resolve=False)     # errors -> stderr, exit 78; the adapter
+                                                    # is checked as the service user (cli)
     refuse_daemon_under_systemd()                   # only with --daemon; DaemonError -> exit 1
     check_pidfile(pidfile)                          # only with --daemon; before binding, so
                                                     # "already running" beats EADDRINUSE
@@ -13,7 +14,8 @@ as ``User=pop3sf``, with sockets passed in. By hand, the CLI must call things in
                                                     # (optional on_sighup/on_sigterm handlers)
     ... now set up logging (journal_handler() etc.) -- never before daemonize()
     drop_privileges(settings.service_user, group)   # after binding and after logging is set up
-    ... start threads (worker pool, log queue listener) and the loop
+    ... only now import and build the adapter; start threads (worker pool, log queue listener)
+    and the loop
 
 No thread may be started before :func:`daemonize` (fork keeps only the calling thread), and no
 log record may be written before it either (python-daemon closes the fds a log handler holds;

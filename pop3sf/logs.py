@@ -2,16 +2,27 @@
 
 Records go into a ``queue.Queue``; a listener thread writes them out. When the queue is full the
 record is dropped and counted, and the count is reported once the queue has room again.
+
+Where records go is decided before ``--daemon`` detaches (:func:`resolve_target`), so a target
+that cannot work is reported on the terminal instead of losing every line afterwards. Until the
+configured logging runs, :func:`bootstrap` sends warnings and errors to stderr, prefixed with
+their syslog priority when stderr is the journal, so journald records them at that priority.
 """
 
 from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 import queue
 import sys
 
+from . import systemd
+from .config import ConfigError, LoggingSection
+
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+BOOT_FORMAT = "pop3sf: %(levelword)s: %(message)s"
+SYSLOG_SOCKET = "/dev/log"
 
 
 class CountingQueueHandler(logging.handlers.QueueHandler):
@@ -48,35 +59,125 @@ class Logging:
         logging.getLogger().removeHandler(self.handler)
 
 
-def wants_journald(target: str, daemonized: bool = False) -> bool:
-    if target == "journald":
-        return True
-    if target == "stderr":
-        return False
-    from . import systemd
+class PriorityFormatter(logging.Formatter):
+    """With *journal* set, every line starts ``<N>`` (N the record's syslog priority): journald
+    reads that prefix from a service's stderr (``SyslogLevelPrefix=``, on by default) and
+    would otherwise store every line, errors included, at priority 6."""
 
-    # auto: a daemon's stderr is /dev/null; under systemd the journal gets structured fields
-    return daemonized or systemd.under_systemd()
+    def __init__(self, fmt: str, journal: bool) -> None:
+        super().__init__(fmt)
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.levelword = record.levelname.lower()
+        text = super().format(record)
+        if not self.journal:
+            return text
+        prefix = f"<{systemd._priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in text.split("\n"))
 
 
-def output_handler(target: str, daemonized: bool = False) -> logging.Handler:
-    if wants_journald(target, daemonized):
-        from . import systemd
-
-        return systemd.journal_handler()
+def stderr_handler(fmt: str = FORMAT) -> logging.Handler:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setFormatter(PriorityFormatter(fmt, systemd.stderr_is_journal()))
     return handler
 
 
-def setup_logging(target: str, level: str, queue_size: int, daemonized: bool = False) -> Logging:
+class _BootHandler(logging.StreamHandler):
+    """Marks the handler :func:`bootstrap` installed."""
+
+
+def bootstrap() -> None:
+    """Log warnings and errors to stderr until :func:`setup_logging` or :func:`end_bootstrap`
+    (before detaching: stderr then becomes /dev/null)."""
+    end_bootstrap()
+    handler = _BootHandler(sys.stderr)
+    handler.setFormatter(PriorityFormatter(BOOT_FORMAT, systemd.stderr_is_journal()))
+    handler.setLevel(logging.WARNING)
+    logging.getLogger().addHandler(handler)
+
+
+def end_bootstrap() -> None:
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if isinstance(old, _BootHandler):
+            root.removeHandler(old)
+
+
+def journald_running() -> bool:
+    return os.path.exists(systemd.JOURNAL_SOCKET)
+
+
+def resolve_target(section: LoggingSection, daemonized: bool, source: str = "") -> str:
+    """The output records will go to (``journald``, ``syslog``, ``file`` or ``stderr``).
+
+    Raises :class:`ConfigError` when that output cannot take them: called before detaching, so
+    the admin reads why on the terminal rather than the daemon logging into nothing.
+    """
+    try:
+        return _resolve_target(section, daemonized)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
+
+
+def _resolve_target(section: LoggingSection, daemonized: bool) -> str:
+    target = section.target
+    if target == "auto":
+        if systemd.under_systemd():
+            return "journald"
+        if not daemonized:
+            return "stderr"
+        if journald_running():
+            return "journald"
+        if os.path.exists(SYSLOG_SOCKET):
+            return "syslog"
+        raise ConfigError(f"[logging] target = auto: neither journald ({systemd.JOURNAL_SOCKET}) "
+                          f"nor syslog ({SYSLOG_SOCKET}) is there to log to after detaching; "
+                          "set target = file with file = PATH")
+    if target == "stderr" and daemonized:
+        raise ConfigError("[logging] target = stderr: --daemon detaches from standard error; "
+                          "use auto, journald, syslog or file")
+    if target == "journald" and not journald_running():
+        raise ConfigError(f"[logging] target = journald: journald is not running "
+                          f"({systemd.JOURNAL_SOCKET} missing)")
+    if target == "syslog" and not os.path.exists(SYSLOG_SOCKET):
+        raise ConfigError(f"[logging] target = syslog: no syslog daemon ({SYSLOG_SOCKET} missing)")
+    if target == "file":
+        path = section.file
+        where = path if os.path.exists(path) else os.path.dirname(path)
+        if not os.access(where, os.W_OK) or os.path.isdir(path):
+            raise ConfigError(f"[logging] file = {path!r}: cannot be written ({where} is not a "
+                              "writable " + ("file)" if where == path else "directory)"))
+    return target
+
+
+def output_handler(target: str, file: str = "") -> logging.Handler:
+    """The handler behind the queue for a target :func:`resolve_target` returned."""
+    if target == "journald":
+        return systemd.journal_handler()
+    if target == "syslog":
+        syslog = logging.handlers.SysLogHandler(SYSLOG_SOCKET,
+                                                logging.handlers.SysLogHandler.LOG_DAEMON)
+        syslog.append_nul = False           # as syslog(3) sends them
+        handler: logging.Handler = syslog
+        handler.setFormatter(logging.Formatter("pop3sf[%(process)d]: %(message)s"))
+        return handler
+    if target == "file":
+        # Reopened when logrotate moves the file away (copytruncate needs no reopening).
+        handler = logging.handlers.WatchedFileHandler(file, encoding="utf-8")
+        handler.setFormatter(logging.Formatter(FORMAT))
+        return handler
+    return stderr_handler()
+
+
+def setup_logging(target: str, level: str, queue_size: int, file: str = "") -> Logging:
     q: queue.Queue[logging.LogRecord] = queue.Queue(queue_size)
     handler = CountingQueueHandler(q)
-    listener = logging.handlers.QueueListener(q, output_handler(target, daemonized),
+    listener = logging.handlers.QueueListener(q, output_handler(target, file),
                                               respect_handler_level=True)
     root = logging.getLogger()
     for old in list(root.handlers):
-        if isinstance(old, CountingQueueHandler):
+        if isinstance(old, CountingQueueHandler | _BootHandler):
             root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper()))

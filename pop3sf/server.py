@@ -341,32 +341,57 @@ class Server:
 
     # -- reload and shutdown --------------------------------------------------------------------
     def reload(self, settings: Settings) -> None:
-        """Apply new settings; on any error keep the old ones (SPEC §D3)."""
+        """Apply new settings, or raise :class:`ConfigError` and change nothing (SPEC §D3).
+
+        A different adapter type refuses the whole reload: the running adapter serves on, and
+        the next reload compares against what really runs. Settings only a restart can apply
+        (listeners, worker pools and call timeout, the service user, group and pidfile, the log
+        output) keep their running values, with a warning; everything else applies to new
+        sessions and commands, the log level and the certificates included.
+        """
+        import dataclasses
+
+        old = self.settings
+        if settings.adapter_type != old.adapter_type:
+            raise ConfigError(f"{settings.source}: [adapter] type changed from "
+                              f"{old.adapter_type!r} to {settings.adapter_type!r}: that needs a "
+                              "restart; the running adapter keeps serving")
         try:
             context = make_context(settings.tls, settings.source)
         except ConfigError as exc:
             log.error("reload: keeping the old configuration: %s", exc)
             raise
-        if settings.adapter_type != self.settings.adapter_type:
-            log.warning("reload: the adapter type changed; that needs a restart")
-        else:
-            try:
-                self.adapter.reload(settings.adapter_config)
-            except Exception as exc:
-                log.error("reload: adapter refused the new configuration, keeping the old: %s",
-                          exc)
-                raise ConfigError(str(exc)) from exc
-        if settings.listeners != self.settings.listeners:
-            log.warning("reload: listener changes need a restart; listeners kept as they are")
-        if settings.workers != self.settings.workers:
-            log.warning("reload: [workers] changes need a restart")
-        if settings.server.control_socket != self.settings.server.control_socket:
-            log.warning("reload: [server] control_socket changes need a restart")
+        try:
+            self.adapter.reload(settings.adapter_config)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            log.error("reload: adapter refused the new configuration, keeping the old: %s", exc)
+            raise ConfigError(str(exc)) from exc
+        running = dataclasses.replace(
+            settings,
+            listeners=old.listeners,
+            server=dataclasses.replace(old.server, shutdown_grace=settings.server.shutdown_grace),
+            logging=dataclasses.replace(old.logging, level=settings.logging.level),
+            workers=dataclasses.replace(old.workers,
+                                        max_stuck_calls=settings.workers.max_stuck_calls),
+        )
+        kept = [name for name, new, now in (
+            ("[listeners]", settings.listeners, old.listeners),
+            ("[server] user/group/pidfile/control_socket", settings.server, running.server),
+            ("[logging] target/file/queue_size", settings.logging, running.logging),
+            ("[workers] auth_threads/mailbox_threads/call_timeout", settings.workers,
+             running.workers)) if new != now]
+        if kept:
+            log.warning("reload: %s changed; that needs a restart (running values kept)",
+                        ", ".join(kept))
         auth = settings.auth
         self.penalties.initial, self.penalties.maximum = auth.penalty_initial, auth.penalty_max
-        self.penalties.decay = auth.penalty_decay
+        self.penalties.decay, self.penalties.size = auth.penalty_decay, auth.penalty_table_size
+        if settings.logging.level != old.logging.level:
+            logging.getLogger().setLevel(settings.logging.level.upper())
         self.tls_context = context
-        self.settings = settings
+        self.settings = running
         self.debug = log.isEnabledFor(logging.DEBUG)
         log.info("configuration reloaded from %s", settings.source)
 

@@ -349,10 +349,11 @@ def _free_port() -> int:
 class Instance:
     """A config + mail directory for one by-hand pop3sf, with user alice and one message."""
 
-    def __init__(self, base: Path, user: str, target: str = "stderr") -> None:
+    def __init__(self, base: Path, user: str, target: str = "file") -> None:
         self.base = base
         self.port = _free_port()
         self.pidfile = base / "run" / "pop3sf.pid"
+        self.logfile = base / "pop3sf.log"
         self.mail = base / "mail"
         self.mail.mkdir(parents=True)
         self.config = base / "pop3sf.conf"
@@ -370,6 +371,7 @@ class Instance:
             pidfile = {self.pidfile}
             [logging]
             target = {target}
+            file = {self.logfile if target == "file" else ""}
             [listeners]
                 [[pop3]]
                 addresses = 127.0.0.1:{self.port}
@@ -431,6 +433,12 @@ def test_cli_daemon_serves_reloads_and_stops(instance: Instance) -> None:
     os.kill(pid, signal.SIGTERM)
     _wait(lambda: not _alive(pid), what="daemon exit on SIGTERM")
     _wait(lambda: not instance.pidfile.exists(), what="pidfile removed")
+    # [logging] target = file: the detached daemon's lines are in the file, none lost.
+    log = instance.logfile.read_text()
+    for pattern in (r"INFO pop3sf: pop3sf \S+ started", r"INFO pop3sf.session: .*login",
+                    r"INFO pop3sf.server: configuration reloaded", r"INFO pop3sf: pop3sf stopped"):
+        assert re.search(pattern, log), (pattern, log)
+    assert len(re.findall(r"POP3SF|connect 127\.0\.0\.1", log)) >= 2, log
 
 
 def test_cli_daemon_live_pidfile_is_a_clear_error(instance: Instance) -> None:
@@ -549,3 +557,81 @@ def test_cli_daemon_drops_privileges_and_cleans_up(tmp_path: Path) -> None:
         if (base / "run" / "pop3sf.pid").exists():
             _terminate(int((base / "run" / "pop3sf.pid").read_text().split()[0]))
         shutil.rmtree(base, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- --daemon logging
+
+def test_cli_daemon_without_any_log_target_refuses_before_detaching(tmp_path: Path) -> None:
+    """target = auto with neither journald nor syslog, or target = stderr: a clear error on the
+    terminal and no daemon, instead of a daemon logging into nothing."""
+    if os.path.exists("/run/systemd/journal/socket") or os.path.exists("/dev/log"):
+        pytest.skip("this host has journald or syslog")
+    inst = Instance(tmp_path, pwd.getpwuid(os.geteuid()).pw_name, target="auto")
+    run = inst.start()
+    assert run.returncode == 78, run.stderr
+    assert "neither journald" in run.stderr and "target = file" in run.stderr
+    inst.write_config(pwd.getpwuid(os.geteuid()).pw_name, "stderr")
+    run = inst.start()
+    assert run.returncode == 78 and "target = stderr" in run.stderr, run.stderr
+    inst.logfile = tmp_path / "no" / "such" / "dir" / "x.log"
+    inst.write_config(pwd.getpwuid(os.geteuid()).pw_name, "file")
+    run = inst.start()
+    assert run.returncode == 78, run.stderr
+    assert f"[logging] file = '{inst.logfile}': cannot be written" in run.stderr
+    assert not inst.pidfile.exists()
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", inst.port)) != 0
+
+
+SYSLOG_RUN = """\
+set -e
+mount -t tmpfs -o mode=755 tmpfs /dev
+for spec in null:3 zero:5 random:8 urandom:9; do
+    mknod -m 666 /dev/${{spec%:*}} c 1 ${{spec#*:}}
+done
+mount -t tmpfs -o mode=755 tmpfs /run/systemd
+{python} -c '
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind("/dev/log")
+out = open(sys.argv[1], "ab", buffering=0)
+while True:
+    out.write(s.recv(65536) + b"\\n")
+' {out} &
+receiver=$!
+for i in $(seq 100); do [ -S /dev/log ] && break; sleep 0.05; done
+{pop3sf} --config {config} --daemon
+for i in $(seq 200); do [ -s {pidfile} ] && break; sleep 0.05; done
+pid=$(cat {pidfile})
+{python} -c '
+import poplib, sys
+pop = poplib.POP3("127.0.0.1", int(sys.argv[1]), timeout=10)
+pop.user("alice"); pop.pass_("secret"); pop.retr(1); pop.quit()
+' {port}
+kill -TERM "$pid"
+for i in $(seq 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+kill "$receiver"
+"""
+
+
+@needs_root
+def test_cli_daemon_falls_back_to_syslog(tmp_path: Path) -> None:
+    """--daemon with target = auto and no journald, but a syslog socket at /dev/log (in a
+    private mount namespace): every line goes to syslog, facility daemon, with its priority."""
+    if not shutil.which("unshare"):
+        pytest.skip("unshare missing")
+    inst = Instance(tmp_path, "root", target="auto")
+    out = tmp_path / "syslog.out"
+    script = tmp_path / "run.sh"
+    script.write_text(SYSLOG_RUN.format(python=sys.executable, out=out, config=inst.config,
+                                        pidfile=inst.pidfile, port=inst.port,
+                                        pop3sf=" ".join(POP3SF)))
+    run = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", str(script)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = out.read_text().splitlines()
+    pid = next(int(m[1]) for line in lines if (m := re.match(r"<\d+>pop3sf\[(\d+)\]", line)))
+    assert f"<30>pop3sf[{pid}]: pop3sf 2.0.0 started (directory_multi adapter, 1 listeners)" \
+        in lines, lines                                 # 30: facility daemon, priority info
+    assert any(re.match(rf"<30>pop3sf\[{pid}\]: .*login", line) for line in lines), lines
+    assert f"<30>pop3sf[{pid}]: pop3sf stopped" in lines, lines

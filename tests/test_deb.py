@@ -162,7 +162,7 @@ def test_units_offline_security() -> None:
         assert key in text, key
     # the config is checked before the server is signalled (a failing ExecReload= stops there)
     reloads = re.findall(r"^ExecReload=(.*)$", text, re.M)
-    assert reloads == ["/usr/sbin/pop3sf --config /etc/pop3sf.conf --check-config",
+    assert reloads == ["/usr/sbin/pop3sf --config /etc/pop3sf.conf --check-config --no-connect",
                        "/bin/kill -HUP $MAINPID"], reloads
     stop = float(re.search(r"^TimeoutStopSec=(\d+)s?$", text, re.M).group(1))  # type: ignore[union-attr]
     assert stop > 20, "TimeoutStopSec must exceed the default shutdown grace of 20 s"
