@@ -29,12 +29,11 @@ import logging
 import os
 import pwd
 import signal
-import sys
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from . import systemd
+from . import logs, systemd
 
 __all__ = [
     "DaemonError",
@@ -111,9 +110,9 @@ def check_pidfile(path: str, owner: str | None = None) -> None:
     if pid is not None:
         if pid > 0 and pid != os.getpid() and _alive(pid):
             raise PidfileError(f"pop3sf is already running as pid {pid} (pidfile {path})")
-        _log_before_setup(logging.WARNING, "removing stale pidfile %s (%s; did pop3sf crash "
-                          "or get killed?)", path,
-                          f"pid {pid} not running" if pid else "no readable pid")
+        logs.log_early(log, logging.WARNING, "removing stale pidfile %s (%s; did pop3sf crash "
+                       "or get killed?)", path,
+                       f"pid {pid} not running" if pid else "no readable pid")
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -136,46 +135,6 @@ def check_pidfile(path: str, owner: str | None = None) -> None:
                 os.chown(directory, entry.pw_uid, entry.pw_gid)
     if not os.access(directory, os.W_OK):
         raise PidfileError(f"pidfile directory {directory} is not writable")
-
-
-class _HandOver(logging.Handler):
-    """Keeps a record logged before logging was set up and passes it to the handlers set up
-    later, just ahead of the first record they get; then removes itself."""
-
-    def __init__(self, record: logging.LogRecord) -> None:
-        super().__init__()
-        self.kept: logging.LogRecord | None = record
-
-    def emit(self, record: logging.LogRecord) -> None:
-        kept = self.kept
-        if kept is None:        # handed over already (another thread got here first)
-            return
-        root = logging.getLogger()
-        others = [h for h in root.handlers if h is not self]
-        if not others:          # still nothing set up: what Python does without handlers
-            last = logging.lastResort
-            if last is not None and record.levelno >= last.level:
-                last.handle(record)
-            return
-        # A new list, not removeHandler(): the logger is iterating over the current one, and
-        # removing from it would skip the next handler for this record.
-        root.handlers = others
-        self.kept = None
-        for handler in others:
-            if kept.levelno >= handler.level:
-                handler.handle(kept)
-
-
-def _log_before_setup(level: int, msg: str, *args: object) -> None:
-    """Log *msg* even though ``--daemon`` sets up logging only after detaching: now on stderr
-    (the admin's terminal), and in the daemon's log once it exists."""
-    root = logging.getLogger()
-    if root.handlers:
-        log.log(level, msg, *args)
-        return
-    record = log.makeRecord(log.name, level, __file__, 0, msg, args, None)
-    print(f"pop3sf: {record.getMessage()}", file=sys.stderr, flush=True)
-    root.addHandler(_HandOver(record))
 
 
 def daemonize(pidfile: str, keep_fds: list[int], on_sighup: SignalHandler | None = None,

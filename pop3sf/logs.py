@@ -182,4 +182,18 @@ def setup_logging(target: str, level: str, queue_size: int, file: str = "") -> L
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper()))
     listener.start()
+    while _early:  # what was said before logging existed comes first in its log
+        record = _early.pop(0)
+        logging.getLogger(record.name).handle(record)
     return Logging(handler, listener)
+
+
+#: Records logged before detaching, replayed into the log once it is set up (see log_early).
+_early: list[logging.LogRecord] = []
+
+
+def log_early(logger: logging.Logger, level: int, msg: str, *args: object) -> None:
+    """Log *msg* now (the admin's terminal, before ``--daemon`` detaches) and again into the
+    daemon's own log once :func:`setup_logging` has set it up."""
+    logger.log(level, msg, *args)
+    _early.append(logger.makeRecord(logger.name, level, "(early)", 0, msg, args, None))

@@ -162,7 +162,7 @@ def make_directory_source(root: Path) -> tuple[str, dict[str, dict[str, bytes]]]
             path.write_bytes(data := message(u, i))
             os.utime(path, (1_600_000_000 + i, 1_600_000_000 + i))
             boxes[f"u{u}"][xid(data)] = data
-    return f"type = directory_multi\nroot = {root}\n", boxes
+    return f"type = directory_multi\nroot = {root}\nbcrypt_rounds = 4\n", boxes
 
 
 def make_maildir_source(root: Path) -> tuple[str, dict[str, dict[str, bytes]]]:

@@ -654,7 +654,7 @@ def test_box_purge_keeps_mail_and_admin_data(installed_box: Box) -> None:
            " && printf 'Subject: bob\\n\\npurge test bob\\n' > /var/lib/pop3sf/bob/1.eml"
            " && chown pop3sf:pop3sf /var/lib/pop3sf/bob/1.eml")
     assert "purge test alice" in _mail_text(box.pop("tls", 995))     # the service has run
-    assert box.run("test", "-s", "/var/cache/pop3sf/sizes-v1.log").returncode == 0
+    assert box.run("test", "-s", "/var/cache/pop3sf/sizes-v2.log").returncode == 0
     listing = ("cd /var/lib/pop3sf && find . -printf '%p %y %u:%g %m %s\\n' | sort && "
                "find . -type f -exec sha256sum {} + | sort")
     before = box.sh(listing).stdout

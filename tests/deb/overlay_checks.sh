@@ -58,7 +58,7 @@ check "daemon runs as pop3sf" sh -c "[ \"\$(ps -o user= -p ${pid:-0})\" = pop3sf
 check "second --daemon refused (exit 1)" sh -c 'pop3sf --daemon; [ $? -eq 1 ]'
 check "POP3 over STLS on 110 reads the mail" sh -c "/usr/bin/python3 $DIR/pop_check.py stls 127.0.0.1 110 alice 's3cret pw' | grep -q 'overlay test message'"
 check "POP3 over implicit TLS on 995 reads the mail" sh -c "/usr/bin/python3 $DIR/pop_check.py tls 127.0.0.1 995 alice 's3cret pw' | grep -q 'overlay test message'"
-check "the daemon keeps exact sizes in /var/cache/pop3sf" sh -c '[ -s /var/cache/pop3sf/sizes-v1.log ] && [ "$(stat -c %U /var/cache/pop3sf/sizes-v1.log)" = pop3sf ]'
+check "the daemon keeps exact sizes in /var/cache/pop3sf" sh -c '[ -s /var/cache/pop3sf/sizes-v2.log ] && [ "$(stat -c %U /var/cache/pop3sf/sizes-v2.log)" = pop3sf ]'
 check "daemon survives SIGHUP" sh -c "kill -HUP ${pid:-0}; sleep 0.5; kill -0 ${pid:-0}"
 check "daemon stops on SIGTERM" sh -c "kill -TERM ${pid:-0}; for i in \$(seq 100); do kill -0 ${pid:-0} 2>/dev/null || exit 0; sleep 0.1; done; exit 1"
 check "pidfile removed at exit" test ! -e /run/pop3sf/pop3sf.pid
