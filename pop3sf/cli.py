@@ -151,7 +151,7 @@ def _run(args: argparse.Namespace) -> int:
         check_as_service(settings, account, connect=args.check_config and not args.no_connect)
     except ConfigError as exc:
         _fail(str(exc))
-        return os.EX_CONFIG     # 78: systemd's RestartPreventExitStatus= stops a restart loop
+        return EX_CONFIG     # systemd's RestartPreventExitStatus= stops a restart loop
     if args.check_config:
         _warn_secrets(settings, account)
         if account is not None and os.geteuid() not in (0, account.uid):
@@ -233,8 +233,8 @@ def _serve(settings: Settings, account: ServiceAccount | None, target: str,
         server.on_tick.append(pipeline.handler.report_drops)
         _install_signals(server, path)
         notify = _systemd_notifier(server)
-        log.info("pop3sf %s started (%s adapter, %d listeners)", __version__,
-                 settings.adapter_type, len(listeners))
+        log.info("pop3sf %s started (%s adapter, %s)", __version__,
+                 settings.adapter_type, logs.counted(len(listeners), "listener"))
         notify("READY=1\nSTATUS=" + server.status())
         server.serve_forever()
         notify("STOPPING=1")

@@ -197,3 +197,8 @@ def log_early(logger: logging.Logger, level: int, msg: str, *args: object) -> No
     daemon's own log once :func:`setup_logging` has set it up."""
     logger.log(level, msg, *args)
     _early.append(logger.makeRecord(logger.name, level, "(early)", 0, msg, args, None))
+
+
+def counted(n: int, noun: str) -> str:
+    """``1 message``, ``2 messages``: log lines and replies read as written by a person."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -20,6 +20,7 @@ from .config import ConfigError, Settings
 from .connection import Connection
 from .control import ControlServer
 from .listeners import ListeningSocket
+from .logs import counted
 from .loop import EventLoop, Timer
 from .session import ERR_IN_USE, ERR_TEMP, Session
 from .throttle import Penalties, VerificationGate, address_group, in_networks, normalize_address
@@ -400,7 +401,7 @@ class Server:
         if self.stopping:
             return
         self.stopping = True
-        log.info("shutting down: %d connections", len(self.connections))
+        log.info("shutting down: %s", counted(len(self.connections), "connection"))
         for ls in self.listeners:
             self.loop.selector.unregister(ls.sock)
             ls.sock.close()

@@ -35,6 +35,7 @@ from pop3sf.adapters import (
 from pop3sf.wire import CHUNK, HeaderTooLarge, WireEncoder
 
 from .connection import TOO_LONG, WRITE
+from .logs import counted
 from .workers import CallTimeout
 
 if TYPE_CHECKING:
@@ -198,8 +199,9 @@ class Session:
         if self.account is not None:
             extra["POP3SF_USER"] = self.account
             if self.state == TRANSACTION and self.deleted and not self.read_only:
-                log.info("%s %s: session ended without QUIT, %d marked deletions discarded",
-                         conn.address, self.account, len(self.deleted), extra=extra)
+                log.info("%s %s: session ended without QUIT, %s discarded", conn.address,
+                         self.account, counted(len(self.deleted), "marked deletion"),
+                         extra=extra)
             log.info("logout %s %s: retrieved=%d deleted=%d bytes=%d calls=%d%s", conn.address,
                      self.account, self.retrieved, self.deleted_count, conn.bytes_out,
                      self.calls,
@@ -647,12 +649,13 @@ class Session:
         self.conn.authenticated = True
         self.logged_in_at = time.time()
         self.server.logged_in(self)
-        log.info("login %s %s (%s%s): %d messages, %d octets", self.conn.address, self.account,
-                 self.mechanism, ", read-only" if self.read_only else "", self.live_count,
+        log.info("login %s %s (%s%s): %s, %d octets", self.conn.address, self.account,
+                 self.mechanism, ", read-only" if self.read_only else "",
+                 counted(self.live_count, "message"),
                  self.live_size, extra={"POP3SF_CLIENT": self.conn.address,
                                         "POP3SF_USER": self.account, "POP3SF_EVENT": "login"})
         mode = " (read-only)" if self.read_only else ""
-        self._reply(f"+OK Logged in{mode}, {self.live_count} messages "
+        self._reply(f"+OK Logged in{mode}, {counted(self.live_count, 'message')} "
                     f"({self.live_size} octets)\r\n".encode())
 
     def _end_login(self, reply: bytes) -> None:
@@ -804,7 +807,7 @@ class Session:
             self.answers = None
             self.deleted = _NONE
             self.live_count, self.live_size = len(self.sizes), sum(self.sizes)
-            self._reply(f"+OK {self.live_count} messages ({self.live_size} octets)\r\n"
+            self._reply(f"+OK {counted(self.live_count, 'message')} ({self.live_size} octets)\r\n"
                         .encode())
 
     def cmd_retr(self, args: list[bytes]) -> None:
@@ -1020,9 +1023,8 @@ class Session:
             reply = b"-ERR Some deleted messages not removed\r\n"
         else:
             self.deleted_count = count
-            left = self.live_count
-            reply = (f"+OK pop3sf signing off ({left} message{'' if left == 1 else 's'} "
-                     "left)\r\n").encode()
+            left = counted(self.live_count, "message")
+            reply = f"+OK pop3sf signing off ({left} left)\r\n".encode()
         self.server.release_account(self)
         if not self.conn.closed:
             self._reply(reply)

@@ -128,12 +128,20 @@ def test_serve_reload_and_terminate(daemon: Daemon, config: Path) -> None:
     daemon.wait_log("configuration reloaded")
     pop = poplib.POP3("127.0.0.1", daemon.port, timeout=10)
     assert pop.capa()["IMPLEMENTATION"] == ["pop3sf", __version__]
-    # SIGTERM: the idle client is told, the server exits 0.
+    # SIGTERM: the idle clients are told, the server exits 0 with nothing left held.
     idle = Raw.connect(daemon.port)
     idle.line()
+    marked = Raw.connect(daemon.port)
+    marked.line()
+    marked.cmd(b"USER alice")
+    assert marked.cmd(b"PASS secret").startswith(b"+OK")
+    assert marked.cmd(b"DELE 1").startswith(b"+OK")
     daemon.proc.send_signal(signal.SIGTERM)
     assert idle.line().startswith(b"-ERR [SYS/TEMP]")
+    assert marked.line().startswith(b"-ERR [SYS/TEMP]")
     assert daemon.proc.wait(10) == 0
+    daemon.wait_log("pop3sf stopped")
+    assert "resources not given back" not in "".join(daemon.log)
     pop.close()
 
 

@@ -108,6 +108,9 @@ class CliServer:
         code = self.proc.wait(timeout)
         if self._reader is not None:
             self._reader.join(5)
+        # The server's own leak check as it stopped (Server.leaks): nothing a session held
+        # may be left over, whatever path the sessions took.
+        assert "resources not given back" not in self.text(), self.text()[-3000:]
         return code
 
     def kill(self) -> None:

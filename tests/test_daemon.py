@@ -631,7 +631,7 @@ def test_cli_daemon_falls_back_to_syslog(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stdout + run.stderr
     lines = out.read_text().splitlines()
     pid = next(int(m[1]) for line in lines if (m := re.match(r"<\d+>pop3sf\[(\d+)\]", line)))
-    assert f"<30>pop3sf[{pid}]: pop3sf 2.0.0 started (directory_multi adapter, 1 listeners)" \
+    assert f"<30>pop3sf[{pid}]: pop3sf 2.0.0 started (directory_multi adapter, 1 listener)" \
         in lines, lines                                 # 30: facility daemon, priority info
     assert any(re.match(rf"<30>pop3sf\[{pid}\]: .*login", line) for line in lines), lines
     assert f"<30>pop3sf[{pid}]: pop3sf stopped" in lines, lines

@@ -412,3 +412,20 @@ def test_capa_lists_stls_only_before_login(tls_files: dict[str, str]) -> None:
         assert b"STLS" not in after and b"TOP" in after
         assert c.cmd(b"STLS").startswith(b"-ERR")
         c.cmd(b"QUIT")
+
+
+# -- log lines and replies an admin reads ------------------------------------------------------
+
+def test_failed_logins_name_the_account_and_counts_read_right(
+        caplog: Any) -> None:
+    caplog.set_level("INFO")
+    adapter = ListAdapter.from_messages({"u": ("{PLAIN}pw", [b"Subject: one\r\n\r\nx\r\n"])})
+    with running_server(adapter=adapter, auth={"penalty_initial": 0}) as srv:
+        c, reply = try_login(srv.port, b"who\x07am-i", b"not-the-password")
+        assert reply.startswith(b"-ERR [AUTH]")
+        c, reply = try_login(srv.port, b"u", b"pw")
+        assert reply.startswith(b"+OK Logged in, 1 message (")
+        assert c.cmd(b"QUIT") == b"+OK pop3sf signing off (1 message left)"
+    failed = [r.getMessage() for r in caplog.records if "login failed" in r.getMessage()]
+    assert failed == ["127.0.0.1: login failed for who?am-i (USER)"]
+    assert not any("not-the-password" in r.getMessage() for r in caplog.records)
