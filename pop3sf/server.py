@@ -162,8 +162,8 @@ class Server:
             found.append(f"{self.sessions_alive} adapter sessions not closed ({stuck} stuck)")
         if gate.total or gate.running or gate.waiting:
             found.append(f"{gate.total} verifications in flight, {len(gate.waiting)} queues")
-        if self.locks or self.user_sessions:
-            found.append(f"accounts still held: {sorted(self.user_sessions)}")
+        if sum(self.user_sessions.values()) > stuck or len(self.locks) > stuck:
+            found.append(f"accounts still held: {sorted(self.user_sessions)} ({stuck} stuck)")
         if self.commits_in_flight > stuck:
             found.append(f"{self.commits_in_flight} commits")
         if self.by_group:

@@ -688,3 +688,38 @@ def test_box_autopkgtest(installed_box: Box) -> None:
     assert run.returncode == 0, run.stderr[-2000:]
     for gone in ("/var/lib/pop3sf", "/var/cache/pop3sf", "/etc/pop3sf.conf"):
         assert box.run("test", "-e", gone).returncode != 0, gone
+
+
+HOLD_SESSION = """
+import poplib, sys, time
+pop = poplib.POP3_SSL("127.0.0.1", 995, timeout=30,
+                      context=__import__("ssl")._create_unverified_context())
+pop.user("alice"); pop.pass_(sys.argv[1]); pop.dele(1)
+try:
+    while True:
+        pop.noop(); time.sleep(0.5)
+except Exception as exc:
+    open("/root/holder.out", "w").write(type(exc).__name__)
+"""
+
+
+def test_box_who_and_kick_under_systemd(installed_box: Box) -> None:
+    """The unit's runtime directory holds the control socket: root lists live sessions and
+    kicks one (its deletion is not committed); the socket is gone once the service stops."""
+    box = installed_box
+    _add_alice(box, "kick test message")
+    box.sh(f"cat > /root/hold.py <<'PY'\n{HOLD_SESSION}\nPY")
+    run = box.run("systemd-run", "--unit=holder", "/usr/bin/python3", "/root/hold.py", PASSWORD)
+    assert run.returncode == 0, run.stderr
+    assert _wait_until(lambda: "alice" in box.run("pop3sf-admin", "who").stdout), \
+        box.run("pop3sf-admin", "who").stderr
+    who = box.run("pop3sf-admin", "who").stdout
+    assert "127.0.0.1" in who and "pop3s" in who, who
+    assert box.out("stat", "-c", "%U:%G %a", "/run/pop3sf") == "pop3sf:pop3sf 750"
+    assert box.run("pop3sf-admin", "kick", "alice").returncode == 0
+    assert _wait_until(lambda: box.run("test", "-s", "/root/holder.out").returncode == 0)
+    assert "kick test message" in _mail_text(box.pop("tls", 995))   # not deleted
+    box.run("systemctl", "stop", "pop3sf.service")
+    assert box.run("test", "-e", "/run/pop3sf/control").returncode != 0
+    gone = box.run("pop3sf-admin", "who")
+    assert gone.returncode == 69, (gone.returncode, gone.stderr)

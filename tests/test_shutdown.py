@@ -7,6 +7,7 @@ and nobody new gets in once the signal arrived.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 import time
@@ -150,7 +151,7 @@ def test_sigterm_during_retrievals_and_a_commit(tmp_path: Path) -> None:
     assert len(list(staller_box.glob("*.eml"))) == 4
     assert len(list(reader_box.glob("*.eml"))) == 1
     log = server.text()
-    assert log.count("marked deletions discarded") >= 2, log[-3000:]
+    assert len(re.findall(r"marked deletions? discarded", log)) >= 2, log[-3000:]
     assert "pop3sf stopped" in log
 
 
