@@ -291,24 +291,31 @@ class ServiceAccount:
     gid: int
 
 
-def service_account(settings: Settings) -> ServiceAccount | None:
-    """The configured service user and group, or None when ``user`` is empty; an unknown user
-    or group is a :class:`ConfigError` (the server could never start)."""
-    user, group = settings.server.user, settings.server.group
-    if not user:
-        return None
+def lookup_account(user: str, group: str | None = None) -> tuple[pwd.struct_passwd, int]:
+    """*user*'s passwd entry and the gid to run with (*group*'s, default the user's primary
+    group). Raises LookupError naming the ``[server]`` key that is wrong."""
     try:
         entry = pwd.getpwnam(user)
     except KeyError:
-        raise ConfigError(f"{settings.source}: [server] user: unknown user {user!r} (create it, "
-                          f"e.g. 'adduser --system --group {user}')") from None
-    gid = entry.pw_gid
-    if group:
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise ConfigError(f"{settings.source}: [server] group: unknown group "
-                              f"{group!r}") from None
+        raise LookupError(f"[server] user: unknown user {user!r} (create it, e.g. "
+                          f"'adduser --system --group {user}')") from None
+    if not group:
+        return entry, entry.pw_gid
+    try:
+        return entry, grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise LookupError(f"[server] group: unknown group {group!r}") from None
+
+
+def service_account(settings: Settings) -> ServiceAccount | None:
+    """The configured service user and group, or None when ``user`` is empty; an unknown user
+    or group is a :class:`ConfigError` (the server could never start)."""
+    if not settings.server.user:
+        return None
+    try:
+        entry, gid = lookup_account(settings.server.user, settings.server.group)
+    except LookupError as exc:
+        raise ConfigError(f"{settings.source}: {exc.args[0]}") from None
     return ServiceAccount(entry.pw_name, entry.pw_uid, gid)
 
 

@@ -24,7 +24,6 @@ the next accepted client gets the old fd number and receives the log records, SP
 
 from __future__ import annotations
 
-import grp
 import logging
 import os
 import pwd
@@ -34,6 +33,7 @@ from types import FrameType
 from typing import Any
 
 from . import logs, systemd
+from .config import lookup_account
 
 __all__ = [
     "DaemonError",
@@ -201,16 +201,9 @@ def drop_privileges(user: str, group: str | None = None) -> None:
                         current, user)
         return
     try:
-        entry = pwd.getpwnam(user)
-    except KeyError:
-        raise PrivilegeError(f"unknown user {user!r} (the [server] user setting; create it, "
-                             f"e.g. 'adduser --system --group {user}')") from None
-    gid = entry.pw_gid
-    if group:
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise PrivilegeError(f"unknown group {group!r}") from None
+        entry, gid = lookup_account(user, group)
+    except LookupError as exc:
+        raise PrivilegeError(exc.args[0]) from None
     try:
         os.initgroups(entry.pw_name, gid)
         os.setgid(gid)

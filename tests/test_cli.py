@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from conftest import Raw
 from mariadb import MariaDBServer, mariadb  # noqa: F401  (fixture)
+from test_daemon import needs_journald
 
 from pop3sf import __version__
 
@@ -435,15 +436,6 @@ def test_readable_secret_who_may_read(shared_dir: Path) -> None:
 
 # --------------------------------------------------------------------------- journald priorities
 
-def _journald_missing() -> str | None:
-    if not IS_ROOT:
-        return "needs root (private journald in a mount namespace)"
-    if not (shutil.which("unshare") and shutil.which("journalctl")
-            and os.path.exists("/lib/systemd/systemd-journald")):
-        return "systemd-journald, journalctl or unshare missing"
-    return None
-
-
 STREAM_RUNNER = '''
 """Run pop3sf with stdout and stderr on a journal stream, as systemd runs a service
 (SyslogLevelPrefix= on, JOURNAL_STREAM naming the stream)."""
@@ -487,7 +479,7 @@ assert server.wait(30) == 0
 '''
 
 
-@pytest.mark.skipif(_journald_missing() is not None, reason=str(_journald_missing()))
+@needs_journald
 def test_errors_reach_the_journal_at_their_priority(tmp_path: Path) -> None:
     """With stderr on the journal (as under systemd), every line has the priority of its level,
     from the first error of a start-up that fails to a reload the running server refuses:
