@@ -168,7 +168,8 @@ class Server:
             found.append(f"{self.commits_in_flight} commits")
         if self.by_group:
             found.append(f"{len(self.by_group)} address groups")
-        timers = [cb for cb in self.loop.pending_timers() if cb != self._tick]
+        own = [self._tick, *(pool.check_deadlines for pool in self.pools.values())]
+        timers = [cb for cb in self.loop.pending_timers() if cb not in own]
         if timers:
             found.append(f"{len(timers)} timers still armed: {timers[:3]}")
         return found

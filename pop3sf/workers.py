@@ -90,11 +90,13 @@ class WorkerPool:
         call = Call(func, args, done)
         self.in_flight[call] = None
         if self._timer is None:  # nothing submitted now can time out sooner than this
-            self._timer = self.loop.call_later(self.timeout, self._check_deadlines)
+            self._timer = self.loop.call_later(self.timeout, self.check_deadlines)
         self.queue.put(call)
         return call
 
-    def _check_deadlines(self) -> None:
+    def check_deadlines(self) -> None:
+        """One timer per pool, armed while calls may be running (it outlives them by at most
+        one timeout: re-arming it per call would fill the loop's heap with dead entries)."""
         self._timer = None
         now = time.monotonic()
         next_check = None
@@ -107,7 +109,7 @@ class WorkerPool:
             elif next_check is None or deadline < next_check:
                 next_check = deadline
         if next_check is not None:
-            self._timer = self.loop.call_at(next_check, self._check_deadlines)
+            self._timer = self.loop.call_at(next_check, self.check_deadlines)
 
     def _expire(self, call: Call) -> None:
         call.abandoned = True
@@ -153,9 +155,6 @@ class WorkerPool:
                         self.stuck)
         else:
             del self.in_flight[call]
-            if not self.in_flight and self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
         call.done(result, error)
 
     def shutdown(self) -> None:
