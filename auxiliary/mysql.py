@@ -70,16 +70,13 @@ def statement_octets(sql: str, args: Sequence[Any]) -> int:
 
 
 def _packet_limit_message(needed: int, limit: int) -> str:
+    wanted = needed + _PACKET_MARGIN
+    mib = 1 << (-(-wanted // (1 << 20)) - 1).bit_length()  # a power of two that fits it
     return (f"the message is too large for the database server: storing it takes a "
             f"{needed}-octet statement, and the server's max_allowed_packet is {limit} octets. "
             f"Raise max_allowed_packet on the database server ([mysqld] max_allowed_packet = "
-            f"{_suggest(needed)} in its configuration, or SET GLOBAL max_allowed_packet = "
-            f"{needed + 1024} until its restart); pop3sf reads it back under the same limit")
-
-
-def _suggest(needed: int) -> str:
-    mib = -(-needed // (1 << 20))
-    return f"{1 << (mib - 1).bit_length()}M"
+            f"{mib}M in its configuration, or SET GLOBAL max_allowed_packet = {mib << 20} "
+            f"until it restarts); pop3sf needs the same limit to read the message back")
 
 
 def _subject(head: bytes) -> str:
