@@ -146,7 +146,7 @@ def cmd_user_passwd(source: Source, args: argparse.Namespace) -> int:
 
 
 def cmd_user_del(source: Source, args: argparse.Namespace) -> int:
-    count = len(source.list_messages(args.name)) if source.has_users else 0
+    count = source.count_messages(args.name) if source.has_users else 0
     if count and not args.force:
         raise Failure(f"user {args.name} still has {count} message(s); nothing deleted. "
                       "To delete the user and the messages, add --force", EX_DATAERR)

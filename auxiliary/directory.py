@@ -221,6 +221,13 @@ class MultiUserDirectorySource(_DirectorySourceBase):
         finally:
             os.close(fd)
 
+    def count_messages(self, user: str | None) -> int:
+        fd = self._user_fd(user)
+        try:
+            return sum(1 for name in os.listdir(fd) if kind_of(name) is not None)
+        finally:
+            os.close(fd)
+
     def list_users(self) -> Sequence[str]:
         root_fd = self._open_dir(self.root)
         try:

@@ -187,6 +187,11 @@ class MySQLSource(Source):
 
         return str(self._run(insert, write=True))
 
+    def count_messages(self, user: str | None) -> int:
+        user_id = self._user_id(user)
+        where, args = ("WHERE user_id = %s", (user_id,)) if user_id is not None else ("", ())
+        return int(self._fetch(f"SELECT COUNT(*) FROM {self.table} {where}", args)[0][0])
+
     def list_messages(self, user: str | None) -> Sequence[MessageSummary]:
         """The messages the server lists, with the sizes it sends (its own listing: line ends
         as CRLF, plain-text rows wrapped)."""

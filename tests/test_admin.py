@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.message
+import fcntl
 import os
 import pty
 import pwd
@@ -167,6 +168,18 @@ def test_user_del_with_messages_needs_force(conf: Path, root: Path) -> None:
     r = admin(conf, "user", "del", "alice", "--force")
     assert r.returncode == 0 and "1 message(s)" in r.stderr
     assert list(root.iterdir()) == []
+
+
+def test_user_del_counts_messages_the_server_does_not_list(conf: Path, root: Path) -> None:
+    """A file a writer still holds locked is not listed yet, but it is mail all the same."""
+    admin(conf, "user", "add", "alice", stdin=b"pw\n")
+    with open(root / "alice" / "incoming.eml", "wb") as f:
+        f.write(b"Subject: still being written\n\n")
+        fcntl.flock(f, fcntl.LOCK_EX)
+        assert admin(conf, "message", "list", "alice").stdout == ""  # not served yet
+        r = admin(conf, "user", "del", "alice")
+        assert r.returncode == EX_DATAERR and "1 message(s); nothing deleted" in r.stderr
+    assert (root / "alice" / "incoming.eml").exists()
 
 
 def _pty_run(argv: list[str], answers: list[bytes]) -> tuple[int, bytes]:
