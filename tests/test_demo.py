@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import poplib
 import pwd
+import re
 import shutil
 import signal
 import ssl
@@ -175,3 +176,33 @@ def test_scripts_as_an_unprivileged_user(demos: list[Demo]) -> None:
             assert "command not found" not in r.stderr
     finally:
         shutil.rmtree(data, ignore_errors=True)
+
+
+def test_readme_quick_start_matches_the_scripts() -> None:
+    """The README's commands run as written (no sudo in front: the scripts ask for it), .ci/run
+    runs the README's test command, and every variable the demo reads is in the README."""
+    readme = (ROOT / "README.md").read_text()
+    quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    commands = [line.strip() for line in quick.splitlines() if line.startswith("    ")]
+    assert "scripts/demo" in commands and "scripts/test" in commands
+    assert not [c for c in commands if c.startswith("sudo")]
+    assert re.search(r"^exec scripts/test\b", (ROOT / ".ci" / "run").read_text(), re.M)
+    script = DEMO.read_text()
+    variables = set(re.findall(r"\$\{(POP3SF_DEMO_\w+):-", script))
+    assert variables == {"POP3SF_DEMO_PORT", "POP3SF_DEMO_TLS_PORT", "POP3SF_DEMO_DIR"}
+    assert all(f"`{name}`" in quick for name in variables)
+    for name, default in (("POP3SF_DEMO_PORT", "1110"), ("POP3SF_DEMO_TLS_PORT", "1995")):
+        assert f"${{{name}:-{default}}}" in script and f"`127.0.0.1:{default}`" in quick
+
+
+def test_readme_puts_the_commands_on_path_from_a_checkout() -> None:
+    """What the README says to type in a checkout finds ``pop3sf`` and ``pop3sf-admin``."""
+    readme = (ROOT / "README.md").read_text()
+    assert "`. .venv/bin/activate`" in readme and "`.venv/bin/pop3sf`" in readme
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/nonexistent"}
+    for shell in (". .venv/bin/activate && pop3sf --version && pop3sf-admin --help",
+                  '.venv/bin/pop3sf --version && .venv/bin/pop3sf-admin --help'):
+        r = subprocess.run(["bash", "-c", shell], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0, (shell, r.stderr)
+        assert "pop3sf" in r.stdout and "exit status" in r.stdout
