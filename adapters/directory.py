@@ -177,9 +177,21 @@ class _DirectoryAdapterBase(Adapter):
     def new_session(self, peer: Peer) -> DirectorySession:
         return DirectorySession(self, peer)
 
+    def session_for(self, account: str, dir_fd: int) -> DirectorySession:
+        """A read-only session on an account's open directory (the fd is taken over), without a
+        password: the admin tools list messages with the sizes the server serves."""
+        session = DirectorySession(self, Peer("local", 0, "admin"))
+        session._dir_fd, session._uid_base = dir_fd, self.uid_base(account)
+        session.account, session.read_only = account, True
+        return session
+
     # Implemented by the two adapters: where an account's messages are.
     def locate(self, credentials: Credentials) -> tuple[str, int, str]:
         """Verify credentials; return (account id, open directory fd, uid path base)."""
+        raise NotImplementedError
+
+    def uid_base(self, account: str) -> str:
+        """The path unique ids of the account's files are computed from."""
         raise NotImplementedError
 
 
@@ -230,10 +242,12 @@ password_hash = string
             passwords.dummy_verify(credentials.password_bytes(), like=stored)
             raise AuthenticationFailed("unknown user")
         passwords.verify_or_deny(stored, credentials.password_bytes())
-        directory = os.path.abspath(options["directory"])
-        fd = _open_dir(directory)
-        base = os.path.normpath(options["uid_root"]) if options["uid_root"] else directory
-        return username, fd, base
+        return username, _open_dir(os.path.abspath(options["directory"])), self.uid_base(username)
+
+    def uid_base(self, account: str) -> str:
+        uid_root = self.options["uid_root"]
+        directory = os.path.abspath(self.options["directory"])
+        return os.path.normpath(uid_root) if uid_root else directory
 
 
 class MultiUserDirectoryAdapter(_DirectoryAdapterBase):
@@ -318,8 +332,12 @@ bcrypt_rounds = integer(4, 31, default=12)
         except BaseException:
             os.close(user_fd)
             raise
-        base = os.path.normpath(self.options["uid_root"]) if self.options["uid_root"] else root
-        return username, user_fd, os.path.join(base, username)
+        return username, user_fd, self.uid_base(username)
+
+    def uid_base(self, account: str) -> str:
+        uid_root = self.options["uid_root"]
+        base = os.path.normpath(uid_root) if uid_root else os.path.abspath(self.options["root"])
+        return os.path.join(base, account)
 
 
 def _open_dir(path: str) -> int:
@@ -447,6 +465,11 @@ class DirectorySession(MailboxSession):
         found.sort(key=lambda item: (item[0].mtime_ns, item[0].name))
         self._entries = {entry.uid: entry for entry, _ in found}
         return [info for _, info in found]
+
+    def name_of(self, uid: str) -> str | None:
+        """The file name of a listed message."""
+        entry = self._entries.get(uid)
+        return entry.name if entry is not None else None
 
     def _list_one(self, dir_fd: int, name: str, kind: str) -> tuple[_Entry, MessageInfo] | None:
         try:

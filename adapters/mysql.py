@@ -322,6 +322,25 @@ class _MySQLAdapterBase(Adapter):
     def new_session(self, peer: Peer) -> MySQLSession:
         return MySQLSession(self, peer)
 
+    def session_for(self, account: str, user_id: int | None) -> MySQLSession:
+        """A read-only session on an account without a password (for the admin tools)."""
+        session = MySQLSession(self, Peer("local", 0, "admin"))
+        session.account, session.user_id, session.read_only = account, user_id, True
+        return session
+
+    def report_too_large(self, row_id: int, length: int | None, outcome: str) -> None:
+        """Log a row the database won't hand out because it exceeds its max_allowed_packet
+        (it answers NULL, or drops the connection), naming the setting that fixes it."""
+        try:
+            limit = f"{int(self.query('SELECT @@max_allowed_packet')[0][0])} octets"
+        except Exception:
+            limit = "unknown"
+        size = f"{length} octets" if length is not None else "size unknown"
+        log.error("mysql: message %d (%s) is larger than the database server's "
+                  "max_allowed_packet (%s), so the database refuses to return it; %s. Raise "
+                  "max_allowed_packet on the database server ([mysqld] max_allowed_packet)",
+                  row_id, size, limit, outcome)
+
     # --- SQL helpers -----------------------------------------------------------------------
 
     def query(self, sql: str, args: Sequence[Any] = (), retry: bool = True) -> list[Any]:
@@ -589,6 +608,10 @@ class MySQLSession(MailboxSession):
         infos: list[MessageInfo] = []
         rows: dict[str, _Row] = {}
         for listed in map(decode_row, result):
+            if listed.too_large:  # never listed with a wrong size; kept in the table
+                adapter.report_too_large(listed.id, listed.length,
+                                         f"left out of the listing of {self.account}")
+                continue
             row = _Row(listed.id, listed.plaintext, listed.timestamp, listed.length)
             uid = str(row.id)
             rows[uid] = row
@@ -625,6 +648,9 @@ class MySQLSession(MailboxSession):
                 f"WHERE id = %s{where}", (row.id, *args))
         if not found:
             raise MessageGone("message no longer exists")
+        if found[0][0] is None:
+            self.adapter.report_too_large(row.id, row.length, "not sent")
+            raise TemporaryFailure("message larger than the database's max_allowed_packet")
         return self._open(row, int(found[0][0]))
 
     def _open(self, row: _Row, length: int | None = None) -> BinaryIO:
@@ -635,6 +661,9 @@ class MySQLSession(MailboxSession):
         def fetch(pos: int, size: int) -> bytes | None:
             with adapter.guard("reading a message"):
                 found = adapter.query(sql, (pos + 1, size, row.id, *args))
+            if found and found[0][0] is None:  # over max_allowed_packet: never send it cut
+                adapter.report_too_large(row.id, length, "its sending was stopped")
+                raise TemporaryFailure("message larger than the database's max_allowed_packet")
             return to_bytes(found[0][0]) if found else None
 
         length = row.length if length is None else length

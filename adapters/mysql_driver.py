@@ -84,6 +84,11 @@ class Driver:
         self.name = name
         if name == "mysql-connector":
             self.module: Any = importlib.import_module("mysql.connector")
+            # It logs its authentication plugin at INFO on every connect: keep the log to
+            # pop3sf's own lines (a level someone set for that logger explicitly stays).
+            connector_log = logging.getLogger("mysql.connector")
+            if connector_log.level == logging.NOTSET:
+                connector_log.setLevel(logging.WARNING)
         elif name == "pymysql":
             self.module = importlib.import_module("pymysql")
         else:

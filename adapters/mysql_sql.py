@@ -89,8 +89,10 @@ def listing_sql(table: str, where: str, dialect: str) -> tuple[str, tuple[Any, .
     """(SQL, its leading parameters, header prefix size) of the listing query.
 
     Columns: id, is_plaintext, UNIX_TIMESTAMP(added_timestamp), octet length, bare CR/LF count,
-    last octet, CRC32 (plain-text rows only), header candidate (8-bit ones only). ``where``
-    is appended to ``WHERE 1 = 1`` (with its own parameters after these).
+    last octet, CRC32 (plain-text rows only), header candidate (8-bit ones only), octet length
+    of the column itself. ``where`` is appended to ``WHERE 1 = 1`` (with its own parameters
+    after these). The database refuses to ``CAST`` a value longer than its
+    ``max_allowed_packet`` (the result is NULL): such a row has only the last length.
     """
     if dialect == "mariadb":
         bare = "LENGTH(REGEXP_REPLACE(b, %s, ''))"
@@ -110,9 +112,9 @@ def listing_sql(table: str, where: str, dialect: str) -> tuple[str, tuple[Any, .
         prefix = MYSQL_HEADER_PREFIX
     sql = f"""SELECT id, is_plaintext, ts, LENGTH(b), {bare}, RIGHT(b, 1),
   IF(is_plaintext, CRC32(b), NULL),
-  IF(is_plaintext OR NOT {_has_8bit(head)}, NULL, {head})
+  IF(is_plaintext OR NOT {_has_8bit(head)}, NULL, {head}), stored
 FROM (SELECT id, is_plaintext, UNIX_TIMESTAMP(added_timestamp) AS ts,
-             CAST(message AS BINARY) AS b
+             CAST(message AS BINARY) AS b, LENGTH(message) AS stored
       FROM {table} WHERE 1 = 1{where}) AS m
 ORDER BY id"""
     # Placeholders in order: the count, the header twice in the 8-bit test, then once more.
@@ -129,10 +131,14 @@ class Listed(NamedTuple):
     crc: int
     size: int | None  # None: the database could not count (REGEXP_REPLACE over its limit)
     head: bytes | None
+    #: The row is longer than the database's max_allowed_packet: it cannot be read at all.
+    too_large: bool = False
 
 
 def decode_row(row: Sequence[Any]) -> Listed:
-    rid, plain, ts, length, bare, last, crc, head = row
+    rid, plain, ts, length, bare, last, crc, head, stored = row
+    if length is None and stored is not None:
+        return Listed(int(rid), bool(plain), int(ts or 0), int(stored), 0, None, None, True)
     length = int(length or 0)
     size: int | None = None
     if bare is not None:

@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 from pop3sf.adapters.plaintext import decode_text
 
@@ -53,11 +53,12 @@ EX_NOPERM = 77
 EX_CONFIG = 78
 
 EPILOG = """\
-exit status: 0 success, 64 usage, 65 bad name/message/password, 66 unreadable input,
+exit status: 0 success, 64 usage, 65 bad name/message/password, or a user to delete
+still has messages (nothing deleted; --force deletes them too), 66 unreadable input,
 67 unknown user, 69 not supported by this source, 73 user exists, 74 I/O error,
 77 permission denied, 78 bad configuration, 1 other source errors.
 who/kick: 69 server not running (or its control socket disabled), 67 kick matched nothing,
-75 server busy or not answering."""
+75 server busy or not answering, 70 request refused by the server."""
 
 
 class Failure(Exception):
@@ -159,10 +160,10 @@ def cmd_user_passwd(source: Source, args: argparse.Namespace) -> int:
 
 
 def cmd_user_del(source: Source, args: argparse.Namespace) -> int:
-    count = len(source.list_messages(args.name)) if source.has_users else 0
+    count = source.count_messages(args.name) if source.has_users else 0
     if count and not args.force:
-        raise Failure(f"user {args.name} still has {count} message(s); "
-                      "add --force to delete the user and them", EX_DATAERR)
+        raise Failure(f"user {args.name} still has {count} message(s); nothing deleted. "
+                      "To delete the user and the messages, add --force", EX_DATAERR)
     source.delete_user(args.name)
     print(f"{PROG}: deleted user {args.name} and {count} message(s)", file=sys.stderr)
     return EX_OK
@@ -272,8 +273,16 @@ def cmd_kick(settings: Settings, args: argparse.Namespace) -> int:
 # --- command line -------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors exit with EX_USAGE, as the exit status list says (argparse's own is 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG, description="Manage users and messages of the data source pop3sf serves.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
@@ -304,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--text", metavar="FILE", default="-",
                        help="a plain text file to wrap (default: stdin)")
     p.set_defaults(func=cmd_message_add)
-    p = message_sub.add_parser("list", help="list a user's messages (id, size, date, subject)")
+    p = message_sub.add_parser(
+        "list", help="list a user's messages (id, size as the server sends it, date, subject)")
     p.add_argument("name")
     p.set_defaults(func=cmd_message_list)
 

@@ -15,16 +15,17 @@ import errno
 import os
 import secrets
 import shutil
-import stat
 import string
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
+from pop3sf.adapters.base import AdapterError, normalize_secret
 from pop3sf.adapters.directory import (
     PASSWORD_FILE,
     DirectoryAdapter,
     MultiUserDirectoryAdapter,
+    _DirectoryAdapterBase,
     is_valid_username,
     kind_of,
     read_password_file,
@@ -87,6 +88,8 @@ def _subject(dir_fd: int, name: str, kind: str) -> str:
 
 
 class _DirectorySourceBase(Source):
+    adapter_class: ClassVar[type[_DirectoryAdapterBase]]
+
     def __init__(self, config: Mapping[str, Any], service_user: str | None = None) -> None:
         super().__init__(config, service_user)
         self.owner = service_owner(service_user)
@@ -103,27 +106,39 @@ class _DirectorySourceBase(Source):
         write_atomic(dir_fd, name, data, owner=self.owner, replace=False)
         return name
 
-    def _list_in(self, dir_fd: int) -> list[MessageSummary]:
-        found = []
-        for name in os.listdir(dir_fd):
-            kind = kind_of(name)
-            if kind is None:
-                continue
+    def _list_in(self, dir_fd: int, account: str) -> list[MessageSummary]:
+        """What the server lists in the directory, with the sizes it serves (a ``.txt`` file is
+        served wrapped, line ends as CRLF), measured by the adapter's own listing."""
+        # Measured afresh: a cache file written here as root could lock out the service user.
+        adapter = self.adapter_class({**self.config, "size_cache_dir": ""})
+        session = adapter.session_for(account, os.dup(dir_fd))
+        try:
             try:
-                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
-                continue
-            date = datetime.datetime.fromtimestamp(st.st_mtime, tz=datetime.UTC)
-            found.append((st.st_mtime_ns, name,
-                          MessageSummary(name, st.st_size, date, _subject(dir_fd, name, kind))))
-        found.sort(key=lambda item: (item[0], item[1]))
-        return [summary for _, _, summary in found]
+                infos = session.list_messages()
+            except AdapterError as exc:
+                raise SourceError(f"cannot list the messages of {account!r}: {exc}") from None
+            found = []
+            for info in infos:
+                name = session.name_of(info.uid)
+                kind = kind_of(name or "")
+                if name is None or kind is None:
+                    continue
+                try:
+                    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                date = datetime.datetime.fromtimestamp(st.st_mtime, tz=datetime.UTC)
+                found.append(MessageSummary(name, info.size, date, _subject(dir_fd, name, kind)))
+            return found
+        finally:
+            session.connection_closed()
+            adapter.close()
 
 
 class DirectorySource(SingleUserSource, _DirectorySourceBase):
     """The single-user directory: its one user is the configured ``username``."""
+
+    adapter_class = DirectoryAdapter
 
     def __init__(self, config: Mapping[str, Any], service_user: str | None = None) -> None:
         super().__init__(validated(DirectoryAdapter.configspec, config, "[adapter]"),
@@ -147,7 +162,7 @@ class DirectorySource(SingleUserSource, _DirectorySourceBase):
         self._check_user(user)
         fd = self._open_dir(self.directory)
         try:
-            return self._list_in(fd)
+            return self._list_in(fd, normalize_secret(self.config["username"]))
         finally:
             os.close(fd)
 
@@ -155,6 +170,8 @@ class DirectorySource(SingleUserSource, _DirectorySourceBase):
 
 class MultiUserDirectorySource(_DirectorySourceBase):
     """The multi-user directory: one subdirectory per user holding its password file."""
+
+    adapter_class = MultiUserDirectoryAdapter
 
     def __init__(self, config: Mapping[str, Any], service_user: str | None = None) -> None:
         super().__init__(validated(MultiUserDirectoryAdapter.configspec, config, "[adapter]"),
@@ -200,7 +217,14 @@ class MultiUserDirectorySource(_DirectorySourceBase):
     def list_messages(self, user: str | None) -> Sequence[MessageSummary]:
         fd = self._user_fd(user)
         try:
-            return self._list_in(fd)
+            return self._list_in(fd, self._check_name(user))
+        finally:
+            os.close(fd)
+
+    def count_messages(self, user: str | None) -> int:
+        fd = self._user_fd(user)
+        try:
+            return sum(1 for name in os.listdir(fd) if kind_of(name) is not None)
         finally:
             os.close(fd)
 

@@ -45,9 +45,38 @@ _DATA_ERRORS = {
           "(quoted-printable, base64)",
     1406: "the message is too large for the message column (MEDIUMTEXT holds 16 MiB; "
           "ALTER it to LONGTEXT)",
-    1153: "the message is larger than the server's max_allowed_packet",
-    1301: "the message is larger than the server's max_allowed_packet",
+    1153: "the message is larger than the database server's max_allowed_packet (raise it in "
+          "the server's configuration: [mysqld] max_allowed_packet)",
+    1301: "the message is larger than the database server's max_allowed_packet (raise it in "
+          "the server's configuration: [mysqld] max_allowed_packet)",
 }
+#: Octets a driver escapes with a backslash in a string literal (each then takes two).
+_ESCAPED = frozenset(b"\0\n\r\\'\"\x1a")
+#: The server refuses a statement a few octets short of max_allowed_packet (3 on MariaDB 10.11);
+#: stay clear of the edge rather than have it drop the connection.
+_PACKET_MARGIN = 16
+
+
+def statement_octets(sql: str, args: Sequence[Any]) -> int:
+    """About how many octets the driver sends for ``sql`` with ``args`` (``%s`` each), the
+    command byte included: bytes travel as ``_binary'...'`` with some octets escaped."""
+    size = 1 + len(sql.encode("utf-8")) - 2 * len(args)
+    for arg in args:
+        if isinstance(arg, bytes):
+            size += len("_binary''") + len(arg) + sum(arg.count(c) for c in _ESCAPED)
+        else:
+            size += len(str(int(arg)))
+    return size
+
+
+def _packet_limit_message(needed: int, limit: int) -> str:
+    wanted = needed + _PACKET_MARGIN
+    mib = 1 << (-(-wanted // (1 << 20)) - 1).bit_length()  # a power of two that fits it
+    return (f"the message is too large for the database server: storing it takes a "
+            f"{needed}-octet statement, and the server's max_allowed_packet is {limit} octets. "
+            f"Raise max_allowed_packet on the database server ([mysqld] max_allowed_packet = "
+            f"{mib}M in its configuration, or SET GLOBAL max_allowed_packet = {mib << 20} "
+            f"until it restarts); pop3sf needs the same limit to read the message back")
 
 
 def _subject(head: bytes) -> str:
@@ -123,6 +152,10 @@ class MySQLSource(Source):
     def _user_id(self, user: str | None) -> int | None:
         raise NotImplementedError
 
+    def _account(self, user: str | None) -> tuple[str, int | None]:
+        """(account name as the server knows it, user_id or None) of an existing user."""
+        raise NotImplementedError
+
     def add_message(self, user: str | None, message: MessageLike) -> str:
         user_id = self._user_id(user)
         plaintext = isinstance(message, str)
@@ -136,28 +169,54 @@ class MySQLSource(Source):
         args: tuple[Any, ...] = (value, plaintext) + ((user_id,) if user_id is not None else ())
         marks = ", ".join(["%s"] * len(args))
 
+        sql = f"INSERT INTO {self.table} ({columns}) VALUES ({marks})"
+        needed = statement_octets(sql, args)
+
         def insert(conn: Any) -> int:
+            # Over the limit the server just drops the connection ("Lost connection",
+            # "server has gone away"): check first and say which setting to change.
+            limit = int(self.adapter.fetch_all(conn, "SELECT @@max_allowed_packet")[0][0])
+            if needed + _PACKET_MARGIN > limit:
+                raise BadMessage(_packet_limit_message(needed, limit))
             cur = conn.cursor()
             try:
-                cur.execute(f"INSERT INTO {self.table} ({columns}) VALUES ({marks})", args)
+                cur.execute(sql, args)
                 return int(cur.lastrowid)
             finally:
                 cur.close()
 
         return str(self._run(insert, write=True))
 
-    def list_messages(self, user: str | None) -> Sequence[MessageSummary]:
+    def count_messages(self, user: str | None) -> int:
         user_id = self._user_id(user)
         where, args = ("WHERE user_id = %s", (user_id,)) if user_id is not None else ("", ())
+        return int(self._fetch(f"SELECT COUNT(*) FROM {self.table} {where}", args)[0][0])
+
+    def list_messages(self, user: str | None) -> Sequence[MessageSummary]:
+        """The messages the server lists, with the sizes it sends (its own listing: line ends
+        as CRLF, plain-text rows wrapped)."""
+        account, user_id = self._account(user)
+        session = self.adapter.session_for(account, user_id)
+        try:
+            sizes = {info.uid: info.size for info in session.list_messages()}
+        except AdapterError as exc:
+            cause = exc.__cause__ or exc
+            raise SourceError(f"database {self.adapter.params.where()}: {exc} ({cause})") from exc
+        finally:
+            session.connection_closed()
+        where, args = ("WHERE user_id = %s", (user_id,)) if user_id is not None else ("", ())
         rows = self._fetch(
-            f"SELECT id, LENGTH(CAST(message AS BINARY)), UNIX_TIMESTAMP(added_timestamp), "
-            f"is_plaintext, IF(is_plaintext, NULL, LEFT(CAST(message AS BINARY), "
-            f"{_HEADER_PEEK})) FROM {self.table} {where} ORDER BY id", args)
+            f"SELECT id, UNIX_TIMESTAMP(added_timestamp), is_plaintext, IF(is_plaintext, NULL, "
+            f"LEFT(CAST(message AS BINARY), {_HEADER_PEEK})) FROM {self.table} {where} "
+            f"ORDER BY id", args)
         out = []
-        for rid, length, ts, plain, head in rows:
+        for rid, ts, plain, head in rows:
+            size = sizes.get(str(rid))
+            if size is None:  # added since the listing, or one the server can't read
+                continue
             date = datetime.datetime.fromtimestamp(int(ts or 0), tz=datetime.UTC)
             subject = plaintext_subject(int(rid)) if plain else _subject(to_bytes(head))
-            out.append(MessageSummary(str(rid), int(length), date, subject))
+            out.append(MessageSummary(str(rid), size, date, subject))
         return out
 
 
@@ -171,6 +230,9 @@ class SingleUserMySQLSource(SingleUserSource, MySQLSource):
         if user is not None and normalize_secret(user) != normalize_secret(name):
             raise UnknownUser(f"unknown user {user!r} (this source's user is {name!r})")
         return None
+
+    def _account(self, user: str | None) -> tuple[str, int | None]:
+        return normalize_secret(self.config["username"]), self._user_id(user)
 
 
 
@@ -214,6 +276,10 @@ class MultiUserMySQLSource(MySQLSource):
 
     def _user_id(self, user: str | None) -> int | None:
         return self._find(user)[0]
+
+    def _account(self, user: str | None) -> tuple[str, int | None]:
+        user_id, name = self._find(user)
+        return name, user_id
 
     def list_users(self) -> Sequence[str]:
         return [to_text(r[0]) for r in

@@ -88,7 +88,12 @@ class Source(abc.ABC):
 
     @abc.abstractmethod
     def list_messages(self, user: str | None) -> Sequence[MessageSummary]:
-        """The user's messages, oldest first."""
+        """The user's messages as the server lists them, oldest first."""
+
+    def count_messages(self, user: str | None) -> int:
+        """How many messages deleting the user would delete: also those the server doesn't
+        list right now (a file still being written, a row it cannot read)."""
+        return len(self.list_messages(user))
 
     def check_user_name(self, name: str) -> None:
         """Raise :class:`BadName` if ``name`` can't be a user of this source (before prompts)."""

@@ -67,6 +67,9 @@ class MariaDBServer:
         self.socket = os.path.join(base, "mysqld.sock")
         self.pidfile = os.path.join(base, "mysqld.pid")
         self.logfile = os.path.join(base, "error.log")
+        # Its own temporary directory: temporary tables in the shared /tmp were seen deleted
+        # under a running mariadb-install-db ("Error on delete of '/tmp/#sql-temptable-...'").
+        self.tmpdir = os.path.join(base, "tmp")
         self.host = "127.0.0.1"
         self.port = free_port()
         self.max_allowed_packet = max_allowed_packet
@@ -76,9 +79,10 @@ class MariaDBServer:
     # --- life cycle ------------------------------------------------------------------------
 
     def install(self) -> None:
+        os.makedirs(self.tmpdir, exist_ok=True)
         cmd = [INSTALL_DB, "--no-defaults", f"--datadir={self.datadir}", "--user=root",
                "--auth-root-authentication-method=normal", "--skip-test-db",
-               "--skip-name-resolve"]
+               "--skip-name-resolve", f"--tmpdir={self.tmpdir}"]
         res = subprocess.run(cmd, capture_output=True, timeout=120, check=False)
         if res.returncode != 0:
             raise RuntimeError(f"mariadb-install-db failed ({res.returncode}):\n"
@@ -90,7 +94,8 @@ class MariaDBServer:
             return
         cmd = [MARIADBD, "--no-defaults", f"--datadir={self.datadir}", f"--socket={self.socket}",
                f"--port={self.port}", "--bind-address=127.0.0.1", f"--pid-file={self.pidfile}",
-               f"--log-error={self.logfile}", "--user=root", "--skip-name-resolve",
+               f"--log-error={self.logfile}", f"--tmpdir={self.tmpdir}", "--user=root",
+               "--skip-name-resolve",
                "--skip-log-bin", "--innodb-buffer-pool-size=128M",
                "--innodb-flush-log-at-trx-commit=2", "--character-set-server=utf8mb4",
                "--collation-server=utf8mb4_general_ci",

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import email.message
+import fcntl
 import os
 import pty
 import pwd
+import re
 import select
 import shutil
 import stat
@@ -17,8 +19,9 @@ from pathlib import Path
 
 import pytest
 from pop3sf.adapters.base import AuthenticationFailed, AuthResult, Credentials, Peer
-from pop3sf.adapters.directory import PASSWORD_FILE, MultiUserDirectoryAdapter
+from pop3sf.adapters.directory import PASSWORD_FILE, DirectoryAdapter, MultiUserDirectoryAdapter
 from pop3sf.auxiliary import (
+    REGISTRY,
     BadMessage,
     BadName,
     NotSupported,
@@ -28,6 +31,7 @@ from pop3sf.auxiliary import (
     open_source,
 )
 from pop3sf.auxiliary.admin import (
+    EPILOG,
     EX_CANTCREAT,
     EX_CONFIG,
     EX_DATAERR,
@@ -35,6 +39,7 @@ from pop3sf.auxiliary.admin import (
     EX_NOPERM,
     EX_NOUSER,
     EX_UNAVAILABLE,
+    EX_USAGE,
 )
 
 from pop3sf.passwords import hash_bcrypt, verify
@@ -157,11 +162,24 @@ def test_user_del_with_messages_needs_force(conf: Path, root: Path) -> None:
     admin(conf, "user", "add", "alice", stdin=b"pw\n")
     admin(conf, "message", "add", "alice", stdin=b"hello\n")
     r = admin(conf, "user", "del", "alice")
-    assert r.returncode == EX_DATAERR and "--force" in r.stderr
-    assert (root / "alice").is_dir()
+    assert r.returncode == EX_DATAERR
+    assert "still has 1 message(s); nothing deleted" in r.stderr and "add --force" in r.stderr
+    assert (root / "alice").is_dir() and len(list((root / "alice").glob("*.txt"))) == 1
     r = admin(conf, "user", "del", "alice", "--force")
     assert r.returncode == 0 and "1 message(s)" in r.stderr
     assert list(root.iterdir()) == []
+
+
+def test_user_del_counts_messages_the_server_does_not_list(conf: Path, root: Path) -> None:
+    """A file a writer still holds locked is not listed yet, but it is mail all the same."""
+    admin(conf, "user", "add", "alice", stdin=b"pw\n")
+    with open(root / "alice" / "incoming.eml", "wb") as f:
+        f.write(b"Subject: still being written\n\n")
+        fcntl.flock(f, fcntl.LOCK_EX)
+        assert admin(conf, "message", "list", "alice").stdout == ""  # not served yet
+        r = admin(conf, "user", "del", "alice")
+        assert r.returncode == EX_DATAERR and "1 message(s); nothing deleted" in r.stderr
+    assert (root / "alice" / "incoming.eml").exists()
 
 
 def _pty_run(argv: list[str], answers: list[bytes]) -> tuple[int, bytes]:
@@ -236,7 +254,7 @@ def test_message_add_text_and_eml(conf: Path, root: Path, tmp_path: Path) -> Non
     assert r.returncode == 0
     rows = [line.split("\t") for line in r.stdout.splitlines()]
     assert [row[0] for row in rows] == [text_name, rows[1][0], eml_name]  # oldest first
-    assert rows[2][1] == str(eml.stat().st_size) and rows[2][3] == "Zpráva"
+    assert rows[2][3] == "Zpráva"
     hidden = [p.name for p in (root / "alice").iterdir() if p.name.startswith(".")]
     assert hidden == [PASSWORD_FILE]  # no temporary files left behind
 
@@ -249,6 +267,38 @@ def test_message_add_text_and_eml(conf: Path, root: Path, tmp_path: Path) -> Non
     for m in listing:
         with s.open_message(m.uid) as f:
             assert m.size == len(wire_bytes(f.read()))
+    # `message list` shows the sizes the server sends, not the sizes of the files.
+    assert [int(row[1]) for row in rows] == [m.size for m in listing]
+    stored = [(root / "alice" / row[0]).stat().st_size for row in rows]
+    assert all(int(row[1]) > size for row, size in zip(rows, stored, strict=True))
+
+
+def test_message_list_sizes_single_user_source(tmp_path: Path) -> None:
+    """The single-user source too, with the settings that change a wrapped .txt message."""
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    (folder / "a.txt").write_bytes("Grüße\nzweite Zeile\n".encode())
+    (folder / "b.eml").write_bytes(b"Subject: lf only\n\nline\n.dot\n")
+    adapter_conf = {"type": "directory", "directory": str(folder), "username": "reports",
+                    "password_hash": hash_bcrypt(b"pw", rounds=4), "uid_root": "/old/place",
+                    "from_address": "reports of %u <r@example.org>"}
+    conf = write_config(tmp_path / "pop3sf.conf", adapter_conf)
+    r = admin(conf, "message", "list", "reports")
+    assert r.returncode == 0, r.stderr
+    listed = {row.split("\t")[0]: int(row.split("\t")[1]) for row in r.stdout.splitlines()}
+    adapter = DirectoryAdapter({k: v for k, v in adapter_conf.items() if k != "type"})
+    s = adapter.new_session(Peer("127.0.0.1", 1))
+    s.login_succeeded(s.authenticate(Credentials("reports", "pw")), True)
+    served = {}
+    for m in s.list_messages():
+        with s.open_message(m.uid) as f:
+            data = wire_bytes(f.read())
+        assert len(data) == m.size
+        served[s.name_of(m.uid)] = len(data)
+    assert listed == served
+    raw = (folder / "b.eml").read_bytes()
+    assert listed["b.eml"] == len(raw) + raw.count(b"\n")  # served with CRLF line ends
+    assert listed["a.txt"] > 200  # wrapped into a message
 
 
 def test_message_add_errors(conf: Path, root: Path, tmp_path: Path) -> None:
@@ -351,11 +401,27 @@ def test_hash_command(tmp_path: Path) -> None:
     assert r.stdout.startswith("$2b$04$") and verify(r.stdout.strip(), b"s3cret")
 
 
-def test_usage_errors(conf: Path) -> None:
-    assert admin(conf).returncode == 2
-    assert admin(conf, "user", "frobnicate").returncode == 2
+def test_usage_errors_exit_64_as_documented(conf: Path) -> None:
+    for args in ((), ("user", "frobnicate"), ("user", "add"), ("--bogus", "user", "list"),
+                 ("hash", "--rounds", "3"), ("message", "add", "a", "--eml", "x", "--text", "y")):
+        r = admin(conf, *args)
+        assert r.returncode == EX_USAGE == 64, (args, r.returncode, r.stderr)
+        assert "usage: pop3sf-admin" in r.stderr and "error:" in r.stderr
     r = admin(conf, "--help")
-    assert r.returncode == 0 and "exit status" in r.stdout
+    assert r.returncode == 0 and "exit status" in r.stdout and "64 usage" in r.stdout
+
+
+def test_exit_statuses_and_sources_in_the_man_page() -> None:
+    """--help's exit status list, the constants and the man page say the same."""
+    page = (Path(__file__).parent.parent / "man" / "pop3sf-admin.8").read_text()
+    section = page.split(".SH EXIT STATUS", 1)[1].split(".SH ", 1)[0]
+    in_page = {int(n) for n in re.findall(r"^\.B (\d+)$", section, re.M)}
+    in_help = {int(n) for n in re.findall(r"(\d+) [A-Za-z]", EPILOG)}
+    assert in_page == in_help == {0, 1, 64, 65, 66, 67, 69, 70, 73, 74, 75, 77, 78}
+    assert "user del" in section.split(".B 65", 1)[1].split(".TP", 1)[0]
+    described = page.split(".SH DESCRIPTION", 1)[1].split(".SH ", 1)[0]
+    for source in REGISTRY:
+        assert re.search(rf"\b{source}\b", described), source
 
 
 # --- the library ------------------------------------------------------------------------------

@@ -927,7 +927,13 @@ class ServerProcess:
                 break
         else:
             raise AssertionError("server did not start: " + "".join(seen))
-        threading.Thread(target=self.proc.stderr.read, daemon=True).start()  # keep it drained
+        self.log_lines = seen
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log_lines.append(line)
 
     def pop3(self) -> poplib.POP3:
         return poplib.POP3("127.0.0.1", self.port, timeout=30)
@@ -981,6 +987,87 @@ def test_in_use_across_two_server_processes_and_big_message_memory(
     finally:
         one.stop()
         two.stop()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mysql.connector") is None,
+                    reason="mysql-connector-python not installed")
+def test_log_keeps_to_pop3sf_lines_with_mysql_connector(
+        mariadb: MariaDBServer, db: str, tmp_path: Any) -> None:  # noqa: F811
+    """mysql-connector logs its authentication plugin at INFO on every connection."""
+    env = Env(mariadb, db, "mysql-connector")
+    env.multi().close()
+    alice = env.add_user("alice", "pw")
+    env.add_message(b"Subject: hello\r\n\r\nbody\r\n", alice)
+    server = ServerProcess(_server_conf(tmp_path / "pop3sf.conf", env.config(bcrypt_rounds=4)))
+    try:
+        for _ in range(3):  # each login after the first may open new pooled connections
+            pop = pop_login(server, "alice", "pw")  # type: ignore[arg-type]
+            assert pop.stat() == (1, 24)
+            pop.quit()
+    finally:
+        server.stop()
+    log = "".join(server.log_lines)
+    assert "alice" in log and "listening on pop3" in log  # pop3sf's own lines are there
+    for noise in ("mysql.connector", "plugin_name", "AUTHENTICATION_PLUGIN_CLASS", "package:"):
+        assert noise not in log, log
+
+
+# --- the database's max_allowed_packet ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def packet_server() -> Iterator[MariaDBServer]:
+    """A server of this module's own, whose max_allowed_packet the test lowers at run time."""
+    with running_mariadb() as server:
+        yield server
+
+
+def test_row_over_max_allowed_packet_is_named_never_mislisted(
+        packet_server: MariaDBServer, driver: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The database answers NULL for a value over its max_allowed_packet: such a row is left
+    out of listings (never listed with a wrong size, never sent cut) and the log names the
+    setting; the row stays in the table."""
+    caplog.set_level(logging.ERROR, logger="pop3sf.adapters.mysql")
+    env = Env(packet_server, packet_server.new_database(), driver)
+    adapter = env.multi(message_column_type="LONGTEXT")
+    alice = env.add_user("alice")
+    small = env.add_message(b"Subject: small\r\n\r\nfits\r\n", alice)
+    big_body = b"Subject: big\r\n\r\n" + b"y" * 2_000_000 + b"\r\n"
+    big = env.add_message(big_body, alice)
+    session = login(adapter, "alice", read_only=True)
+    assert [(i.uid, i.size) for i in session.list_messages()] == \
+        [(str(small), 24), (str(big), len(big_body))]
+    opened = session.open_message(str(big))  # length checked under the old limit
+    packet_server.execute("SET GLOBAL max_allowed_packet = 1048576", database=None)
+    try:
+        # New connections get the new limit (a changed pool_size swaps the pool).
+        adapter.reload(env.config(message_column_type="LONGTEXT", pool_size=3))
+        with pytest.raises(TemporaryFailure, match="max_allowed_packet"):
+            opened.read()
+        opened.close()
+        with pytest.raises(TemporaryFailure, match="max_allowed_packet"):
+            session.open_message(str(big))
+        assert read_all(session, str(small)) == b"Subject: small\r\n\r\nfits\r\n"
+        session.connection_closed()
+        caplog.clear()
+        session = login(adapter, "alice")
+        assert [i.uid for i in session.list_messages()] == [str(small)]
+        assert f"message {big} ({len(big_body)} octets) is larger than the database " \
+               "server's max_allowed_packet (1048576 octets)" in caplog.text
+        assert "left out of the listing of alice" in caplog.text
+        assert "[mysqld] max_allowed_packet" in caplog.text
+        session.delete_messages([str(small)])
+        session.connection_closed()
+        # Through the server: STAT counts what can be sent, with its exact size.
+        with running_server("mysql_multi", env.config(bcrypt_rounds=4)) as srv:
+            env.add_message(b"Subject: new\r\n\r\nx\r\n", alice)
+            pop = pop_login(srv, "alice", "pw")
+            assert pop.stat() == (1, 19)
+            assert pop.retr(1)[1] == [b"Subject: new", b"", b"x"]
+            pop.quit()
+    finally:
+        packet_server.execute("SET GLOBAL max_allowed_packet = 134217728", database=None)
+    assert env.ids() == [big, big + 1]
 
 
 # --- TLS to the database --------------------------------------------------------------------
