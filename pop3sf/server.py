@@ -7,6 +7,7 @@ in-flight caps and penalties (§P7), worker pools (§A3), reload and graceful sh
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import resource
@@ -351,8 +352,6 @@ class Server:
         output) keep their running values, with a warning; everything else applies to new
         sessions and commands, the log level and the certificates included.
         """
-        import dataclasses
-
         old = self.settings
         if settings.adapter_type != old.adapter_type:
             raise ConfigError(f"{settings.source}: [adapter] type changed from "
