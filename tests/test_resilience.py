@@ -309,6 +309,9 @@ def test_storm_with_a_witness(tmp_path: Path) -> None:
         out, _ = storm.communicate(timeout=30)
         counts = json.loads(out)
         assert counts["auth"] > 20 and counts["hangups"] > 20, counts
+        # Wrong passwords answered: per address, at most the first burst (the in-flight cap,
+        # before any failure is recorded) and then one per penalty period (0.5 s at least).
+        assert counts["auth"] <= len(addresses) * (16 + 1 + 8 / 0.5), counts
         p99 = statistics.quantiles(noop, n=100)[98]
         assert p99 < 0.05, f"witness NOOP p99 {p99 * 1000:.1f} ms ({counts})"
         assert max(greetings) < 0.1, f"greeting took {max(greetings) * 1000:.0f} ms"
