@@ -211,8 +211,7 @@ def _serve(settings: Settings, account: ServiceAccount | None, target: str,
         if os.geteuid() == 0 and account is not None:
             from . import control, daemon
 
-            control.prepare_directory(settings.server.control_socket, account.name,
-                                      settings.server.group)
+            control.prepare_directory(settings.server.control_socket, account.uid, account.gid)
             try:
                 daemon.drop_privileges(account.name, settings.server.group or None)
             except daemon.DaemonError as exc:

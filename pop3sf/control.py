@@ -55,21 +55,16 @@ def session_info(conn: Connection) -> dict[str, Any]:
     }
 
 
-def prepare_directory(path: str, user: str, group: str = "") -> None:
+def prepare_directory(path: str, uid: int, gid: int) -> None:
     """As root, before privileges are dropped: create the socket's directory for the service
     user (0750, owned by it and its group), so it can create and remove the socket later."""
-    import grp
-    import pwd
-
     directory = os.path.dirname(path)
-    if not path or os.geteuid() != 0 or not user or os.path.isdir(directory):
+    if not path or os.geteuid() != 0 or os.path.isdir(directory):
         return
     try:
-        entry = pwd.getpwnam(user)
-        gid = grp.getgrnam(group).gr_gid if group else entry.pw_gid
         os.makedirs(directory, mode=0o750)
-        os.chown(directory, entry.pw_uid, gid)
-    except (KeyError, OSError) as exc:  # the server says it again when it opens the socket
+        os.chown(directory, uid, gid)
+    except OSError as exc:  # the server says it again when it opens the socket
         log.warning("cannot prepare the control socket directory %s: %s", directory, exc)
 
 

@@ -132,7 +132,6 @@ class VerificationGate:
         self.refusal = refusal
         self.waiting: dict[str, collections.deque[_Waiter]] = {}
         self.running: collections.Counter[str] = collections.Counter()
-        self.total = 0
         self._holders: dict[object, str] = {}  # key -> group, for verifications running
         self._timers: dict[str, Timer] = {}
 
@@ -142,6 +141,11 @@ class VerificationGate:
         self.waiting.setdefault(group, collections.deque()).append(_Waiter(key, start, refuse))
         self._pump(group)
 
+    @property
+    def total(self) -> int:
+        """Verifications running, all groups."""
+        return len(self._holders)
+
     def is_running(self, key: object) -> bool:
         return key in self._holders
 
@@ -150,7 +154,6 @@ class VerificationGate:
         group = self._holders.pop(key, None)
         if group is None:
             return
-        self.total -= 1
         self.running[group] -= 1
         if self.running[group] <= 0:
             del self.running[group]
@@ -184,7 +187,6 @@ class VerificationGate:
             if why is not None:
                 waiter.refuse(why)
                 continue
-            self.total += 1
             self.running[group] += 1
             self._holders[waiter.key] = group
             waiter.start()

@@ -142,11 +142,10 @@ class WorkerPool:
                 result, error = None, exc
             with self._lock:
                 call.returned = True
-                if call.replaced:
-                    self.loop.call_soon_threadsafe(
-                        functools.partial(self._finish, call, result, error))
-                    return  # its replacement serves the queue now
+                replaced = call.replaced
             self.loop.call_soon_threadsafe(functools.partial(self._finish, call, result, error))
+            if replaced:
+                return  # its replacement serves the queue now
 
     def _finish(self, call: Call, result: Any, error: BaseException | None) -> None:
         if call.abandoned:
