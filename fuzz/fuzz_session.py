@@ -145,7 +145,8 @@ def test_one_input(data: bytes) -> None:
     assert not ERRORS.records, ERRORS.records[0].getMessage()
     check_replies(stream, out)
     server = SERVER
-    assert not server.locks and not server.user_sessions and server.sessions_alive == 0
+    accounts = server.accounts
+    assert not accounts.locks and not accounts.user_sessions and server.sessions_alive == 0
     assert not server.leaks()
     assert server.commits_in_flight == 0 and not server.by_group
     if b"QUIT" not in stream.upper():

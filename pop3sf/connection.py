@@ -1,8 +1,11 @@
 """One client socket: non-blocking I/O, TLS through memory BIOs, lines in, bytes out, timers.
 
 TLS runs through ``ssl.MemoryBIO`` so handshakes never block and there is no hidden buffer to
-drain: every read empties the ``SSLObject`` (SPEC §P5). Output goes to one byte buffer whose
-size the session watches for backpressure (§P10). Four deadlines share one loop timer (§P8).
+drain: every read empties the ``SSLObject`` (docs/protocol.md §5). The connection owns the input
+buffer and its one line scanner: the session takes lines one by one (:meth:`next_line`) or looks
+ahead at pipelined ones (:meth:`lines_ahead`, :meth:`consume`). Output goes to one byte buffer
+whose size the session watches for backpressure; four deadlines share one loop timer
+(docs/protocol.md §7).
 """
 
 from __future__ import annotations
@@ -13,13 +16,13 @@ import selectors
 import socket
 import ssl
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Protocol
 
 from .loop import Timer
 
 if TYPE_CHECKING:
-    from .server import Server
-    from .session import Session
+    from .host import Host
 
 log = logging.getLogger("pop3sf.connection")
 
@@ -30,16 +33,37 @@ RECV_SIZE = 256 * 1024
 TOO_LONG = b"\0too-long"
 
 
+class Handler(Protocol):
+    """The session on top of a connection: told about input, drained output and the end."""
+
+    close_reason: str
+
+    @property
+    def authenticated(self) -> bool: ...
+    def start(self) -> None: ...
+    def tls_established(self) -> None: ...
+    def busy(self) -> bool: ...
+    def on_input(self) -> None: ...
+    def on_drain(self) -> None: ...
+    def on_close(self, reason: str) -> None: ...
+
+
 class Connection:
+    """One client's socket, buffers and timers; everything runs on the loop thread.
+
+    The connection knows bytes and lines, never commands: what a line means is the
+    session's (its :class:`Handler`) business.
+    """
+
     __slots__ = (
         "server", "sock", "fd", "address", "port", "listener", "group", "tls_listener",
         "created", "inbuf", "outbuf", "ssl", "bio_in", "bio_out", "handshaking", "closed",
         "eof", "discarding", "line_limit", "events", "reading_paused", "session", "timer",
         "auth_deadline", "handshake_deadline", "idle_deadline", "stall_deadline",
-        "close_when_flushed", "authenticated", "bytes_out", "__weakref__",
+        "close_when_flushed", "bytes_out", "__weakref__",
     )
 
-    def __init__(self, server: Server, sock: socket.socket, address: str, port: int,
+    def __init__(self, server: Host, sock: socket.socket, address: str, port: int,
                  listener: str, group: str, tls_listener: bool) -> None:
         self.server = server
         self.sock = sock
@@ -62,7 +86,7 @@ class Connection:
         self.line_limit = server.settings.protocol.max_line_length
         self.events = READ
         self.reading_paused = False
-        self.session: Session | None = None
+        self.session: Handler | None = None
         self.timer: Timer | None = None
         limits = server.settings.limits
         self.auth_deadline = self.created + limits.authorization_timeout
@@ -70,11 +94,14 @@ class Connection:
         self.idle_deadline = self.created + limits.idle_timeout
         self.stall_deadline = float("inf")
         self.close_when_flushed = False
-        self.authenticated = False
         self.bytes_out = 0
 
+    @property
+    def authenticated(self) -> bool:
+        return self.session is not None and self.session.authenticated
+
     # -- lifecycle ---------------------------------------------------------------------------
-    def start(self, session: Session) -> None:
+    def start(self, session: Handler) -> None:
         self.session = session
         self.server.loop.selector.register(self.sock, READ, self.on_event)
         self._arm()
@@ -269,6 +296,32 @@ class Connection:
             del buf[: idx + 1]
             self.maybe_resume_reading()
             return line[:-1] if line[-1:] == b"\r" else line
+
+    def lines_ahead(self) -> Iterator[tuple[bytes, int]]:
+        """The complete lines waiting in the buffer, each with where it ends, without taking
+        them: the pipelining fast paths answer several at once, then :meth:`consume` them."""
+        if self.discarding:
+            return
+        buf, limit = self.inbuf, self.line_limit
+        pos = 0
+        while True:
+            end = buf.find(b"\n", pos, pos + limit)
+            if end < 0:
+                return
+            line = bytes(buf[pos:end])
+            pos = end + 1
+            yield (line[:-1] if line[-1:] == b"\r" else line), pos
+
+    def consume(self, end: int) -> None:
+        """Take the lines up to ``end`` (from :meth:`lines_ahead`): they were answered."""
+        del self.inbuf[:end]
+        self.maybe_resume_reading()
+        self.touch()
+
+    def use_auth_line_limit(self, on: bool) -> None:
+        """SASL responses may be longer than commands (RFC 5034 §4)."""
+        protocol = self.server.settings.protocol
+        self.line_limit = protocol.max_auth_line_length if on else protocol.max_line_length
 
     def maybe_resume_reading(self) -> None:
         if self.reading_paused and len(self.inbuf) <= self.line_limit + RECV_SIZE:

@@ -21,7 +21,7 @@ import selectors
 import socket
 import stat
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .loop import Timer
@@ -29,7 +29,8 @@ from .throttle import normalize_address
 
 if TYPE_CHECKING:
     from .connection import Connection
-    from .server import Server
+    from .loop import EventLoop
+    from .session import Session
 
 log = logging.getLogger("pop3sf.control")
 
@@ -40,18 +41,18 @@ BATCH = 200  # sessions encoded per write while a reply drains
 KICK_REASON = "kicked by admin"
 
 
-def session_info(conn: Connection) -> dict[str, Any]:
+def session_info(session: Session) -> dict[str, Any]:
     """What ``who`` shows of one connection."""
-    session = conn.session
+    conn = session.conn
     return {
-        "account": session.account if session is not None else None,
+        "account": session.account,
         "address": conn.address,
         "port": conn.port,
         "listener": conn.listener,
         "tls": conn.ssl is not None,
-        "since": int(session.logged_in_at) if session and conn.authenticated else None,
+        "since": int(session.logged_in_at) if session.authenticated else None,
         "bytes_out": conn.bytes_out,
-        "read_only": bool(session and session.read_only),
+        "read_only": session.read_only,
     }
 
 
@@ -71,17 +72,20 @@ def prepare_directory(path: str, uid: int, gid: int) -> None:
 class ControlServer:
     """The listening socket and its few clients, all on the loop thread."""
 
-    def __init__(self, server: Server, path: str, sock: socket.socket) -> None:
-        self.server = server
+    def __init__(self, loop: EventLoop, sessions: Mapping[Connection, Session], path: str,
+                 sock: socket.socket) -> None:
+        self.loop = loop
+        self.sessions = sessions  # the server's, kept up to date by it
         self.path = path
         self.sock = sock
         self.identity = _identity(path)
         self.clients: set[_Client] = set()
         self.timeout = CLIENT_TIMEOUT
-        server.loop.selector.register(sock, selectors.EVENT_READ, self._accept)
+        loop.selector.register(sock, selectors.EVENT_READ, self._accept)
 
     @classmethod
-    def open(cls, server: Server, path: str) -> ControlServer | None:
+    def open(cls, loop: EventLoop, sessions: Mapping[Connection, Session],
+             path: str) -> ControlServer | None:
         """Bind ``path`` (replacing a stale socket) or log why not: pop3sf serves mail without
         its control socket, only ``who`` and ``kick`` are then unavailable."""
         try:
@@ -91,13 +95,13 @@ class ControlServer:
                         "%s", path, exc.strerror or exc)
             return None
         log.info("control socket listening on %s", path)
-        return cls(server, path, sock)
+        return cls(loop, sessions, path, sock)
 
     def close(self) -> None:
         for client in list(self.clients):
             client.close()
         try:
-            self.server.loop.selector.unregister(self.sock)
+            self.loop.selector.unregister(self.sock)
         except (KeyError, ValueError):
             pass
         self.sock.close()
@@ -148,10 +152,10 @@ class ControlServer:
 
     def who(self) -> Iterator[bytes]:
         """The logged-in sessions as the request found them (those gone since are left out)."""
-        chosen = [c for c in self.server.connections if c.authenticated and not c.closed]
+        chosen = [s for s in self.sessions.values() if s.authenticated and not s.conn.closed]
         count = 0
         for start in range(0, len(chosen), BATCH):
-            batch = [c for c in chosen[start:start + BATCH] if not c.closed]
+            batch = [s for s in chosen[start:start + BATCH] if not s.conn.closed]
             count += len(batch)
             yield b"".join(_reply(session_info(c)) for c in batch)
         yield _reply({"ok": True, "count": count})
@@ -161,13 +165,13 @@ class ControlServer:
         from the address, like a dropped connection: deletions marked without QUIT are
         discarded."""
         address = normalize_address(target.strip("[]"))
-        chosen = [c for c in self.server.connections if not c.closed and (
-            c.address == address or (c.session is not None and c.session.account == target))]
+        chosen = [s for s in self.sessions.values() if not s.conn.closed and (
+            s.conn.address == address or s.account == target)]
         log.info("kick %s (asked by %s): ending %d connection(s)", target, peer, len(chosen),
                  extra={"POP3SF_EVENT": "kick"})
-        ended = [session_info(c) for c in chosen]
-        for conn in chosen:
-            conn.close(KICK_REASON)
+        ended = [session_info(s) for s in chosen]
+        for session in chosen:
+            session.conn.close(KICK_REASON)
         return ended
 
 
@@ -183,7 +187,7 @@ class _Client:
         self.outbuf = b""
         self.pending: Iterator[bytes] | None = None
         self.events = selectors.EVENT_READ
-        loop = control.server.loop
+        loop = control.loop
         self.timer: Timer = loop.call_later(control.timeout, self._timed_out)
         loop.selector.register(sock, self.events, self._on_event)
 
@@ -191,7 +195,7 @@ class _Client:
         self.timer.cancel()
         self.pending = None
         if self.events:
-            self.control.server.loop.selector.unregister(self.sock)
+            self.control.loop.selector.unregister(self.sock)
             self.events = 0
         self.sock.close()
         self.control.clients.discard(self)
@@ -256,7 +260,7 @@ class _Client:
         self.outbuf = self.outbuf[sent:]
         if self.events != selectors.EVENT_WRITE:
             self.events = selectors.EVENT_WRITE
-            self.control.server.loop.selector.modify(self.sock, self.events, self._on_event)
+            self.control.loop.selector.modify(self.sock, self.events, self._on_event)
 
 
 def _reply(reply: dict[str, Any]) -> bytes:

@@ -17,13 +17,15 @@ from typing import Any
 
 from pop3sf.adapters import Adapter
 
+from .accounts import Accounts
 from .config import ConfigError, Settings
 from .connection import Connection
 from .control import ControlServer
 from .listeners import ListeningSocket
 from .logs import counted
 from .loop import EventLoop, Timer
-from .session import ERR_IN_USE, ERR_TEMP, Session
+from .replies import ERR_BUSY, ERR_TEMP
+from .session import Session
 from .throttle import Penalties, VerificationGate, address_group, in_networks, normalize_address
 from .tls import make_context
 from .workers import WorkerPool, run_inline
@@ -71,11 +73,10 @@ class Server:
         }
         self.verifications = VerificationGate(self.penalties, self.loop, self._auth_refusal)
         self.listeners: list[ListeningSocket] = []
-        self.connections: set[Connection] = set()
+        self.connections: dict[Connection, Session] = {}
         self.by_group: dict[str, dict[Connection, None]] = {}
         self.sessions_alive = 0
-        self.locks: dict[str, Session] = {}
-        self.user_sessions: collections.Counter[str] = collections.Counter()
+        self.accounts = Accounts()
         self.commits_in_flight = 0
         self.stopping = False
         self.gave_up = False  # shutdown stopped waiting for stuck adapter calls
@@ -113,7 +114,8 @@ class Server:
         self.adapter.start()
         self.started = True
         if self.settings.server.control_socket:
-            self.control = ControlServer.open(self, self.settings.server.control_socket)
+            self.control = ControlServer.open(self.loop, self.connections,
+                                              self.settings.server.control_socket)
         self.loop.call_later(1.0, self._tick)
 
     def _tick(self) -> None:
@@ -163,8 +165,9 @@ class Server:
             found.append(f"{self.sessions_alive} adapter sessions not closed ({stuck} stuck)")
         if gate.total or gate.running or gate.waiting:
             found.append(f"{gate.total} verifications in flight, {len(gate.waiting)} queues")
-        if sum(self.user_sessions.values()) > stuck or len(self.locks) > stuck:
-            found.append(f"accounts still held: {sorted(self.user_sessions)} ({stuck} stuck)")
+        held = self.accounts.user_sessions
+        if sum(held.values()) > stuck or len(self.accounts.locks) > stuck:
+            found.append(f"accounts still held: {sorted(held)} ({stuck} stuck)")
         if self.commits_in_flight > stuck:
             found.append(f"{self.commits_in_flight} commits")
         if self.by_group:
@@ -235,12 +238,12 @@ class Server:
         except OSError:
             pass
         conn = Connection(self, sock, address, port, ls.name, group, ls.tls)
-        self.connections.add(conn)
+        session = self.connections[conn] = Session(self, conn)
         self.by_group.setdefault(group, {})[conn] = None
         self.sessions_alive += 1
         log.info("connect %s:%d on %s", address, port, ls.name,
                  extra={"POP3SF_CLIENT": address, "POP3SF_EVENT": "connect"})
-        conn.start(Session(self, conn))
+        conn.start(session)
 
     def _refuse(self, sock: socket.socket, tls: bool, address: str, why: str) -> None:
         self.stats["refused"] += 1
@@ -248,7 +251,7 @@ class Server:
                     extra={"POP3SF_CLIENT": address, "POP3SF_EVENT": "refused"})
         if not tls:
             try:
-                sock.send(b"-ERR [SYS/TEMP] Too many connections, try again later\r\n")
+                sock.send(ERR_BUSY)
             except OSError:
                 pass
         sock.close()
@@ -270,7 +273,7 @@ class Server:
         return False
 
     def connection_closed(self, conn: Connection) -> None:
-        self.connections.discard(conn)
+        self.connections.pop(conn, None)
         members = self.by_group.get(conn.group)
         if members is not None:
             members.pop(conn, None)
@@ -300,46 +303,16 @@ class Server:
             return "too many authentications in flight from this address"
         return None
 
-    # -- accounts -------------------------------------------------------------------------------
-    def claim_account(self, session: Session, account: str, read_only: bool) -> bytes | None:
-        """Take the per-account lock (read-write sessions) and a per-user slot, or say why not."""
-        if self.user_sessions[account] >= self.settings.limits.max_sessions_per_user:
-            log.warning("%s: too many sessions for %s", session.conn.address, account)
-            return ERR_TEMP
-        if not read_only:
-            if account in self.locks:
-                log.info("%s: %s is already in use", session.conn.address, account)
-                return ERR_IN_USE
-            self.locks[account] = session
-        self.user_sessions[account] += 1
-        session.account = account
-        session.holds_account = True
-        return None
-
-    def release_account(self, session: Session) -> None:
-        """Give back the account's lock and session slot (once; the name stays for logs)."""
-        account = session.account
-        if account is None or not session.holds_account:
-            return
-        session.holds_account = False
-        if self.locks.get(account) is session:
-            del self.locks[account]
-        self.user_sessions[account] -= 1
-        if self.user_sessions[account] <= 0:
-            del self.user_sessions[account]
-
-    def logged_in(self, session: Session) -> None:
-        self.stats["logins"] += 1
-
-    def session_released(self, session: Session) -> None:
+    # -- what sessions tell ------------------------------------------------------------------
+    def session_released(self, session: object) -> None:
         """The adapter session was told the connection is over (or there was none)."""
-        self.release_account(session)
+        self.accounts.release(session)
         self.sessions_alive -= 1
 
-    def commit_started(self, session: Session) -> None:
+    def commit_started(self) -> None:
         self.commits_in_flight += 1
 
-    def commit_finished(self, session: Session) -> None:
+    def commit_finished(self) -> None:
         self.commits_in_flight -= 1
 
     # -- reload and shutdown --------------------------------------------------------------------
@@ -406,18 +379,15 @@ class Server:
             self.loop.selector.unregister(ls.sock)
             ls.sock.close()
         self.listeners = []
-        for conn in list(self.connections):
-            if conn.session is not None:
-                conn.session.shutdown()
+        for session in list(self.connections.values()):
+            session.shutdown()
         self._stop_timer = self.loop.call_later(self.settings.server.shutdown_grace,
                                                 self._grace_over)
 
     def _grace_over(self) -> None:
-        for conn in list(self.connections):
-            session = conn.session
-            if session is not None and session.waiting == "commit":
-                continue  # a QUIT whose commit started finishes before exit
-            conn.close("shutdown grace period over")
+        for conn, session in list(self.connections.items()):
+            if not session.committing():  # a QUIT whose commit started finishes before exit
+                conn.close("shutdown grace period over")
         self._stop_timer = self.loop.call_later(STUCK_WAIT, self._give_up)
 
     def _give_up(self) -> None:

@@ -25,8 +25,11 @@ from typing import Any
 from pop3sf.adapters import Adapter
 
 from .config import settings_from_dict
+from .connection import Connection, Handler
 from .listeners import ListeningSocket, bind_address
+from .loop import EventLoop
 from .server import Server
+from .session import Session
 from .wire import wire_bytes
 
 
@@ -275,3 +278,76 @@ class AdapterConformance:
             else:
                 raise AssertionError("a second read-write session was allowed")
             first.quit()
+
+
+class MemoryConnection(Connection):
+    """A connection without a socket, for driving a session in memory: the test feeds the
+    client's bytes with :meth:`feed` and reads what the server sent from :attr:`sent`. The
+    line scanner, buffers, limits and the session above are the real ones."""
+
+    def __init__(self, server: Server, address: str = "192.0.2.1") -> None:
+        super().__init__(server, _NoSocket(), address, 50000, "memory", address, False)  # type: ignore[arg-type]
+        self.sent = bytearray()
+
+    def start(self, session: Handler) -> None:
+        self.session = session
+        session.start()
+
+    def feed(self, data: bytes) -> bytes:
+        """The client sends ``data``; return what the server answers to it."""
+        assert self.session is not None
+        before = len(self.sent)
+        if data:
+            self.inbuf += data
+        else:
+            self.eof = True
+        self.session.on_input()
+        _run_ready(self.server.loop)
+        return bytes(self.sent[before:])
+
+    def flush(self) -> None:
+        if not self.closed:
+            self.sent += self.outbuf
+            self.bytes_out += len(self.outbuf)
+            self.outbuf.clear()
+            if self.close_when_flushed:
+                self.close(self.session.close_reason if self.session else "")
+
+    def _set_events(self, events: int) -> None:
+        self.events = events
+
+    def close(self, reason: str = "") -> None:
+        self.events = 0  # nothing registered with the selector
+        super().close(reason)
+
+
+class _NoSocket:
+    def fileno(self) -> int:
+        return -1
+
+    def close(self) -> None:
+        pass
+
+
+def _run_ready(loop: EventLoop) -> None:
+    """Run what the session scheduled on the loop (inline adapters: everything)."""
+    loop.run(until=lambda: not (loop._ready or loop._threadsafe))
+
+
+@contextlib.contextmanager
+def session_in_memory(adapter: Adapter, **sections: Mapping[str, Any]
+                      ) -> Iterator[MemoryConnection]:
+    """A session of a real (not started) server on a :class:`MemoryConnection`; the adapter
+    should not block (``blocking = False``), so every call completes inside ``feed``."""
+    settings = settings_from_dict(server_config("list", {}, None, **sections), "<test>")
+    server = Server(settings, adapter)
+    conn = MemoryConnection(server)
+    server.connections[conn] = session = Session(server, conn)
+    server.sessions_alive += 1
+    conn.start(session)
+    try:
+        yield conn
+    finally:
+        conn.close("test over")
+        _run_ready(server.loop)
+        server.loop.close()

@@ -56,7 +56,7 @@ def test_in_use_from_adapter_lock() -> None:
         c, reply = login(srv.port)
         assert reply.startswith(b"-ERR [IN-USE]")
         assert c.closed()
-        assert srv.call(lambda: dict(srv.server.locks)) == {}
+        assert srv.call(lambda: dict(srv.server.accounts.locks)) == {}
 
 
 @pytest.mark.parametrize("fault, expected", [

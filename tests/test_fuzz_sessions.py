@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from pop3sf.adapters.memory import ListAdapter, Mailbox
 
 from pop3sf import sasl
+from pop3sf.commands import AUTHORIZATION, TABLE, TRANSACTION
 from pop3sf.testing import RunningServer, running_server
 from pop3sf.wire import WireEncoder, header_section
 
@@ -41,9 +42,10 @@ ERR_STATE = b"-ERR Command not valid in this state"
 ERR_UNKNOWN = b"-ERR Unknown command"
 ERR_AUTH = b"-ERR [AUTH] Authentication failed"
 
-AUTH_VERBS = {b"CAPA", b"QUIT", b"LANG", b"USER", b"PASS", b"AUTH", b"STLS", b"UTF8", b"XPRO"}
-TRANS_VERBS = {b"CAPA", b"QUIT", b"LANG", b"STAT", b"LIST", b"RETR", b"DELE", b"NOOP", b"RSET",
-               b"TOP", b"UIDL"}
+# Which verbs exist in which state comes from the server's command table; what each one answers
+# is the model's own.
+AUTH_VERBS = {c.verb for c in TABLE if AUTHORIZATION in c.states}
+TRANS_VERBS = {c.verb for c in TABLE if TRANSACTION in c.states}
 NUMBER_CHARS = frozenset(b"0123456789")
 RESP_CODES = {b"[AUTH]", b"[SYS/TEMP]", b"[SYS/PERM]", b"[IN-USE]", b"[X-POP3SF-READ-ONLY]",
               b"[UTF8]"}
@@ -511,8 +513,8 @@ def exchange(port: int, stream: bytes, cuts: list[int]) -> bytes:
 def wait_idle(srv: RunningServer) -> None:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        if srv.call(lambda: not srv.server.connections and not srv.server.locks
-                    and not srv.server.user_sessions):
+        if srv.call(lambda: not srv.server.connections and not srv.server.accounts.locks
+                    and not srv.server.accounts.user_sessions):
             return
         time.sleep(0.005)
     raise AssertionError("a session (or its account lock) outlived its connection")

@@ -1,0 +1,251 @@
+"""RETR and TOP: a message read on workers and written as the client takes it (docs/protocol.md §4).
+
+A big message streams: one chunk per worker call, the next only once the output backlog is below
+its threshold, so memory per session is bounded by a constant whatever the message size. A
+pipelined run of RETR/TOP of small messages is read in one worker call instead, because a worker
+round trip costs more than reading a small message; each message's output in such a batch is
+capped, and the one that passes the cap streams like a big one. Commands behind the batch stay in
+the input buffer until their answers are written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from pop3sf.adapters import MailboxSession, PermanentFailure
+from pop3sf.wire import CHUNK, HeaderTooLarge, WireEncoder
+
+from .calls import Calls
+from .commands import COMMANDS, RETRIEVAL, arguments_fit, parse
+from .connection import Connection
+from .host import Host
+from .maildrop import Maildrop
+from .replies import END, ERR_NEEDS_UTF8, MESSAGE_FOLLOWS, error_reply
+
+#: Pipelined RETR/TOP of messages up to this size are read in batches; also the cap on each
+#: message's output in a batch.
+BATCH_SMALL = 128 * 1024
+_BATCH_TOP = 1000  # TOP with at most this many lines counts as small
+_TOP_READ = 16 * 1024
+_BATCH_MAX = 64
+_BATCH_BYTES = 2 * 1024 * 1024
+
+
+class ReadingSession(Protocol):
+    """What a retrieval needs of its session."""
+
+    host: Host
+    conn: Connection
+    calls: Calls
+    blocked: str | None
+    retrieval: Retrieval | None
+    retrieved: int
+    close_reason: str
+
+    @property
+    def drop(self) -> Maildrop: ...
+    def reply(self, data: bytes) -> None: ...
+    def adapter_session(self) -> MailboxSession: ...
+
+
+class Retrieval:
+    """A RETR/TOP in progress: its stream and encoder live on whichever thread reads next."""
+
+    __slots__ = ("uid", "encoder", "stream", "started", "eof", "read_size")
+
+    def __init__(self, uid: str, encoder: WireEncoder, read_size: int = CHUNK) -> None:
+        self.uid = uid
+        self.encoder = encoder
+        self.read_size = read_size
+        self.stream: Any = None
+        self.started = False
+        self.eof = False
+
+
+Job = tuple[int, int | None]  # message index, TOP's line count (None: RETR)
+
+
+def retrieve(session: ReadingSession, n: int, top_lines: int | None) -> None:
+    if n in session.drop.refuse:
+        session.reply(ERR_NEEDS_UTF8)
+        return
+    session.blocked = RETRIEVAL
+    if _batchable(session.drop, n, top_lines) and session.host.adapter.blocking:
+        jobs, ends = _pipelined(session, (n, top_lines))
+        if len(jobs) > 1:
+            _read_batch(session, jobs, ends)
+            return
+    _stream(session, n, top_lines)
+
+
+def _stream(session: ReadingSession, n: int, top_lines: int | None) -> None:
+    drop = session.drop
+    encoder = WireEncoder(top_lines=top_lines, downgrade=n in drop.downgrade)
+    session.retrieval = Retrieval(drop.infos[n].uid, encoder,
+                                  CHUNK if top_lines is None else _TOP_READ)
+    if top_lines is None:
+        session.retrieved += 1
+    next_chunk(session)
+
+
+def _batchable(drop: Maildrop, n: int, top_lines: int | None) -> bool:
+    """Small enough to read whole in a batch: a small message, or a short TOP."""
+    return drop.sizes[n] <= BATCH_SMALL if top_lines is None else top_lines <= _BATCH_TOP
+
+
+def _pipelined(session: ReadingSession, first: Job) -> tuple[list[Job], list[int]]:
+    """The RETR/TOP commands queued right behind the first, and where each one's line ends in
+    the input buffer."""
+    drop = session.drop
+    jobs, ends = [first], []
+    total = min(drop.sizes[first[0]], BATCH_SMALL)
+    for line, end in session.conn.lines_ahead():
+        command, args = parse(line)
+        if command is None or not command.retrieves or not arguments_fit(command, args):
+            break
+        n = drop.index(args)
+        if isinstance(n, bytes) or n in drop.refuse:
+            break
+        top = None if command is COMMANDS[b"RETR"] else int(args[1])
+        if not _batchable(drop, n, top) or total > _BATCH_BYTES:
+            break
+        total += min(drop.sizes[n], BATCH_SMALL)
+        jobs.append((n, top))
+        ends.append(end)
+        if len(jobs) >= _BATCH_MAX:
+            break
+    return jobs, ends
+
+
+def _read_batch(session: ReadingSession, jobs: list[Job], ends: list[int]) -> None:
+    drop = session.drop
+    work = [(drop.infos[n].uid, WireEncoder(top_lines=top, downgrade=n in drop.downgrade),
+             BATCH_SMALL if top is None else _TOP_READ) for n, top in jobs]
+    session.calls.run("mail", _read_whole, (session.adapter_session, work),
+                      lambda r, e: _batch_read(session, jobs, ends, r, e))
+
+
+def _batch_read(session: ReadingSession, jobs: list[Job], ends: list[int], results: Any,
+                error: BaseException | None) -> None:
+    conn = session.conn
+    if conn.closed:
+        return
+    session.blocked = None
+    if error is not None:
+        session.calls.log_failure("retrieving", error)
+        session.reply(error_reply(error))
+        return  # the commands behind it are still in the input buffer
+    out: list[bytes] = []
+    for result in results:
+        if isinstance(result, bytes):
+            out += (MESSAGE_FOLLOWS, result, END)
+        elif result is not None:
+            failure = _as_failure(result)
+            session.calls.log_failure("retrieving", failure)
+            out.append(error_reply(failure))
+    done = sum(1 for result in results if result is not None)
+    session.retrieved += sum(1 for i, result in enumerate(results)
+                             if jobs[i][1] is None and isinstance(result, bytes))
+    consumed = len(results) - 1  # commands answered (or started) after the first
+    if consumed:
+        conn.consume(ends[consumed - 1])
+    conn.write(b"".join(out))
+    if done < len(results):  # over the cap: stream this one
+        session.blocked = RETRIEVAL
+        _stream(session, *jobs[done])
+
+
+def next_chunk(session: ReadingSession) -> None:
+    reading = session.retrieval
+    assert reading is not None
+    session.calls.run("mail", _read_chunk, (session.adapter_session, reading),
+                      lambda out, error: _chunk_read(session, out, error), bytes)
+
+
+def _chunk_read(session: ReadingSession, out: Any, error: BaseException | None) -> None:
+    reading, conn = session.retrieval, session.conn
+    if reading is None or conn.closed:
+        return
+    if error is not None:
+        session.retrieval = None
+        session.blocked = None
+        error = _as_failure(error)
+        session.calls.log_failure(f"retrieving {reading.uid}", error)
+        if reading.started:  # the +OK and part of the message are out: only closing is honest
+            session.close_reason = "retrieval failed mid-message"
+            conn.close(session.close_reason)
+        else:
+            session.reply(error_reply(error))
+        return
+    if not reading.started:
+        reading.started = True
+        conn.write(MESSAGE_FOLLOWS)
+    conn.write(out)
+    if reading.eof:
+        conn.write(END)
+        session.retrieval = None
+        session.blocked = None
+    elif conn.backlog() < session.host.settings.protocol.output_backlog:
+        next_chunk(session)
+
+
+def _as_failure(error: BaseException) -> BaseException:
+    """A message the encoder can't send, or a stream returning the wrong type, is permanent."""
+    if isinstance(error, HeaderTooLarge | TypeError):
+        return PermanentFailure(str(error))
+    return error
+
+
+# -- on a worker thread ------------------------------------------------------------------------
+
+def _read_whole(adapter: Callable[[], MailboxSession], work: list[tuple[str, WireEncoder, int]]
+                ) -> list[bytes | BaseException | None]:
+    """Each message's complete output or exception, in order; None for one whose output
+    passed the cap (it and those after it are left for the ordinary way)."""
+    results: list[bytes | BaseException | None] = []
+    session = adapter()
+    for uid, encoder, size in work:
+        try:
+            stream = session.open_message(uid)
+            try:
+                parts = []
+                out = 0
+                while not encoder.done and out <= BATCH_SMALL:
+                    data = stream.read(size)
+                    if not data:
+                        break
+                    parts.append(encoder.feed(data))
+                    out += len(parts[-1])
+                if out > BATCH_SMALL:
+                    results.append(None)
+                    return results
+                parts.append(encoder.finish())
+            finally:
+                stream.close()
+            results.append(b"".join(parts))
+        except Exception as exc:  # answered per message, like separate commands
+            results.append(exc)
+    return results
+
+
+def _read_chunk(adapter: Callable[[], MailboxSession], reading: Retrieval) -> bytes:
+    if reading.stream is None:
+        reading.stream = adapter().open_message(reading.uid)
+    data = reading.stream.read(reading.read_size)
+    at_end = not data
+    if data and len(data) < reading.read_size:
+        # Probably the end: confirm it here rather than in another worker round trip.
+        more = reading.stream.read(reading.read_size)
+        if more:
+            data += more
+        else:
+            at_end = True
+    encoder = reading.encoder
+    out = encoder.feed(data) if data else b""
+    if at_end or encoder.done:
+        out += encoder.finish()
+        reading.eof = True
+        stream, reading.stream = reading.stream, None
+        stream.close()
+    return out
