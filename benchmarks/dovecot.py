@@ -1,4 +1,4 @@
-"""A private Dovecot instance as the reference server (issue 6, SPEC §B).
+"""A private Dovecot instance as the reference server (benchmarks/README.md).
 
 Own config (``dovecot -F -c CONF``), own ``base_dir``/``state_dir`` under a temp dir, loopback
 ports only, Dovecot's default one-process-per-session (high-security login) mode, no auth cache.

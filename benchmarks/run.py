@@ -5,8 +5,8 @@
     python benchmarks/run.py --only session,login-plain --servers dovecot
 
 Each scenario runs, per round, on a fresh pop3sf and then a fresh Dovecot (A B A B ...), both
-serving the same seeded Maildirs (SPEC §B). Figures are medians over the rounds with min/max and
-the ratio pop3sf/Dovecot, next to issue 6's targets.
+serving the same seeded Maildirs (benchmarks/README.md). Figures are medians over the rounds with
+min/max and the ratio pop3sf/Dovecot, next to the targets in benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -582,7 +582,7 @@ def pop3sf_available(python: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="pop3sf vs Dovecot benchmark (issue 6)")
+    ap = argparse.ArgumentParser(description="pop3sf vs Dovecot benchmark")
     ap.add_argument("--quick", action="store_true", help="small data, one round")
     ap.add_argument("--profile", choices=sorted(seed.PROFILES),
                     help="dataset size (default full; quick with --quick)")

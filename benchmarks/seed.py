@@ -1,4 +1,4 @@
-"""The benchmark's data: Maildirs and a Dovecot passwd-file both servers read (SPEC §B).
+"""The benchmark's data: Maildirs and a Dovecot passwd-file both servers read (see README.md).
 
 Deterministic (one seeded RNG, fixed mtimes and bcrypt salts) and cached on disk under
 ``DATA_ROOT/VERSION-PROFILE``; a ``manifest.json`` written last marks a complete dataset, so an

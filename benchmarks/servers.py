@@ -2,7 +2,7 @@
 
 Both servers get a private working directory, loopback ports found free, and the same TLS
 certificate; start-up cost (CPU and RSS of the process tree once listening) is recorded because
-SPEC §B asks for it with every fresh server.
+benchmarks/README.md's rules ask for it with every fresh server.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def make_cert(directory: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-#: What the shipped systemd unit gives pop3sf (LimitNOFILE=, SPEC §D2).
+#: What the shipped systemd unit gives pop3sf (LimitNOFILE= in etc/systemd/pop3sf.service).
 NOFILE = 65536
 
 

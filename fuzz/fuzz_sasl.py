@@ -2,8 +2,8 @@
 """Coverage-guided fuzzing of the SASL PLAIN/LOGIN decoding (pop3sf.sasl, RFC 4616/5034).
 
 Invariants: only :class:`sasl.SaslError` ever escapes, its text is one of the fixed messages
-(never client data, SPEC §P2); strict base64 round-trips; a well-formed PLAIN response yields
-exactly its user and password; a different authorization identity is always refused.
+(never client data, docs/protocol.md §3); strict base64 round-trips; a well-formed PLAIN response
+yields exactly its user and password; a different authorization identity is always refused.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Coverage-guided fuzzing of the wire encoder (pop3sf.wire, SPEC §P3/§P4).
+"""Coverage-guided fuzzing of the wire encoder (pop3sf.wire, docs/protocol.md §9/§10).
 
 Invariants, for any message bytes and any chunking:
 

@@ -19,7 +19,7 @@ as ``User=pop3sf``, with sockets passed in. By hand, the CLI must call things in
 
 No thread may be started before :func:`daemonize` (fork keeps only the calling thread), and no
 log record may be written before it either (python-daemon closes the fds a log handler holds;
-the next accepted client gets the old fd number and receives the log records, SPEC NOTES trap 2).
+the next accepted client gets the old fd number and receives the log records).
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Logging behind a bounded queue (SPEC §P13): the loop never waits for journald or stderr.
+"""Logging behind a bounded queue: the loop never waits for journald or stderr.
+
+What is logged, and at which level: docs/protocol.md §18.
 
 Records go into a ``queue.Queue``; a listener thread writes them out. When the queue is full the
 record is dropped and counted, and the count is reported once the queue has room again.

@@ -1,4 +1,4 @@
-"""The event loop: one thread, a selector, a heap of timers and a wake-up fd (DESIGN invariant 1).
+"""The event loop: one thread, a selector, a timer heap and a wake-up fd (docs/architecture.md §2).
 
 Nothing here sleeps except ``select()`` itself. Worker threads and signal handlers hand work back
 with :meth:`EventLoop.call_soon_threadsafe`, which writes one byte to a socketpair only when the

@@ -1,4 +1,4 @@
-"""Password verification shared by the bundled adapters (SPEC §P6, §A6).
+"""Password verification shared by the bundled adapters (docs/protocol.md §7).
 
 Every check is constant-time in what it compares, and :func:`verify_padded` with
 :func:`dummy_verify` let an adapter spend the same time on an unknown user, a broken account, a

@@ -1,4 +1,4 @@
-"""systemd integration: inherited sockets, sd_notify, the watchdog and journald (SPEC §D2, §D3).
+"""systemd integration: inherited sockets, sd_notify, the watchdog and journald (see pop3sf(8)).
 
 Nothing here needs systemd to be running or python3-systemd to be installed: socket passing and
 notifications are small wire protocols implemented directly (so they never block and never raise),
@@ -138,7 +138,7 @@ def notify(state: str) -> None:
 
 
 def notify_status(text: str, *, force: bool = False, min_interval: float = 1.0) -> bool:
-    """``STATUS=text`` at most once per *min_interval* seconds (SPEC §D3); True if sent."""
+    """``STATUS=text`` at most once per *min_interval* seconds; True if sent."""
     global _last_status
     now = time.monotonic()
     if not force and now - _last_status < min_interval:
@@ -299,7 +299,7 @@ def journal_handler(identifier: str = "pop3sf") -> logging.Handler:
     Priorities follow log levels; ``extra={"POP3SF_USER": ..., "POP3SF_CLIENT": ...}`` keys
     (upper-case, ``POP3SF_`` prefix) become journal fields; ``exc_info`` ends up in ``MESSAGE``
     through the formatter. Create it only after daemonizing (see :mod:`pop3sf.daemon`) and put it
-    behind a ``QueueHandler`` so the event loop never waits for journald (SPEC §P13).
+    behind a ``QueueHandler`` so the event loop never waits for journald (docs/protocol.md §18).
     """
     try:
         from systemd import journal

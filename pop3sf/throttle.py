@@ -1,4 +1,4 @@
-"""Client addresses and the failed-login penalty (SPEC §P7, §P9).
+"""Client addresses and the failed-login penalty (docs/protocol.md §7, §15).
 
 Addresses are normalised once, at accept (IPv4-mapped IPv6 becomes IPv4), and every limit keys
 on a *group*: the IPv4 address itself, or an IPv6 /64 for connection caps and /48 for penalties,

@@ -1,4 +1,4 @@
-"""TLS server contexts (SPEC §P5): TLS 1.2 minimum, no renegotiation, clear errors."""
+"""TLS server contexts (docs/protocol.md §1): TLS 1.2 minimum, no renegotiation, clear errors."""
 
 from __future__ import annotations
 

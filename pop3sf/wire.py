@@ -1,4 +1,6 @@
-"""Messages on the wire (SPEC §P3, §P4): CRLF, dot-stuffing, TOP, header downgrade, exact sizes.
+"""Messages on the wire: CRLF, dot-stuffing, TOP, header downgrade, exact sizes.
+
+The rules are in docs/protocol.md §9 and §10.
 
 Everything works on chunks so a 100 MB message never sits in memory, and every state that spans a
 chunk boundary (a CR at the end of one chunk, a line start, the header/body split) is carried in
@@ -165,7 +167,7 @@ def header_section(lf_data: bytes) -> bytes:
 
 
 def measure(stream: BinaryIO, chunk: int = CHUNK) -> Measure:
-    """One pass over a message: everything a listing needs (SPEC §A5)."""
+    """One pass over a message: everything a listing needs (MessageInfo, docs/adapters.md)."""
     enc = WireEncoder(stuff=False)
     size = 0
     head = bytearray()

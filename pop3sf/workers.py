@@ -1,4 +1,4 @@
-"""Bounded worker pools for adapter calls (SPEC §A3).
+"""Bounded worker pools for adapter calls (docs/architecture.md §4, docs/protocol.md §16).
 
 Authentication and mailbox I/O get separate pools, so a bcrypt storm can't starve logged-in
 sessions. A call's time starts when a worker picks it up: time spent waiting in the queue is the

@@ -1,4 +1,4 @@
-"""Authentication under attack (SPEC §P6, §P7, §P13): no user enumeration by answer or time,
+"""Authentication under attack (docs/protocol.md §7, §18): no user enumeration by answer or time,
 penalties that engage, delay processing, decay and survive a hang-up, in-flight caps, secrets
 never logged (in-process and through the real command), plaintext refused outside the allowed
 networks, and IPv4-mapped IPv6 clients sharing their IPv4 address's limits.

@@ -1,4 +1,4 @@
-"""Smoke test of the benchmark harness (benchmarks/, issue 6): the pieces work, not how fast.
+"""Smoke test of the benchmark harness (benchmarks/README.md): the pieces work, not how fast.
 
 Seeds a tiny dataset, serves it with pop3sf and (when installed) a private Dovecot, drives both
 with the load generator over loopback and checks what comes back. Targets are not tested here.

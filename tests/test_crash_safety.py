@@ -1,6 +1,6 @@
-"""Nothing is lost (DESIGN invariant 4, SPEC §P11): SIGKILL at random moments under a
-fetch-and-delete load, and failures of the storage underneath (read-only, full, files removed,
-the database stopped and started).
+"""Nothing is lost (docs/architecture.md §2, docs/protocol.md §11): SIGKILL at random moments
+under a fetch-and-delete load, and failures of the storage underneath (read-only, full, files
+removed, the database stopped and started).
 
 The crash test runs the real ``pop3sf`` command on a multi-user directory source, kills it with
 SIGKILL at random moments while clients fetch and delete, restarts it, and checks afterwards:

@@ -1,4 +1,4 @@
-"""Adapters that raise, hang or return garbage (SPEC §A2, §A3, DESIGN invariant 3)."""
+"""Adapters that raise, hang or return garbage (docs/protocol.md §16, docs/architecture.md §2)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def test_login_hooks_fail(hook: str, fault: object, expected: bytes,
         assert reply2.startswith(b"+OK")
     if isinstance(fault, RuntimeError):
         assert "RuntimeError" in caplog.text and "bug" in caplog.text
-        # Authentication errors are logged as type and scrubbed message (SPEC §P13), the
+        # Authentication errors are logged as type and scrubbed message (docs/protocol.md §18), the
         # others with their traceback.
         assert ("Traceback" in caplog.text) == (hook != "authenticate")
 

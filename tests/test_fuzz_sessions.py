@@ -1,4 +1,4 @@
-"""Generated command streams against real sessions, checked against a model (SPEC §P2–§P11).
+"""Generated command streams against real sessions, checked against a model (docs/protocol.md).
 
 Hypothesis writes byte streams — real commands in any case and spacing, wrong states, NULs, bare
 CR and LF, non-UTF-8 octets, over-long lines, AUTH exchanges — and sends them to a real server
@@ -70,7 +70,7 @@ class Message:
 
 @dataclass
 class Model:
-    """The POP3 session as SPEC §P describes it, fed the client's bytes."""
+    """The POP3 session as docs/protocol.md describes it, fed the client's bytes."""
 
     user: bytes
     messages: list[Message]
@@ -127,7 +127,7 @@ class Model:
             self.expect(b"-ERR", ERR_STATE if known else ERR_UNKNOWN, why=line)
             self.count_bad()
             return
-        # PASS takes the rest of the line verbatim (SPEC §P2)
+        # PASS takes the rest of the line verbatim (docs/protocol.md §3)
         args = ([line[5:]] if line[5:] else []) if verb == b"PASS" else rest.split()
         getattr(self, "cmd_" + verb.decode().lower())(args, line)
 

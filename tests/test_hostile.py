@@ -1,4 +1,4 @@
-"""Hostile clients against a real server (SPEC §P5, §P8–§P10, DESIGN invariant 1).
+"""Hostile clients against a real server (docs/protocol.md §2, §13, §14, docs/architecture.md §2).
 
 Every test keeps a *witness*: a logged-in session from another loopback address that sends NOOP
 every few milliseconds while the attack runs and must keep getting prompt answers. Attacks come
@@ -188,7 +188,8 @@ def _client_hello(ctx: ssl.SSLContext) -> bytes:
 
 def test_clients_that_never_read_their_retr_output() -> None:
     """Ten clients ask for a 20 MB message and never read: each one's backlog stays bounded by
-    the threshold plus one chunk (SPEC §P10), and their pipelined commands stay in the socket."""
+    the threshold plus one chunk (docs/protocol.md §13), and their pipelined commands stay in the
+    socket."""
     threshold = 65536
     with running_server(adapter=make_adapter(**{f"r{i}": [BIG] for i in range(10)}),
                         protocol={"output_backlog": threshold}) as srv, witnessed(srv):

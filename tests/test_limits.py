@@ -1,4 +1,4 @@
-"""Timers, caps, shedding and penalties with short configured values (SPEC §P7–§P9)."""
+"""Timers, caps, shedding and penalties with short values (docs/protocol.md §7, §14, §15)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The Maildir adapter (SPEC §A6) on real Maildirs in temporary directories."""
+"""The Maildir adapter (pop3sf.conf(5), maildir) on real Maildirs in temporary directories."""
 
 from __future__ import annotations
 
@@ -612,7 +612,7 @@ def test_same_uidls_sizes_and_order_as_dovecot(dovecot_maildir: Path, tmp_path: 
     infos = session.list_messages()
     assert [i.uid for i in infos] == dovecot_uidls
     # Dovecot doesn't count the CRLF it sends after a last line without a newline; pop3sf
-    # counts it (SPEC §P3), and so lists 2 more for that message
+    # counts it (docs/protocol.md §9), and so lists 2 more for that message
     ours = [i.size for i in infos]
     assert ours[:2] + ours[3:] == dovecot_sizes[:2] + dovecot_sizes[3:]
     assert ours[2] == dovecot_sizes[2] + 2

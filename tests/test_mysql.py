@@ -65,7 +65,7 @@ ORIGINAL_SINGLE = """CREATE TABLE IF NOT EXISTS pop3sf_singleuser_messages (
             added_timestamp DATETIME DEFAULT CURRENT_TIMESTAMP NOT NULL
         )"""
 
-#: Messages whose sizes exercise every rule of SPEC §P3/§P4.
+#: Messages whose sizes exercise every rule of docs/protocol.md §9/§10.
 ODD_MESSAGES = [
     b"Subject: crlf\r\n\r\nbody\r\n",
     b"Subject: bare lf\n\nline\nlast line without end",
@@ -418,7 +418,7 @@ def test_read_only_session_takes_no_lock_and_deletes_nothing(env: Env) -> None:
     assert env.ids() == [mid]
 
 
-# --- exclusivity (SPEC §A7) ----------------------------------------------------------------
+# --- exclusivity (docs/mysql.md) ----------------------------------------------------------------
 
 
 def test_get_lock_across_adapters_and_within_one_pool(env: Env) -> None:

@@ -1,4 +1,4 @@
-"""Password schemes of SPEC §A6/§P6: Dovecot's hashes, libcrypt without the GIL, dummy costs."""
+"""pop3sf/passwords.py's schemes: Dovecot's hashes, libcrypt without the GIL, dummy costs."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ DOVEADM_VECTORS = {
     "PLAIN": "{PLAIN}Grüße, Welt!",
 }
 
-#: Every scheme SPEC §A6 lists.
+#: Every scheme pop3sf/passwords.py supports.
 SPEC_SCHEMES = ["PLAIN", "CRYPT", "MD5-CRYPT", "SHA256-CRYPT", "SHA512-CRYPT", "BLF-CRYPT",
                 "SSHA256", "SSHA512"]
 
@@ -54,7 +54,7 @@ def test_doveadm_vectors(scheme: str) -> None:
 @needs_crypt
 @pytest.mark.parametrize("scheme", SPEC_SCHEMES)
 def test_fresh_doveadm_hashes(scheme: str) -> None:
-    """Hashes made right now by Dovecot itself, for every scheme of §A6."""
+    """Hashes made right now by Dovecot itself, for every supported scheme."""
     for secret in ("s3cret", "pässwörd with spaces"):
         out = subprocess.run(["doveadm", "pw", "-s", scheme, "-p", secret], check=True,
                              capture_output=True, text=True).stdout.strip()

@@ -1,4 +1,4 @@
-"""Wrapping plain text as RFC 5322 messages: deterministic, exact, streamable (SPEC §A5)."""
+"""adapters/plaintext.py: text wrapped as RFC 5322 messages; deterministic, exact, streamable."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""POP3 over real loopback sockets: every command in every state (RFC 1939, 2449, SPEC §P)."""
+"""POP3 over real loopback sockets: every command in every state (RFC 1939, docs/protocol.md)."""
 
 from __future__ import annotations
 

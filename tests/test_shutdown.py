@@ -1,4 +1,4 @@
-"""SIGTERM to the real ``pop3sf`` while retrievals and a commit are in progress (SPEC §P11, §D3):
+"""SIGTERM to the real ``pop3sf`` during retrievals and a commit (docs/protocol.md §11, §17):
 exit 0 within the grace period, retrievals under way finish, idle sessions are told and their
 marked deletions discarded, a commit already under way completes (even past the grace period),
 and nobody new gets in once the signal arrived.

@@ -1,4 +1,4 @@
-"""STLS and implicit TLS with real certificates (RFC 2595, SPEC §P5)."""
+"""STLS and implicit TLS with real certificates (RFC 2595, docs/protocol.md §1, §2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Wire form (SPEC §P3, §P4): CRLF, dot-stuffing, TOP and downgrade, invariant under chunking."""
+"""Wire form (docs/protocol.md §9-10): CRLF, dot-stuffing, TOP and downgrade, chunking-invariant."""
 
 from __future__ import annotations
 
