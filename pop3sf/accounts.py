@@ -2,7 +2,7 @@
 
 A read-write session locks its account for its whole life, so two sessions never mark the same
 messages for deletion; read-only sessions share it. Both count against ``max_sessions_per_user``
-(docs/protocol.md §6). Holders are sessions; a holder releases once, on whichever path ends it.
+(docs/protocol.md §8). Holders are sessions; a holder releases once, on whichever path ends it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The command table: what each POP3 command needs before its handler runs (docs/protocol.md §2).
+"""The command table: what each POP3 command needs before its handler runs (docs/protocol.md §4).
 
 Dispatch checks a command's entry once, in this order: known at all, valid in this state, allowed
 on this connection (``plaintext``), allowed in this session (``writes``), argument count. What

@@ -1,11 +1,11 @@
 """One client socket: non-blocking I/O, TLS through memory BIOs, lines in, bytes out, timers.
 
 TLS runs through ``ssl.MemoryBIO`` so handshakes never block and there is no hidden buffer to
-drain: every read empties the ``SSLObject`` (docs/protocol.md §5). The connection owns the input
+drain: every read empties the ``SSLObject`` (docs/protocol.md §2). The connection owns the input
 buffer and its one line scanner: the session takes lines one by one (:meth:`next_line`) or looks
 ahead at pipelined ones (:meth:`lines_ahead`, :meth:`consume`). Output goes to one byte buffer
 whose size the session watches for backpressure; four deadlines share one loop timer
-(docs/protocol.md §7).
+(docs/protocol.md §13, §14).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The server is the only implementation; naming the interface here lets the connection and the
 session depend on it without importing the server, so the imports run one way: server ->
-session -> connection (docs/architecture.md §2).
+session -> connection (docs/architecture.md §3).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The login flow: USER/PASS and SASL give credentials; the verification gate decides when they
-are checked; the adapter checks them and lists the maildrop (docs/protocol.md §6).
+are checked; the adapter checks them and lists the maildrop (docs/protocol.md §7).
 
 The penalty delays the *verification*, not just the answer, and limits apply when a verification
 starts, so parallel connections from one address can't guess faster than one at a time.
@@ -301,7 +301,7 @@ def _printable(name: str) -> str:
 
 
 def _scrub(text: str, creds: Credentials) -> str:
-    """An exception message with the password taken out (docs/protocol.md §6)."""
+    """An exception message with the password taken out (docs/protocol.md §18)."""
     if creds.password and creds.password in text:
         text = text.replace(creds.password, "********")
     return text[:300]

@@ -1,6 +1,6 @@
 """The maildrop as the client sees it: the login snapshot, numbered, with deletion marks.
 
-Everything here is answered on the loop thread without asking the adapter (docs/protocol.md §4):
+Everything here is answered on the loop thread without asking the adapter (docs/protocol.md §10):
 message numbers stay fixed for the session, UIDs are made valid and unique once, and sizes are
 what RETR will really send (a downgraded message's size is its downgraded size).
 """

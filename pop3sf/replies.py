@@ -1,4 +1,4 @@
-"""The fixed replies, and which reply an adapter's exception earns (docs/protocol.md §3).
+"""The fixed replies, and which reply an adapter's exception earns (docs/protocol.md §5).
 
 Human texts never start with "[" (that is where RESP-CODES go) and never echo client input.
 """

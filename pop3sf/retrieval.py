@@ -1,4 +1,4 @@
-"""RETR and TOP: a message read on workers and written as the client takes it (docs/protocol.md §4).
+"""RETR and TOP: a message read on workers, written as the client takes it (docs/protocol.md §9).
 
 A big message streams: one chunk per worker call, the next only once the output backlog is below
 its threshold, so memory per session is bounded by a constant whatever the message size. A

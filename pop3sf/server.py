@@ -1,7 +1,7 @@
 """The server: accepts connections, admits or sheds them, and owns what spans sessions.
 
-Per-address and global connection caps, shedding (SPEC §P9), the per-account lock (§A4), auth
-in-flight caps and penalties (§P7), worker pools (§A3), reload and graceful shutdown (§D3).
+Per-address and global connection caps, shedding (docs/protocol.md §15), auth in-flight caps and
+penalties (§7), worker pools (docs/architecture.md §4), reload and graceful shutdown (§17).
 """
 
 from __future__ import annotations
@@ -257,7 +257,8 @@ class Server:
         sock.close()
 
     def _shed(self) -> bool:
-        """Close the oldest not-yet-authenticated connection of the busiest address (§P9)."""
+        """Close the oldest not-yet-authenticated connection of the busiest address
+        (docs/protocol.md §15)."""
         for group in sorted(self.by_group, key=lambda g: len(self.by_group[g]), reverse=True):
             for conn in self.by_group[group]:
                 if not (conn.authenticated or conn.closed or self.verifications.is_running(conn)):
@@ -317,7 +318,7 @@ class Server:
 
     # -- reload and shutdown --------------------------------------------------------------------
     def reload(self, settings: Settings) -> None:
-        """Apply new settings, or raise :class:`ConfigError` and change nothing (SPEC §D3).
+        """Apply new settings, or raise :class:`ConfigError` and change nothing (protocol §17).
 
         A different adapter type refuses the whole reload: the running adapter serves on, and
         the next reload compares against what really runs. Settings only a restart can apply
@@ -370,7 +371,7 @@ class Server:
         log.info("configuration reloaded from %s", settings.source)
 
     def shutdown(self) -> None:
-        """Stop accepting; tell idle clients; let retrievals and commits finish (SPEC §D3)."""
+        """Stop accepting; tell idle clients; let work under way finish (docs/protocol.md §17)."""
         if self.stopping:
             return
         self.stopping = True

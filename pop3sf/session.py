@@ -5,7 +5,7 @@ adapter call, a login waiting for its turn, a TLS handshake, a listing or a retr
 written, the commit) the session is ``blocked`` and leaves the following lines in the
 connection's input buffer; it reads on once the work is done and the output backlog is below its
 threshold. Everything answerable from the login snapshot (STAT, LIST, UIDL, DELE, RSET, NOOP) is
-answered on the loop thread without asking the adapter (docs/protocol.md §2, §4).
+answered on the loop thread without asking the adapter (docs/protocol.md §4, §12).
 
 The parts: :mod:`.login` (USER/PASS, SASL, verification), :mod:`.maildrop` (the snapshot and
 deletion marks), :mod:`.retrieval` (RETR/TOP), :mod:`.calls` (every adapter call).
@@ -129,7 +129,7 @@ class Session:
         if not self.started_greeting:  # implicit TLS: greet now
             self.start()
             return
-        # STLS: forget everything learned before the handshake (docs/protocol.md §5).
+        # STLS: forget everything learned before the handshake (docs/protocol.md §2).
         self.login = None
         self.utf8 = False
         self.read_only = False

@@ -1,5 +1,5 @@
 """The TRANSACTION and UPDATE states: commands answered from the login snapshot, RETR/TOP handed
-to :mod:`.retrieval`, and the commit at QUIT (docs/protocol.md §4).
+to :mod:`.retrieval`, and the commit at QUIT (docs/protocol.md §9, §11).
 
 Each ``cmd_*`` function is a handler for the session's dispatch; the command table has already
 checked state, read-only mode and argument count.
