@@ -46,6 +46,14 @@ class Timer:
 
 
 class EventLoop:
+    """The one thread that owns sockets, timers and session state (docs/architecture.md §4).
+
+    A selector for I/O, a heap of timers whose deadlines may move later for free, a queue of
+    callbacks to run soon, and :meth:`call_soon_threadsafe`, the only way other threads (worker
+    results, signals) reach it. Callbacks must never block; an exception in one is logged and
+    the loop goes on.
+    """
+
     def __init__(self) -> None:
         self.selector = selectors.DefaultSelector()
         self._timers: list[tuple[float, int, Timer]] = []

@@ -52,6 +52,12 @@ def raise_nofile_limit() -> int:
 
 
 class Server:
+    """Everything that spans sessions: listeners, admission and shedding, the worker pools,
+    penalties and the verification gate, account holds, reload and graceful shutdown.
+
+    Sessions reach it only through the :class:`~pop3sf.host.Host` interface.
+    """
+
     def __init__(self, settings: Settings, adapter: Adapter | None = None) -> None:
         self.settings = settings
         self.loop = EventLoop()

@@ -250,7 +250,7 @@ class Session:
                     held_back = True
                     break
                 drop = self.maildrop
-                if drop is not None and drop.answers and self._answer_run(drop.answers):
+                if drop is not None and drop.answers and transaction.answer_run(self):
                     continue
                 line = conn.next_line()
                 if line is None:
@@ -267,23 +267,6 @@ class Session:
             # Everything went out at once, so no write event will come to continue.
             self.drain_scheduled = True
             self.host.loop.call_soon(self.on_drain)
-
-    def _answer_run(self, answers: dict[bytes, bytes]) -> bool:
-        """Answer a pipelined run of already-answered commands in one pass: a dict lookup per
-        line instead of a dispatch; anything else stops the run and goes the ordinary way."""
-        out: list[bytes] = []
-        end = 0
-        for line, end_of_line in self.conn.lines_ahead():
-            answer = answers.get(line)
-            if answer is None or len(out) >= 1024:
-                break
-            out.append(answer)
-            end = end_of_line
-        if not out:
-            return False
-        self.conn.consume(end)
-        self.conn.write(b"".join(out))
-        return True
 
     def _dispatch(self, line: bytes) -> None:
         conn = self.conn

@@ -51,7 +51,12 @@ class Call:
 
 
 class WorkerPool:
-    """``size`` threads taking calls from one queue; calls report back on the loop thread."""
+    """``size`` threads taking calls from one queue; calls report back on the loop thread.
+
+    A call's timeout counts from when a worker picks it up. A call past it is abandoned: its
+    ``done`` hears :class:`CallTimeout` at once and the real outcome when the thread returns,
+    and a replacement thread starts while the pool holds fewer than ``size + max_stuck``.
+    """
 
     def __init__(self, loop: EventLoop, name: str, threads: int, timeout: float,
                  max_stuck: int = 16) -> None:
