@@ -1,4 +1,4 @@
-"""Maildir sources: an existing Dovecot/Postfix virtual-mail installation served as it is (§A6).
+"""Maildir sources: an existing Dovecot/Postfix virtual-mail installation served as it is.
 
 Users come from a Dovecot passwd-file (:mod:`.passwdfile`), each user's Maildir from a location
 template, and messages from its ``new/`` and ``cur/`` (``tmp/`` holds deliveries in progress and
@@ -39,7 +39,7 @@ from .base import (
     Adapter,
     AuthenticationFailed,
     AuthResult,
-    ConfigurationError,
+    ConfigError,
     Credentials,
     DeleteResult,
     MailboxSession,
@@ -129,7 +129,7 @@ def expand(template: str, user: str, entry: PasswdEntry | None) -> str:
     def sub(m: re.Match[str]) -> str:
         key = m.group("short") or _LONG.get(m.group("long") or "", "")
         if not key:
-            raise ConfigurationError(f"unsupported variable {m.group(0)!r} in {template!r} "
+            raise ConfigError(f"unsupported variable {m.group(0)!r} in {template!r} "
                                      "(use %u %n %d %h %%)")
         if key == "h" and not values["h"]:
             raise PermanentFailure(f"no home directory for {user!r} in the passwd-file")
@@ -153,7 +153,7 @@ def parse_location(text: str) -> Location:
     if text.startswith("maildir:"):
         text = text[len("maildir:"):]
     elif re.match(r"[a-z0-9]+:", text):
-        raise ConfigurationError(f"mail_location {text!r}: only maildir is supported")
+        raise ConfigError(f"mail_location {text!r}: only maildir is supported")
     path, *options = text.split(":")
     control = None
     for option in options:
@@ -161,7 +161,7 @@ def parse_location(text: str) -> Location:
         if key.upper() == "CONTROL" and value:
             control = value
     if not path:
-        raise ConfigurationError("mail_location: no path")
+        raise ConfigError("mail_location: no path")
     # Check the variables now, with a made-up user, so a typo fails at start.
     probe = PasswdEntry("probe@example.org", "", home="/home/probe")
     for template in filter(None, (path, control)):
@@ -263,7 +263,7 @@ def format_uidl(fmt: str, uid: int, uidvalidity: int, base: str, guid: str) -> s
     def sub(m: re.Match[str]) -> str:
         key = m.group(4) or longs.get(m.group(5) or "", "")
         if not key:
-            raise ConfigurationError(f"pop3_uidl_format: unsupported variable {m.group(0)!r} "
+            raise ConfigError(f"pop3_uidl_format: unsupported variable {m.group(0)!r} "
                                      "(supported: %u %v %f %g, %{uid} %{uidvalidity} ...)")
         value = values[key]
         for mod in m.group(3):
@@ -285,10 +285,11 @@ def format_uidl(fmt: str, uid: int, uidvalidity: int, base: str, guid: str) -> s
 
 # --- the adapter ------------------------------------------------------------------------------
 
-def _validated(configspec: str, config: Mapping[str, Any], what: str) -> dict[str, Any]:
-    from .directory import validated
+class Place(NamedTuple):
+    """Where a user's mail is (what a login found, :attr:`AuthResult.found`)."""
 
-    return validated(configspec, config, what)
+    path: str
+    control: str | None
 
 
 class MaildirAdapter(Adapter):
@@ -359,7 +360,6 @@ from_address = string(default="pop3sf <pop3sf@localhost>")
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
-        self.options = self._check(config)
         self.location = parse_location(self.options["mail_location"])
         self.passwd = PasswdFile(self.options["passwd_file"])
         self.size_cache = SizeCache(self.options["size_cache_dir"] or None,
@@ -370,36 +370,32 @@ from_address = string(default="pop3sf <pop3sf@localhost>")
         self._like_source: object = None
         self._like: str | None = None
 
-    def _check(self, config: Mapping[str, Any]) -> dict[str, Any]:
-        options = _validated(self.configspec, config, "[adapter] of MaildirAdapter")
+    def validate(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        options = super().validate(config)
         if not os.path.isabs(options["passwd_file"]):
-            raise ConfigurationError(f"passwd_file = {options['passwd_file']!r}: "
-                                     "must be an absolute path")
+            raise ConfigError(f"passwd_file = {options['passwd_file']!r}: "
+                              "must be an absolute path")
         if options["root"] and not os.path.isabs(options["root"]):
-            raise ConfigurationError(f"root = {options['root']!r}: must be an absolute path")
+            raise ConfigError(f"root = {options['root']!r}: must be an absolute path")
         if not is_valid_uidl(format_uidl(options["pop3_uidl_format"], 1, 1, "x", "")):
-            raise ConfigurationError("pop3_uidl_format gives no valid UIDL")
+            raise ConfigError("pop3_uidl_format gives no valid UIDL")
         return options
-
-    def start(self) -> None:
-        self.check()
 
     def check(self) -> None:
         try:
             self.passwd.entries()
         except OSError as exc:
-            raise ConfigurationError(f"passwd_file {self.passwd.path}: {exc.strerror}") from exc
+            raise ConfigError(f"passwd_file {self.passwd.path}: {exc.strerror}") from exc
         root = self.options["root"]
         if root and not os.path.isdir(root):
-            raise ConfigurationError(f"root = {root!r}: not an existing directory")
+            raise ConfigError(f"root = {root!r}: not an existing directory")
 
     def probe(self) -> None:
         if self.options["root"]:
             probe_directory(self.options["root"], "root")
 
-    def reload(self, config: Mapping[str, Any]) -> None:
-        options = self._check(config)
-        location = parse_location(options["mail_location"])
+    def apply(self, options: dict[str, Any]) -> None:
+        self.location = parse_location(options["mail_location"])
         if options["passwd_file"] != self.options["passwd_file"]:
             self.passwd = PasswdFile(options["passwd_file"])
         if (options["size_cache_dir"], options["size_cache_entries"]) != \
@@ -407,7 +403,6 @@ from_address = string(default="pop3sf <pop3sf@localhost>")
             old, self.size_cache = self.size_cache, SizeCache(
                 options["size_cache_dir"] or None, options["size_cache_entries"])
             old.close()
-        self.config, self.options, self.location = config, options, location
         self.allows_read_only = bool(options["read_only"])
 
     def close(self) -> None:
@@ -439,8 +434,8 @@ from_address = string(default="pop3sf <pop3sf@localhost>")
             self._like_source = entries
         return self._like
 
-    def authenticate(self, credentials: Credentials) -> PasswdEntry:
-        """The passwd-file entry of a verified login, or :class:`AuthenticationFailed`."""
+    def authenticate(self, credentials: Credentials) -> AuthResult[Place]:
+        """A verified login carrying where its Maildir is, or :class:`AuthenticationFailed`."""
         name = credentials.username
         password = credentials.password_bytes()
         if not is_valid_username(name):
@@ -466,16 +461,15 @@ from_address = string(default="pop3sf <pop3sf@localhost>")
             raise AuthenticationFailed("unknown password scheme") from None
         if not ok:
             raise AuthenticationFailed("wrong password")
-        return entry
+        return AuthResult(entry.user, self.maildir_of(entry))
 
     def session_for(self, entry: PasswdEntry) -> MaildirSession:
         """A read-only session on a user's Maildir without a password (for the admin tools)."""
         session = MaildirSession(self, Peer("local", 0, "admin"))
-        session.path, session._control = self.maildir_of(entry)
-        session.account, session.read_only = entry.user, True
+        session.login_succeeded(AuthResult(entry.user, self.maildir_of(entry)), True)
         return session
 
-    def maildir_of(self, entry: PasswdEntry) -> tuple[str, str | None]:
+    def maildir_of(self, entry: PasswdEntry) -> Place:
         """(Maildir path, control directory or None) of a user, checked against ``root``."""
         override = entry.extra.get("userdb_mail") or entry.extra.get("mail")
         location = parse_location(override) if override else self.location
@@ -488,7 +482,7 @@ from_address = string(default="pop3sf <pop3sf@localhost>")
         if root and not _inside(os.path.realpath(path), os.path.realpath(root)):
             log.warning("Maildir %s of %r is outside root %s; refused", path, entry.user, root)
             raise PermanentFailure("Maildir outside the configured root")
-        return path, control
+        return Place(path, control)
 
 
 def _inside(path: str, root: str) -> bool:
@@ -529,7 +523,7 @@ def _closing_maildir(method: _F) -> _F:
     return cast(_F, wrapper)
 
 
-class MaildirSession(MailboxSession):
+class MaildirSession(MailboxSession["Place"]):
     """One connection's view of one Maildir (held by an open directory descriptor)."""
 
     def __init__(self, adapter: MaildirAdapter, peer: Peer) -> None:
@@ -546,14 +540,13 @@ class MaildirSession(MailboxSession):
 
     # --- authentication ---------------------------------------------------------------------
 
-    def authenticate(self, credentials: Credentials) -> AuthResult:
-        entry = self.adapter.authenticate(credentials)
-        self.path, self._control = self.adapter.maildir_of(entry)
-        self.account = entry.user
-        return AuthResult(entry.user)
+    def authenticate(self, credentials: Credentials) -> AuthResult[Place]:
+        return self.adapter.authenticate(credentials)
 
-    def login_succeeded(self, account: AuthResult, read_only: bool) -> None:
-        self.read_only = read_only
+    def login_succeeded(self, account: AuthResult[Place], read_only: bool) -> None:
+        assert account.found is not None, "a maildir login always says where"
+        self.path, self._control = account.found
+        self.account, self.read_only = account.account_id, read_only
 
     def _open_maildir(self) -> int | None:
         """The Maildir's descriptor; None when it doesn't exist yet (no mail delivered)."""

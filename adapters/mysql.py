@@ -1,4 +1,4 @@
-"""MySQL/MariaDB sources: messages in a table, one account or many (SPEC §A7).
+"""MySQL/MariaDB sources: messages in a table, one account or many (docs/mysql.md).
 
 The tables are the original pop3sf's, so existing databases keep working unchanged::
 
@@ -44,7 +44,7 @@ from .base import (
     AdapterError,
     AuthenticationFailed,
     AuthResult,
-    ConfigurationError,
+    ConfigError,
     Credentials,
     DeleteResult,
     MailboxSession,
@@ -56,7 +56,6 @@ from .base import (
     TemporaryFailure,
     normalize_secret,
 )
-from .directory import validated
 from .mysql_driver import CircuitBreaker, ConnectParams, Driver, Pool, read_password_file
 from .mysql_sql import (
     RowStream,
@@ -215,7 +214,7 @@ class _LRU:
                 self._data.popitem(last=False)
 
 
-class _MySQLAdapterBase(Adapter):
+class MySQLAdapterBase(Adapter):
     """What both MySQL adapters share: settings, pool, schema, the session class."""
 
     blocking = True
@@ -225,7 +224,6 @@ class _MySQLAdapterBase(Adapter):
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
-        self.options = self._check(config)
         self.driver = Driver.choose(self.options["driver"])
         self.params = self._params(self.options)
         self.pool = self._make_pool(self.options)
@@ -236,18 +234,18 @@ class _MySQLAdapterBase(Adapter):
 
     # --- settings --------------------------------------------------------------------------
 
-    def _check(self, config: Mapping[str, Any]) -> dict[str, Any]:
-        options = validated(self.configspec, config, f"[adapter] of {type(self).__name__}")
+    def validate(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        options = super().validate(config)
         options["messages_sql"] = check_identifier(options["messages_table"], "messages_table")
         if self.multi_user:
             options["users_sql"] = check_identifier(options["users_table"], "users_table")
         if options["password_file"]:
             options["password"] = read_password_file(options["password_file"])
         if options["chunk_size"] > options["max_chunk_size"]:
-            raise ConfigurationError("chunk_size must not exceed max_chunk_size")
+            raise ConfigError("chunk_size must not exceed max_chunk_size")
         for key in ("ssl_ca", "ssl_cert", "ssl_key"):
             if options[key] and not options["ssl"]:
-                raise ConfigurationError(f"{key} is set but ssl = no; set ssl = yes to use TLS")
+                raise ConfigError(f"{key} is set but ssl = no; set ssl = yes to use TLS")
         return options
 
     @staticmethod
@@ -272,31 +270,30 @@ class _MySQLAdapterBase(Adapter):
         for key in ("ssl_ca", "ssl_cert", "ssl_key"):
             path = self.options[key]
             if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
-                raise ConfigurationError(f"{key} = {path!r}: not a readable file")
+                raise ConfigError(f"{key} = {path!r}: not a readable file")
 
     def probe(self) -> None:
         """Log in with the configured account and run one query."""
         try:
             conn = self.driver.connect(self.params, autocommit=True)
         except Exception as exc:
-            raise ConfigurationError(f"cannot connect to {self.params.where()}: "
+            raise ConfigError(f"cannot connect to {self.params.where()}: "
                                      f"{str(exc).strip() or type(exc).__name__}") from exc
         try:
             self.fetch_all(conn, "SELECT 1")
         except Exception as exc:
-            raise ConfigurationError(f"query on {self.params.where()} failed: {exc}") from exc
+            raise ConfigError(f"query on {self.params.where()} failed: {exc}") from exc
         finally:
             _close_quietly(conn)
 
     def start(self) -> None:
-        self.check()
+        super().start()
         try:
             self.ensure_schema()
         except TemporaryFailure as exc:  # the server runs; logins work once the database is up
             log.warning("mysql: tables not checked at start (%s); will retry at first login", exc)
 
-    def reload(self, config: Mapping[str, Any]) -> None:
-        options = self._check(config)
+    def apply(self, options: dict[str, Any]) -> None:
         driver = Driver.choose(options["driver"])
         old_pool = None
         if any(options[k] != self.options[k] for k in _CONNECT_KEYS) or \
@@ -311,7 +308,6 @@ class _MySQLAdapterBase(Adapter):
             self._schema_ready = False
         if old_pool is not None or options["sql_dialect"] != self.options["sql_dialect"]:
             self._dialect = None
-        self.config, self.options = config, options
         self.params = self._params(options)
         if old_pool is not None:
             old_pool.close()  # connections in use are closed when given back
@@ -325,7 +321,7 @@ class _MySQLAdapterBase(Adapter):
     def session_for(self, account: str, user_id: int | None) -> MySQLSession:
         """A read-only session on an account without a password (for the admin tools)."""
         session = MySQLSession(self, Peer("local", 0, "admin"))
-        session.account, session.user_id, session.read_only = account, user_id, True
+        session.login_succeeded(AuthResult(account, user_id), True)
         return session
 
     def report_too_large(self, row_id: int, length: int | None, outcome: str) -> None:
@@ -417,8 +413,9 @@ class _MySQLAdapterBase(Adapter):
 
     # --- accounts --------------------------------------------------------------------------
 
-    def authenticate(self, credentials: Credentials) -> tuple[str, int | None]:
-        """(canonical account id, user_id or None) or :class:`AuthenticationFailed`."""
+    def authenticate(self, credentials: Credentials) -> AuthResult[int]:
+        """The login (canonical account id; ``found``: user_id, None for the single-user table)
+        or :class:`AuthenticationFailed`."""
         raise NotImplementedError
 
     def chunk_for(self, length: int) -> int:
@@ -430,7 +427,7 @@ class _MySQLAdapterBase(Adapter):
         return template.replace("%u", account)
 
 
-class MySQLAdapter(_MySQLAdapterBase):
+class MySQLAdapter(MySQLAdapterBase):
     """One account whose messages are the rows of one table (the original's single-user table).
 
     Config keys (``[adapter]``, ``type = mysql``):
@@ -451,15 +448,15 @@ password_hash = string
 messages_table = string(default="pop3sf_singleuser_messages")
 """ + _COMMON_SPEC
 
-    def _check(self, config: Mapping[str, Any]) -> dict[str, Any]:
-        options = super()._check(config)
+    def validate(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        options = super().validate(config)
         try:
             passwords.scheme_of(options["password_hash"])
         except passwords.UnknownScheme as exc:
-            raise ConfigurationError(f"password_hash: unknown scheme {exc}") from exc
+            raise ConfigError(f"password_hash: unknown scheme {exc}") from exc
         return options
 
-    def authenticate(self, credentials: Credentials) -> tuple[str, int | None]:
+    def authenticate(self, credentials: Credentials) -> AuthResult[int]:
         stored: str = self.options["password_hash"]
         username = normalize_secret(self.options["username"])
         if not hmac.compare_digest(credentials.username.encode("utf-8", "surrogateescape"),
@@ -467,10 +464,10 @@ messages_table = string(default="pop3sf_singleuser_messages")
             passwords.dummy_verify(credentials.password_bytes(), like=stored)
             raise AuthenticationFailed("unknown user")
         passwords.verify_or_deny(stored, credentials.password_bytes())
-        return username, None
+        return AuthResult(username)
 
 
-class MultiUserMySQLAdapter(_MySQLAdapterBase):
+class MultiUserMySQLAdapter(MySQLAdapterBase):
     """Many accounts: a users table and one messages table with ``user_id`` (the original's).
 
     User names are matched by the users table's collation (case-insensitive by default); the
@@ -508,7 +505,7 @@ bcrypt_rounds = integer(4, 31, default=12)
             self._dummy = passwords.hash_bcrypt(b"pop3sf-dummy", rounds=rounds)
         return self._dummy
 
-    def authenticate(self, credentials: Credentials) -> tuple[str, int | None]:
+    def authenticate(self, credentials: Credentials) -> AuthResult[int]:
         password = credentials.password_bytes()
         name = credentials.username
         rows: list[Any] = []
@@ -525,7 +522,7 @@ bcrypt_rounds = integer(4, 31, default=12)
         user_id, stored_name, stored = rows[0]
         passwords.verify_or_deny(to_text(stored).strip(), password, like=self._dummy_hash(),
                                  account=to_text(stored_name))
-        return to_text(stored_name), int(user_id)
+        return AuthResult(to_text(stored_name), int(user_id))
 
 
 def _encodable(name: str) -> bool:
@@ -541,10 +538,13 @@ MySQLAdapter.__doc__ = (MySQLAdapter.__doc__ or "") + _CONFIG_DOC
 MultiUserMySQLAdapter.__doc__ = (MultiUserMySQLAdapter.__doc__ or "") + _CONFIG_DOC
 
 
-class MySQLSession(MailboxSession):
-    """One client's view of the table; keeps the login snapshot and the lock connection."""
+class MySQLSession(MailboxSession[int]):
+    """One client's view of the table; keeps the login snapshot and the lock connection.
 
-    def __init__(self, adapter: _MySQLAdapterBase, peer: Peer) -> None:
+    What a login found is the users table's id of the account (None for the single-user table).
+    """
+
+    def __init__(self, adapter: MySQLAdapterBase, peer: Peer) -> None:
         self.adapter = adapter
         self.peer = peer
         self.account: str | None = None
@@ -564,12 +564,11 @@ class MySQLSession(MailboxSession):
     def _table(self) -> str:
         return str(self.adapter.options["messages_sql"])
 
-    def authenticate(self, credentials: Credentials) -> AuthResult:
-        account, user_id = self.adapter.authenticate(credentials)
-        self.account, self.user_id = account, user_id
-        return AuthResult(account)
+    def authenticate(self, credentials: Credentials) -> AuthResult[int]:
+        return self.adapter.authenticate(credentials)
 
-    def login_succeeded(self, account: AuthResult, read_only: bool) -> None:
+    def login_succeeded(self, account: AuthResult[int], read_only: bool) -> None:
+        self.account, self.user_id = account.account_id, account.found
         self.read_only = read_only
         if read_only or not self.adapter.options["cross_instance_lock"]:
             return

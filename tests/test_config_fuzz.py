@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 from configobj import ConfigObj
-from pop3sf.adapters import BUNDLED
+from pop3sf.adapters import registered
 from validate import Validator
 
 from pop3sf.cli import main
@@ -53,6 +53,9 @@ def _free_port() -> int:
 
 def _spec(text: str) -> ConfigObj:
     return ConfigObj(text.splitlines(), list_values=False, _inspec=True)
+
+
+BUNDLED = registered()
 
 
 def _adapter_class(kind: str) -> Any:
