@@ -28,8 +28,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from pop3sf.adapters.base import AdapterError
-from pop3sf.adapters.maildir import (
-    MaildirAdapter,
+from pop3sf.adapters.maildir import MaildirAdapter
+from pop3sf.adapters.maildir_names import (
     basename_uidl,
     delivery_key,
     is_valid_username,

@@ -30,9 +30,8 @@ from pop3sf.adapters.base import (
     Peer,
     PermanentFailure,
 )
-from pop3sf.adapters.maildir import (
-    MaildirAdapter,
-    MaildirSession,
+from pop3sf.adapters.maildir import MaildirAdapter, MaildirSession
+from pop3sf.adapters.maildir_names import (
     basename_uidl,
     delivery_key,
     format_uidl,
