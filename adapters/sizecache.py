@@ -1,4 +1,4 @@
-"""Exact message sizes, measured once per file version (SPEC §A5, §P4).
+"""Exact message sizes, measured once per file version (docs/adapters.md#sessions, #bundled).
 
 A listing must give the exact RETR size (and, for internationalized headers, the downgraded size)
 without reading bodies, yet plain files carry no size but their raw length. So each file is

@@ -1,4 +1,4 @@
-"""Directory adapters on real files (SPEC §A5, §P3, §P11): formats, order, uids, safety."""
+"""Directory adapters on real files (docs/adapters.md#bundled): formats, order, uids, safety."""
 
 from __future__ import annotations
 

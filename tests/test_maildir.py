@@ -1,4 +1,4 @@
-"""The Maildir adapter (SPEC §A6) on real Maildirs in temporary directories."""
+"""The Maildir adapter (docs/adapters.md#bundled) on real Maildirs in temporary directories."""
 
 from __future__ import annotations
 
