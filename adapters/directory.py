@@ -31,6 +31,7 @@ from typing import Any, BinaryIO, NoReturn
 
 from pop3sf import passwords
 
+from . import sizecache
 from .base import (
     Adapter,
     AuthenticationFailed,
@@ -48,7 +49,7 @@ from .base import (
     require_directory,
 )
 from .plaintext import PlaintextMessage
-from .sizecache import FileChanged, SizeCache
+from .sizecache import FileChanged
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +68,7 @@ _COMMON_SPEC = """
 uid_root = string(default="")
 from_address = string(default="pop3sf <pop3sf@localhost>")
 to_address = string(default="%u@localhost")
-size_cache_dir = string(default="")
-size_cache_entries = integer(100, 10000000, default=100000)
-"""
+""" + sizecache.CONFIGSPEC
 
 
 def is_valid_username(name: str) -> bool:
@@ -126,18 +125,11 @@ class DirectoryAdapterBase(Adapter):
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
-        self.size_cache = self._make_cache(self.options)
-
-    @staticmethod
-    def _make_cache(options: Mapping[str, Any]) -> SizeCache:
-        return SizeCache(options["size_cache_dir"] or None, options["size_cache_entries"])
+        self.size_cache = sizecache.from_options(self.options)
 
     def apply(self, options: dict[str, Any]) -> None:
         self._check_paths(options)
-        if (options["size_cache_dir"], options["size_cache_entries"]) != \
-                (self.options["size_cache_dir"], self.options["size_cache_entries"]):
-            old, self.size_cache = self.size_cache, self._make_cache(options)
-            old.close()
+        self.size_cache = sizecache.reconfigured(self.size_cache, self.options, options)
 
     def check(self) -> None:
         self._check_paths(self.options)

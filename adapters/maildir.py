@@ -33,6 +33,7 @@ from typing import Any, BinaryIO, NamedTuple, TypeVar, cast
 
 from pop3sf import passwords
 
+from . import sizecache
 from .base import (
     Adapter,
     AuthenticationFailed,
@@ -65,7 +66,7 @@ from .maildir_names import (
     w_size,
 )
 from .passwdfile import PasswdEntry, PasswdFile
-from .sizecache import FileChanged, SizeCache
+from .sizecache import FileChanged
 
 log = logging.getLogger("pop3sf.adapters.maildir")
 
@@ -139,12 +140,10 @@ uidl_format = option("dovecot", "basename", default="dovecot")
 pop3_uidl_format = string(default="%08Xu%08Xv")
 deleted = option("unlink", "flag", default="unlink")
 measure_all = boolean(default=False)
-size_cache_dir = string(default="")
-size_cache_entries = integer(100, 10000000, default=100000)
 read_only = boolean(default=True)
 bcrypt_rounds = integer(4, 31, default=12)
 from_address = string(default="pop3sf <pop3sf@localhost>")
-"""
+""" + sizecache.CONFIGSPEC
 
     blocking = True
 
@@ -152,8 +151,7 @@ from_address = string(default="pop3sf <pop3sf@localhost>")
         super().__init__(config)
         self.location = parse_location(self.options["mail_location"])
         self.passwd = PasswdFile(self.options["passwd_file"])
-        self.size_cache = SizeCache(self.options["size_cache_dir"] or None,
-                                    self.options["size_cache_entries"])
+        self.size_cache = sizecache.from_options(self.options)
         self.allows_read_only = bool(self.options["read_only"])
         self._warned: set[str] = set()
         self._warn_lock = threading.Lock()
@@ -188,11 +186,7 @@ from_address = string(default="pop3sf <pop3sf@localhost>")
         self.location = parse_location(options["mail_location"])
         if options["passwd_file"] != self.options["passwd_file"]:
             self.passwd = PasswdFile(options["passwd_file"])
-        if (options["size_cache_dir"], options["size_cache_entries"]) != \
-                (self.options["size_cache_dir"], self.options["size_cache_entries"]):
-            old, self.size_cache = self.size_cache, SizeCache(
-                options["size_cache_dir"] or None, options["size_cache_entries"])
-            old.close()
+        self.size_cache = sizecache.reconfigured(self.size_cache, self.options, options)
         self.allows_read_only = bool(options["read_only"])
 
     def close(self) -> None:
