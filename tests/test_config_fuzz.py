@@ -1,6 +1,7 @@
 """Every configspec key given a bad value, sections missing, keys unknown, files unusable: the real
 ``pop3sf --check-config`` and plain start-up name the problem and exit non-zero, and nothing is
-left running or listening (adapter keys: docs/adapters.md#options; docs/protocol.md §1 for certificates).
+left running or listening (adapter keys: docs/adapters.md#options; certificates:
+docs/protocol.md §1).
 
 The cases are derived from the configspecs themselves (``pop3sf/configspec.ini`` and every
 bundled adapter's ``configspec``), so a key added later is covered without touching this file.
