@@ -114,13 +114,17 @@ class Conn:
 
     async def oks(self, n: int) -> None:
         """``n`` single-line answers (pipelined commands), checked in one pass over the buffer."""
-        while True:
-            if self.buf.count(b"\r\n") >= n:
-                break
-            await self._more()
-        end = 0
-        for _ in range(n):
-            end = self.buf.index(b"\r\n", end) + 2
+        # Scan only what hasn't been scanned: the buffer may already hold many answers that
+        # follow (pipe-mixed), and counting them all again per call would cost the client more
+        # than the server.
+        end = found = 0
+        while found < n:
+            i = self.buf.find(b"\r\n", end)
+            if i < 0:
+                await self._more()
+                continue
+            end = i + 2
+            found += 1
         got = self.buf[:end]
         del self.buf[:end]
         if not got.startswith(b"+OK") or b"\r\n-ERR" in got:

@@ -433,7 +433,7 @@ SCENARIOS = [
     Scenario("pipe-top", "pipelined TOP n 0 (batches of 100)", pipelined("TOP {n} 0", 250),
              [rel("cpu_us_per_cmd", "<=", 2.0, "CPU/command ≤ 2 × Dovecot")]),
     Scenario("pipe-mixed", "pipelined LIST n, UIDL n, TOP n 0 in rotation, 1,000 per write",
-             pipelined(["LIST {n}", "UIDL {n}", "TOP {n} 0"], 100, batch=1000),
+             pipelined(["LIST {n}", "UIDL {n}", "TOP {n} 0"], 50, batch=1000),
              [rel("cpu_us_per_cmd", "<=", 1.5, "CPU/command ≤ 1.5 × Dovecot")]),
     Scenario("idle-plain", "10,000 logged-in connections held, plain", idle(False),
              [ab("pss_kb_per_conn", "<=", 3, "PSS ≤ 3 KB per connection"),

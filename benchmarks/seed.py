@@ -24,7 +24,9 @@ from pathlib import Path
 
 import bcrypt
 
-#: v2: the {SHA512-CRYPT} users (``x000``…) for login-sha512.
+#: v2: the {SHA512-CRYPT} users (``x000``…) for login-sha512, fewer than the bcrypt users: pop3sf
+#: pads cheaper logins with a dummy check of the passwd-file's most common slow hash class, which
+#: must stay what it was in v1 (bcrypt at the profile's cost) so login figures stay comparable.
 VERSION = "bench-data-v2"
 DEFAULT_ROOT = Path(os.environ.get("POP3SF_BENCH_DATA", "/var/tmp/pop3sf-bench"))
 #: Unprivileged owner of the data when seeding as root, so Dovecot's mail processes (which refuse
@@ -54,16 +56,16 @@ class Profile:
 FULL = Profile("full", session_users=100, session_messages=20, session_min=1024,
                session_max=100 * 1024, big_users=4, big_size=20 * 1024 * 1024,
                small_users=10_000, small_size=1024, bcrypt_users=64, bcrypt_rounds=10,
-               huge_size=100 * 1024 * 1024, sha512_users=64)
+               huge_size=100 * 1024 * 1024, sha512_users=48)
 QUICK = Profile("quick", session_users=8, session_messages=5, session_min=1024,
                 session_max=20 * 1024, big_users=2, big_size=2 * 1024 * 1024,
                 small_users=200, small_size=1024, bcrypt_users=8, bcrypt_rounds=6,
-                huge_size=8 * 1024 * 1024, sha512_users=8)
+                huge_size=8 * 1024 * 1024, sha512_users=6)
 #: For the test suite's smoke test: seconds, not minutes.
 TINY = Profile("tiny", session_users=3, session_messages=3, session_min=1024,
                session_max=8 * 1024, big_users=1, big_size=256 * 1024, small_users=20,
                small_size=1024, bcrypt_users=2, bcrypt_rounds=4, huge_size=1024 * 1024,
-               sha512_users=2)
+               sha512_users=1)
 PROFILES = {p.name: p for p in (FULL, QUICK, TINY)}
 
 
