@@ -167,6 +167,7 @@ def test_pipe_mixed_and_startup_with_the_shipped_config(ctx: run.Ctx) -> None:
     assert figs["cmds_s"] > 0 and figs["cpu_us_per_cmd"] >= 0
     start = next(s for s in run.SCENARIOS if s.name == "startup")
     srv = run.make_server("pop3sf", start, ctx)
+    assert isinstance(srv, servers.Pop3sf)
     try:
         out = srv.start_timed(greeting=True)
         text = srv.conf.read_text()
