@@ -261,8 +261,6 @@ passwd_file = {self.passwd}
         return {**os.environ, "PYTHONPATH": str(self.source)}
 
 
-#: ``[section] key`` of the shipped etc/pop3sf.conf that point at the installed system; the
-#: ``startup`` scenario replaces them (and the ``[adapter]`` section) to serve the bench data.
 def shipped_config(text: str, srv: Pop3sf) -> str:
     """etc/pop3sf.conf as shipped, adapted to the bench: every setting kept except the server's
     user, pidfile and control socket (in the server's directory), logging to stderr (what
