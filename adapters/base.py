@@ -261,6 +261,10 @@ class Adapter(abc.ABC):
     #: two; right for any session whose ``login_succeeded`` takes only what it can give back
     #: (see docs/adapters.md#login).
     list_with_login: bool = False
+    #: True: ``connection_closed`` never blocks (it closes local descriptors), so the server
+    #: calls it on its loop when that is all there is to do (a QUIT with nothing to delete, a
+    #: dropped connection): no worker round trip at logout.
+    closes_inline: bool = False
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         #: The section as given (without ``type``).
