@@ -13,7 +13,6 @@ package does not grant it (least privilege): see ``README.Debian``. ``probe`` (r
 
 from __future__ import annotations
 
-import glob
 import io
 import os
 import re
@@ -39,6 +38,7 @@ from .base import (
     Peer,
     TemporaryFailure,
     normalize_secret,
+    probe_directory,
     require_directory,
 )
 from .journal_render import render_digest, render_entry
@@ -159,15 +159,15 @@ group = string(default="entry")
 
     def probe(self) -> None:
         directory = self.options["directory"]
-        roots = [directory] if directory else list(SYSTEM_JOURNALS)
-        files = [f for root in roots for pattern in ("*.journal", "*/*.journal")
-                 for f in glob.glob(os.path.join(root, pattern))]
-        unreadable = [f for f in files if not os.access(f, os.R_OK)]
+        if directory:
+            probe_directory(directory, "directory")
+        files, unreadable = journal_files([directory] if directory else SYSTEM_JOURNALS)
         if unreadable:
             raise ConfigError(
-                f"directory: cannot read {len(unreadable)} of {len(files)} journal files (e.g. "
-                f"{unreadable[0]}); the service user needs group systemd-journal: "
-                "SupplementaryGroups=systemd-journal in a drop-in, see README.Debian")
+                f"directory: cannot read {unreadable[0]} ({len(unreadable)} unreadable of "
+                f"{len(files)} journal files and their directories); the service user needs "
+                "group systemd-journal: SupplementaryGroups=systemd-journal in a drop-in, see "
+                "README.Debian")
         if directory and not files:
             raise ConfigError(f"directory = {directory!r}: holds no journal files")
         try:
@@ -217,6 +217,31 @@ group = string(default="entry")
                     self.sizes.clear()
                 self.sizes[key] = size
         return size
+
+
+def journal_files(roots: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(journal files, what of them or of their directories this process can't read) under
+    *roots*, one machine-id level deep, as journald lays them out."""
+    files: list[str] = []
+    unreadable: list[str] = []
+    for root in roots:
+        for path in [root, *(os.path.join(root, n) for n in _names(root, unreadable))]:
+            if path.endswith(".journal"):
+                files.append(path)
+            elif path != root and os.path.isdir(path):
+                files += [os.path.join(path, n) for n in _names(path, unreadable)
+                          if n.endswith(".journal")]
+    return files, unreadable + [f for f in files if not os.access(f, os.R_OK)]
+
+
+def _names(directory: str, unreadable: list[str]) -> list[str]:
+    try:
+        return sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+    except OSError:
+        unreadable.append(directory)
+        return []
 
 
 def _mailbox(name: str, section: Mapping[str, Any]) -> Mailbox:
