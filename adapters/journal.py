@@ -49,6 +49,7 @@ from .journal_view import (
     Mailbox,
     Period,
     collect_digests,
+    digest_window,
     entry_at,
     filtered,
     lines_of,
@@ -119,6 +120,8 @@ group = string(default="entry")
         #: The time now (Unix seconds): what decides the window and which periods are closed.
         self.clock: Callable[[], float] = time.time
         self.sizes: dict[tuple[str, str], int] = {}
+        #: (account, filters, directory) -> (digest window, its digests): see _digests.
+        self.digests: dict[tuple[str, str, str], tuple[tuple[int, int], list[Listed]]] = {}
         self._sizes_lock = threading.Lock()
         self._use(self.options)
 
@@ -130,6 +133,7 @@ group = string(default="entry")
         self.allows_read_only = bool(options["read_only"])
         with self._sizes_lock:
             self.sizes.clear()  # renderings may differ under new options
+            self.digests.clear()
 
     def validate(self, config: Mapping[str, Any]) -> dict[str, Any]:
         options = super().validate(config)
@@ -313,16 +317,30 @@ class JournalSession(MailboxSession[Mailbox]):
         def size_of(uid: str, make: Callable[[], bytes]) -> int:
             return self.adapter.size_of(mailbox.name, uid, make)
 
-        with filtered(self.directory, mailbox) as reader:
-            if mailbox.group == "entry":
+        if mailbox.group == "entry":
+            with filtered(self.directory, mailbox) as reader:
                 listed = list_entries(reader, mailbox, now, hidden, size_of,
                                       self._render_entry)
-            else:
-                listed = [Listed(uid, size_of(uid, partial(self._render_digest, uid, period,
-                                                           lines)), period)
-                          for uid, period, lines in collect_digests(reader, mailbox, now, hidden)]
+        else:
+            listed = [item for item in self._digests(mailbox, now) if item.uid not in hidden]
+            listed = listed[-mailbox.max_messages:]
         self.listed = {item.uid: item for item in listed}
         return [MessageInfo(item.uid, item.size) for item in listed]
+
+    def _digests(self, mailbox: Mailbox, now: float) -> list[Listed]:
+        """The window's digests, read from the journal once per window (closed periods don't
+        change, so until the next hour or day closes every login gets the same list)."""
+        window = digest_window(mailbox, now)
+        key = (mailbox.name, mailbox.fingerprint, self.directory)
+        cached = self.adapter.digests.get(key)
+        if cached is not None and cached[0] == window:
+            return cached[1]
+        with filtered(self.directory, mailbox) as reader:
+            found = collect_digests(reader, mailbox, window)
+        listed = [Listed(uid, self.adapter.size_of(mailbox.name, uid, partial(
+            self._render_digest, uid, period, lines)), period) for uid, period, lines in found]
+        self.adapter.digests[key] = (window, listed)
+        return listed
 
     def open_message(self, uid: str) -> BinaryIO:
         item = self.listed.get(uid)

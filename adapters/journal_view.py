@@ -218,13 +218,19 @@ def line_at(reader: Any, realtime: int) -> Line:
                 get(reader, "MESSAGE"), get(reader, "_HOSTNAME"))
 
 
-def collect_digests(reader: Any, mailbox: Mailbox, now: float,
-                    hidden: set[str]) -> list[tuple[str, Period, list[Line]]]:
-    """Every closed period overlapping the window, per unit: (uid, period, lines), oldest
-    first, the newest ``max_messages`` of those not hidden. The period still open is left for
-    later: a digest is offered once, complete."""
-    first, _ = period_of(now - mailbox.since, mailbox.group)
-    closed, _ = period_of(now, mailbox.group)  # the current period's start: all before closed
+def digest_window(mailbox: Mailbox, now: float) -> tuple[int, int]:
+    """(first, closed): the start of the period holding the window's start, and of the period
+    still open. Digests cover exactly the periods in between; a listing of them stays valid
+    until this pair changes (once an hour or day), which is what the adapter caches by."""
+    return (period_of(now - mailbox.since, mailbox.group)[0],
+            period_of(now, mailbox.group)[0])
+
+
+def collect_digests(reader: Any, mailbox: Mailbox,
+                    window: tuple[int, int]) -> list[tuple[str, Period, list[Line]]]:
+    """Every closed period of the window, per unit: (uid, period, lines), oldest first. The
+    period still open is left for later: a digest is offered once, complete."""
+    first, closed = window
     groups: dict[tuple[int, bytes], list[Line]] = {}
     bounds: dict[int, int] = {}
     start = end = 0  # the period of the entry before: the next one is most likely in it too
@@ -239,12 +245,10 @@ def collect_digests(reader: Any, mailbox: Mailbox, now: float,
             start, end = period_of(realtime / 1e6, mailbox.group)
             bounds[start] = end
         groups.setdefault((start, unit_at(reader)), []).append(line_at(reader, realtime))
-    out = []
-    for (start, unit), lines in sorted(groups.items()):
-        uid = digest_uid(mailbox.group.split("-")[1], start, unit, mailbox.fingerprint)
-        if uid not in hidden:
-            out.append((uid, Period(mailbox.group, start, bounds[start], unit), lines))
-    return out[-mailbox.max_messages:]
+    kind = mailbox.group.split("-")[1]
+    return [(digest_uid(kind, start, unit, mailbox.fingerprint),
+             Period(mailbox.group, start, bounds[start], unit), lines)
+            for (start, unit), lines in sorted(groups.items())]
 
 
 def lines_of(reader: Any, period: Period) -> list[Line]:
