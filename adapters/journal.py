@@ -73,7 +73,8 @@ class JournalAdapter(Adapter):
         A directory of journal files to read (``journalctl -D``); empty (default): the local
         system journal and the users' journals this process may read.
     ``state_directory``
-        Where each account's hidden (DELE'd) UIDLs are kept; created at start. Default
+        Where each account's hidden (DELE'd) UIDLs are kept; made by the first deletion, as
+        the service user (so ``pop3sf-admin`` run as root never creates it root's). Default
         ``/var/lib/pop3sf/journal`` (inside the service's StateDirectory).
     ``hostname``
         Names the host in From, To and Message-ID when an entry has no ``_HOSTNAME``;
@@ -182,14 +183,6 @@ group = string(default="entry")
         where = state if os.path.isdir(state) else os.path.dirname(state)
         if not os.access(where, os.W_OK | os.X_OK):
             raise ConfigError(f"state_directory = {state!r}: {where} is not writable")
-
-    def start(self) -> None:
-        super().start()
-        try:
-            os.makedirs(self.options["state_directory"], 0o750, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"state_directory = {self.options['state_directory']!r}: "
-                              f"{exc.strerror}") from exc
 
     def apply(self, options: dict[str, Any]) -> None:
         if options["directory"]:

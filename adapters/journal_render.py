@@ -36,6 +36,7 @@ MAX_FIELD = 512
 MAX_DIGEST_ENTRIES = 5000
 
 _CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_LONG_LINE = re.compile(rb"[^\n]{%d}" % (MAX_LINE + 1))
 _HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 
 Fields = Mapping[str, bytes]
@@ -44,8 +45,24 @@ Fields = Mapping[str, bytes]
 def text_of(value: bytes) -> str:
     """Field octets as printable text: UTF-8, other octets and controls (but tab and newline)
     as ``\\xNN``; CRLF and lone CR count as newlines."""
-    text = value.decode("utf-8", "backslashreplace").replace("\r\n", "\n").replace("\r", "\n")
-    return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    text = value.decode("utf-8", "backslashreplace")
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if _CONTROLS.search(text) is None:  # the common case: nothing to escape
+        return text
+    return _CONTROLS.sub(_escape, text)
+
+
+def _escape(m: re.Match[str]) -> str:
+    return f"\\x{ord(m.group()):02x}"
+
+
+def subject(text: str) -> str:
+    """A Subject field body: short printable ASCII as it is, anything else through
+    :func:`.plaintext.subject_for` (cleaned, folded, RFC 2047 encoded)."""
+    if text.isascii() and text.isprintable() and "=?" not in text and len(text) <= 68:
+        return text
+    return subject_for(text)
 
 
 def priority_of(fields: Fields) -> int | None:
@@ -111,13 +128,11 @@ def _message(*, sender_host: str, recipient: str, date: datetime.datetime, messa
              subject: str, extra: Sequence[tuple[str, str]], body: str) -> bytes:
     """Header fields (ASCII) and a UTF-8 body with CRLF line ends and a final CRLF."""
     data = body.encode("utf-8")
-    lines = data.split(b"\n")
-    if lines[-1] == b"":
-        lines.pop()
-    qp = any(len(line) > MAX_LINE for line in lines)
+    if not data.endswith(b"\n"):
+        data += b"\n"
+    qp = _LONG_LINE.search(data) is not None
     if qp:
-        data = quopri.encodestring(b"\n".join(lines) + b"\n")
-        lines = data.split(b"\n")[:-1]
+        data = quopri.encodestring(data)
     head = [f"From: journal on {sender_host} <journal@{sender_host}>",
             f"To: {recipient}",
             f"Date: {email.utils.format_datetime(date)}",
@@ -127,7 +142,7 @@ def _message(*, sender_host: str, recipient: str, date: datetime.datetime, messa
             "MIME-Version: 1.0",
             "Content-Type: text/plain; charset=utf-8",
             f"Content-Transfer-Encoding: {'quoted-printable' if qp else '8bit'}", "", ""]
-    return "\r\n".join(head).encode("ascii") + b"".join(line + b"\r\n" for line in lines)
+    return "\r\n".join(head).encode("ascii") + data.replace(b"\n", b"\r\n")
 
 
 def single(fields: Mapping[str, bytes | list[bytes]]) -> dict[str, bytes]:
@@ -145,6 +160,8 @@ def _metadata(fields: Mapping[str, bytes | list[bytes]]) -> list[str]:
         for one in value if isinstance(value, list) else [value]:
             if len(one) > MAX_FIELD:
                 out.append(f"{key}=(more than {MAX_FIELD} octets, not shown)")
+            elif one.isascii() and one.isalnum():  # ids, numbers, names: nothing to escape
+                out.append(f"{key}={one.decode('ascii')}")
             else:
                 out.append(f"{key}={text_of(one)}".replace("\n", "\\n"))
     return out
@@ -159,12 +176,12 @@ def render_entry(all_fields: Mapping[str, bytes | list[bytes]], realtime_us: int
     raw = fields.get("MESSAGE", b"")
     text = text_of(raw[:MAX_TEXT]) + ("\n[cut at 1 MiB]" if len(raw) > MAX_TEXT else "")
     priority = priority_of(fields)
-    subject = f"[{one_line(unit_of(fields), 60)}] {priority_name(priority)}: {one_line(raw)}"
+    title = f"[{one_line(unit_of(fields), 60)}] {priority_name(priority)}: {one_line(raw)}"
     body = "\n".join([text, "", "-- ", f"__CURSOR={cursor}",
                       f"__REALTIME_TIMESTAMP={realtime_us}", *_metadata(all_fields)])
     return _message(sender_host=sender, recipient=recipient, date=local_time(realtime_us),
                     message_id=f"<{digest(cursor)}.entry@{sender}>",
-                    subject=subject_for(subject),
+                    subject=subject(title),
                     extra=[("X-Journal-Priority", priority_name(priority))], body=body)
 
 
@@ -198,7 +215,7 @@ def render_digest(uid: str, unit: bytes, start: datetime.datetime, end: datetime
     if len(lines) > len(shown):
         body += ["", f"[{len(lines) - len(shown)} more entries not shown]"]
     count = f"{len(lines)} entr{'y' if len(lines) == 1 else 'ies'}"
-    subject = f"[{name}] {priority_name(worst)}: {count}, {span}: {one_line(first.text)}"
+    title = f"[{name}] {priority_name(worst)}: {count}, {span}: {one_line(first.text)}"
     return _message(sender_host=sender, recipient=recipient, date=start,
-                    message_id=f"<{digest(uid)}.digest@{sender}>", subject=subject_for(subject),
+                    message_id=f"<{digest(uid)}.digest@{sender}>", subject=subject(title),
                     extra=[("X-Journal-Priority", priority_name(worst))], body="\n".join(body))

@@ -53,6 +53,7 @@ class HiddenStore:
         path = self._path(account)
         tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
+            os.makedirs(self.directory, 0o750, exist_ok=True)  # by the server, at first use
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
                          | os.O_CLOEXEC, 0o640)
             try:

@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from journald import available, write_entries  # noqa: E402
-
 from pop3sf.adapters.journal import JournalAdapter  # noqa: E402
+
 from pop3sf.testing import running_server  # noqa: E402
 
 CLIENT = r"""

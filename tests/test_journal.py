@@ -312,3 +312,39 @@ def test_probe_says_when_the_service_user_cannot_read(logs: Path, tmp_path: Path
     assert proc.returncode != 0
     assert "SupplementaryGroups=systemd-journal" in proc.stderr, proc.stderr
     assert f"cannot read {logs}/" in proc.stderr
+
+
+def test_long_lines_travel_quoted_printable(tmp_path: Path) -> None:
+    directory = tmp_path / "journal"
+    line = "é" * 700  # 1400 octets: longer than RFC 5322's 998
+    write_entries(directory, [entry("json", f"{line}\nshort")])
+    cfg = config(directory, tmp_path / "state", a={"matches": "SYSLOG_IDENTIFIER=json"})
+    with running_server("journal", cfg) as srv:
+        pop = login(srv, "a")
+        raw = pop.retr(1)[1]
+        assert max(len(x) for x in raw) <= 998
+        msg = email.message_from_bytes(b"\r\n".join(raw), policy=email.policy.default)
+        assert msg["Content-Transfer-Encoding"] == "quoted-printable"
+        assert content(msg).startswith(f"{line}\nshort\n\n-- \n")
+        assert len(b"".join(x + b"\r\n" for x in raw)) == pop.stat()[1]
+        pop.quit()
+
+
+def test_the_readme_config_is_valid(tmp_path: Path) -> None:
+    """The complete config of README.md's journal section loads as the server loads it."""
+    from pop3sf.config import load_config
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("    [adapter]\n    type = journal\n", 1)[1].split("\n\n*", 1)[0]
+    text = "[adapter]\ntype = journal\n" + "\n".join(line[4:] for line in block.splitlines())
+    text = text.replace("$2b$12$...", "{PLAIN}pw")
+    conf = tmp_path / "pop3sf.conf"
+    conf.write_text("[listeners]\n[[pop3]]\naddresses = 127.0.0.1:0\n" + text)
+    settings = load_config(str(conf))
+    adapter = JournalAdapter(settings.adapter_config)
+    assert sorted(adapter.mailboxes) == ["alerts", "backup", "web"]
+    web = adapter.mailboxes["web"]
+    assert web.terms == (("_SYSTEMD_UNIT=nginx.service", "_SYSTEMD_UNIT=php8.2-fpm.service"),
+                         ("SYSLOG_IDENTIFIER=certbot",))
+    assert (web.priority, web.group) == (4, "unit-hour")
+    assert adapter.mailboxes["backup"].since == 30 * 86400
