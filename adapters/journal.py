@@ -169,7 +169,8 @@ group = string(default="entry")
         files, unreadable = journal_files([directory] if directory else SYSTEM_JOURNALS)
         if unreadable:
             raise ConfigError(
-                f"directory: cannot read {unreadable[0]} ({len(unreadable)} unreadable of "
+                f"{f'directory = {directory!r}' if directory else 'the system journal'}: "
+                f"cannot read {unreadable[0]} ({len(unreadable)} unreadable of "
                 f"{len(files)} journal files and their directories); the service user needs "
                 "group systemd-journal: SupplementaryGroups=systemd-journal in a drop-in, see "
                 "README.Debian")
@@ -178,7 +179,7 @@ group = string(default="entry")
         try:
             open_reader(directory).close()
         except TemporaryFailure as exc:
-            raise ConfigError(f"directory: {exc}") from None
+            raise ConfigError(f"directory = {directory!r}: {exc}") from None
         state = self.options["state_directory"]
         where = state if os.path.isdir(state) else os.path.dirname(state)
         if not os.access(where, os.W_OK | os.X_OK):
@@ -342,7 +343,7 @@ class JournalSession(MailboxSession[Mailbox]):
         with filtered(self.directory, self._mailbox()) as reader:
             if isinstance(item.where, Period):
                 lines = lines_of(reader, item.where)
-                if not lines:
+                if lines is None:
                     raise MessageGone(uid)
                 return io.BytesIO(self._render_digest(uid, item.where, lines))
             found = entry_at(reader, item.where)

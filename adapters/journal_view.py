@@ -21,6 +21,9 @@ from .base import TemporaryFailure
 from .journal_render import MAX_TEXT, PRIORITIES, Line, digest, digest_uid, entry_uid
 
 GROUPS = ("entry", "unit-hour", "unit-day")
+#: Seconds after its end a period counts as closed: entries journald is still writing (a
+#: burst, a slow disk) land before its digest is listed.
+CLOSE_GRACE = 60
 _MATCH = re.compile(r"[A-Z0-9_]{1,64}=.*", re.DOTALL)
 _DURATION = re.compile(r"(\d+)\s*([smhdw]?)")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -194,6 +197,8 @@ class Period:
     start: int  # Unix seconds
     end: int
     unit: bytes
+    #: The timestamps of the entries it was listed with: RETR serves exactly those.
+    stamps: tuple[int, ...] = field(default=(), compare=False, repr=False)
 
     def bounds(self) -> tuple[datetime.datetime, datetime.datetime]:
         return (datetime.datetime.fromtimestamp(self.start).astimezone(),
@@ -223,7 +228,7 @@ def digest_window(mailbox: Mailbox, now: float) -> tuple[int, int]:
     still open. Digests cover exactly the periods in between; a listing of them stays valid
     until this pair changes (once an hour or day), which is what the adapter caches by."""
     return (period_of(now - mailbox.since, mailbox.group)[0],
-            period_of(now, mailbox.group)[0])
+            period_of(now - CLOSE_GRACE, mailbox.group)[0])
 
 
 def collect_digests(reader: Any, mailbox: Mailbox,
@@ -247,18 +252,22 @@ def collect_digests(reader: Any, mailbox: Mailbox,
         groups.setdefault((start, unit_at(reader)), []).append(line_at(reader, realtime))
     kind = mailbox.group.split("-")[1]
     return [(digest_uid(kind, start, unit, mailbox.fingerprint),
-             Period(mailbox.group, start, bounds[start], unit), lines)
+             Period(mailbox.group, start, bounds[start], unit,
+                    tuple(line.realtime_us for line in lines)), lines)
             for (start, unit), lines in sorted(groups.items())]
 
 
-def lines_of(reader: Any, period: Period) -> list[Line]:
-    """A digest's lines read again (RETR): the period's entries of the unit, in order."""
+def lines_of(reader: Any, period: Period) -> list[Line] | None:
+    """A digest's lines read again (RETR): the entries it was listed with, in order, so an
+    entry that arrived late (a clock step, an imported journal) can't change it; None when
+    some have gone (the journal was vacuumed), as the message then no longer exists."""
     lines = []
+    stamps = set(period.stamps)
     reader.seek_realtime(period.start * 1_000_000)
     while reader._next():
         realtime = reader._get_realtime()
         if realtime >= period.end * 1_000_000:
             break
-        if realtime >= period.start * 1_000_000 and unit_at(reader) == period.unit:
+        if realtime in stamps and unit_at(reader) == period.unit:
             lines.append(line_at(reader, realtime))
-    return lines
+    return lines if len(lines) == len(period.stamps) else None

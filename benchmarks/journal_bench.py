@@ -84,7 +84,7 @@ def main() -> int:
                   **{name: {"password_hash": "{PLAIN}pw", **keys}
                      for name, keys in accounts.items()}}
         adapter = JournalAdapter(config)
-        adapter.clock = lambda: time.time() + 3600  # this hour closed: digests are offered
+        adapter.clock = lambda: time.time() + 3700  # this hour closed: digests are offered
         print(f"{'account':8} {'listed':>7} {'first login CPU':>16} {'CPU/login':>10} "
               f"{'wall/login':>11}")
         with running_server("journal", config, adapter=adapter,

@@ -21,7 +21,7 @@ from journald import available, write_entries
 from pop3sf.adapters import ConfigError, load_adapter_class
 from pop3sf.adapters.journal import JournalAdapter
 from pop3sf.adapters.journal_render import render_entry
-from pop3sf.adapters.journal_view import period_of
+from pop3sf.adapters.journal_view import CLOSE_GRACE, period_of
 from pop3sf.auxiliary import admin
 from systemd import journal
 
@@ -197,7 +197,7 @@ def test_digests_are_offered_once_their_period_closed(logs: Path, tmp_path: Path
         pop = login(srv, "hourly")
         assert pop.stat() == (0, 0)  # the hour is still open: nothing yet
         pop.quit()
-        adapter.clock = lambda: written + 3600
+        adapter.clock = lambda: written + 3600 + CLOSE_GRACE
         pop = login(srv, "hourly")
         assert pop.stat()[0] == 2  # backup and cron, one digest each
         backup, cron = parsed(pop, 1), parsed(pop, 2)
@@ -348,3 +348,20 @@ def test_the_readme_config_is_valid(tmp_path: Path) -> None:
                          ("SYSLOG_IDENTIFIER=certbot",))
     assert (web.priority, web.group) == (4, "unit-hour")
     assert adapter.mailboxes["backup"].since == 30 * 86400
+
+
+def test_vacuumed_entries_are_gone_not_wrong(logs: Path, tmp_path: Path) -> None:
+    """Journal files rotated away between LIST and RETR: -ERR, never other octets."""
+    cfg = config(logs, tmp_path / "state", each={"matches": "SYSLOG_IDENTIFIER=backup"},
+                 daily={"matches": "SYSLOG_IDENTIFIER=backup", "group": "unit-day"})
+    adapter = JournalAdapter(cfg)
+    adapter.clock = lambda: time.time() + 2 * 86400
+    with running_server("journal", cfg, adapter=adapter) as srv:
+        each, daily = login(srv, "each"), login(srv, "daily")
+        assert each.stat()[0] == 3 and daily.stat()[0] == 1
+        shutil.rmtree(logs)
+        logs.mkdir()
+        for pop in (each, daily):
+            with pytest.raises(poplib.error_proto, match="no longer exists"):
+                pop.retr(1)
+            pop.quit()
