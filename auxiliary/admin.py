@@ -209,47 +209,9 @@ def cmd_hash(args: argparse.Namespace) -> int:
 
 
 def cmd_preview(settings: SourceSettings, args: argparse.Namespace) -> int:
-    """What ACCOUNT would be served, through the adapter's ``preview_session`` (any adapter
-    that has one: docs/adapters.md#admin), without its password and without hiding anything."""
-    from pop3sf.adapters import AdapterError, AuthenticationFailed, ConfigError, load_adapter_class
+    from .preview import preview  # the one command that needs no Source
 
-    from .sources import summarize
-
-    try:
-        adapter = load_adapter_class(settings.adapter_type)(settings.adapter_config)
-        adapter.start()
-    except ConfigError as exc:
-        raise Failure(f"bad configuration: [adapter] ({settings.adapter_type}): {exc}",
-                      EX_CONFIG) from exc
-    try:
-        try:
-            session = adapter.preview_session(args.account)
-        except NotImplementedError:
-            raise Failure(f"adapter type {settings.adapter_type!r} can't preview (it has no "
-                          "preview_session)", EX_UNAVAILABLE) from None
-        except AuthenticationFailed as exc:
-            raise Failure(str(exc), EX_NOUSER) from None
-        try:
-            infos = session.list_messages()
-            if args.message is not None:
-                if not 1 <= args.message <= len(infos):
-                    raise Failure(f"no message {args.message} ({len(infos)} listed)", EX_DATAERR)
-                with session.open_message(infos[args.message - 1].uid) as stream:
-                    sys.stdout.buffer.write(stream.read())
-                return EX_OK
-            for n, info in enumerate(infos, 1):
-                m = summarize(info.uid, info.size, session.open_message(info.uid))
-                print(f"{n}\t{m.id}\t{m.size}\t{m.date.strftime('%Y-%m-%d %H:%M:%S')}\t"
-                      f"{m.subject}")
-            print(f"{PROG}: {args.account}: {len(infos)} message(s), "
-                  f"{sum(i.size for i in infos)} octets", file=sys.stderr)
-        finally:
-            session.connection_closed()
-    except AdapterError as exc:
-        raise Failure(f"{args.account}: {exc}", 1) from exc
-    finally:
-        adapter.close()
-    return EX_OK
+    return preview(settings.adapter_type, settings.adapter_config, args.account, args.message)
 
 
 # --- live sessions: who and kick, asked of the running server ----------------------------

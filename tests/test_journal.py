@@ -277,6 +277,11 @@ def test_admin_preview(logs: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     assert "no account 'nobody'" in capsys.readouterr().err
     assert admin.main(["--config", str(conf), "message", "list", "alerts"]) == 0
     assert "[backup] err: disk full" in capsys.readouterr().out
+    listing = tmp_path / "list.conf"  # an adapter without the hook
+    listing.write_text("[listeners]\n[[pop3]]\naddresses = 127.0.0.1:0\n"
+                       "[adapter]\ntype = list\nusers = a:{PLAIN}x\n")
+    assert admin.main(["--config", str(listing), "preview", "a"]) == admin.EX_UNAVAILABLE
+    assert "can't preview" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("keys", "error"), [
