@@ -115,6 +115,7 @@ max_messages = integer(1, 100000, default=1000)
 group = string(default="entry")
 """
     blocking = True  # journal files are read from disk on the worker pool
+    closes_inline = True  # a session holds nothing open between calls: nothing to release
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
