@@ -25,7 +25,7 @@ from pop3sf.adapters.journal_view import CLOSE_GRACE, period_of
 from pop3sf.auxiliary import admin
 from systemd import journal
 
-from pop3sf.testing import AdapterConformance, running_server
+from pop3sf.testing import AdapterConformance, login_when_free, running_server
 from pop3sf.wire import measure
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
@@ -44,10 +44,7 @@ def entry(ident: str, message: str | bytes, priority: int = 6,
 
 
 def login(srv: Any, user: str, password: str = "pw") -> poplib.POP3:
-    pop = srv.pop3()
-    pop.user(user)
-    pop.pass_(password)
-    return pop
+    return login_when_free(srv, user, password)
 
 
 def parsed(pop: poplib.POP3, n: int) -> email.message.EmailMessage:
