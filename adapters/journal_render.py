@@ -104,7 +104,8 @@ def digest(*parts: bytes | str, size: int = 16) -> str:
 
 
 def entry_uid(realtime_us: int, cursor: str) -> str:
-    return f"e.{realtime_us}.{digest(cursor, size=8)}"
+    # Once per listed entry at every login: hashlib directly (a cursor is ASCII).
+    return f"e.{realtime_us}.{hashlib.blake2b(cursor.encode(), digest_size=8).hexdigest()}"
 
 
 def digest_uid(kind: str, period_start: int, unit: bytes, fingerprint: str) -> str:
