@@ -35,6 +35,7 @@ from typing import Any, BinaryIO, NamedTuple, TypeVar, cast
 
 from pop3sf import passwords
 
+from .accountlock import lock_maildrop, unlock_maildrop
 from .base import (
     Adapter,
     AuthenticationFailed,
@@ -56,6 +57,9 @@ from .sizecache import FileChanged, SizeCache
 log = logging.getLogger("pop3sf.adapters.maildir")
 
 UIDLIST = "dovecot-uidlist"
+#: flock()ed by read-write sessions in the Maildir's top directory, so other pop3sf processes
+#: serve it once (adapters/accountlock.py); no leading dot, which Maildir++ uses for folders.
+LOCK_FILE = "pop3sf.lock"
 SUBDIRS = ("new", "cur")
 #: Dovecot's default ``pop3_uidl_format``: the IMAP uid and the uidvalidity, 8 hex digits each.
 DOVECOT_UIDL_FORMAT = "%08Xu%08Xv"
@@ -338,6 +342,9 @@ class MaildirAdapter(Adapter):
     ``from_address``
         From of the messages ``pop3sf-admin message add`` makes of plain text
         (default ``pop3sf <pop3sf@localhost>``).
+    ``cross_instance_lock``
+        Read-write sessions ``flock`` ``pop3sf.lock`` in the Maildir (default yes), so other
+        pop3sf processes and instances sharing it answer ``[IN-USE]`` (:mod:`.accountlock`).
     """
 
     configspec = """
@@ -353,9 +360,11 @@ size_cache_entries = integer(100, 10000000, default=100000)
 read_only = boolean(default=True)
 bcrypt_rounds = integer(4, 31, default=12)
 from_address = string(default="pop3sf <pop3sf@localhost>")
+cross_instance_lock = boolean(default=True)
 """
 
     blocking = True
+    fds_per_session = 1  # the lock file of a read-write session
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
@@ -543,6 +552,7 @@ class MaildirSession(MailboxSession):
         self._fd: int | None = None
         self._missing = False
         self._msgs: dict[str, _Msg] = {}
+        self._lock_fd: int | None = None
 
     # --- authentication ---------------------------------------------------------------------
 
@@ -554,6 +564,13 @@ class MaildirSession(MailboxSession):
 
     def login_succeeded(self, account: AuthResult, read_only: bool) -> None:
         self.read_only = read_only
+        if not read_only and self.options["cross_instance_lock"] and self._lock_fd is None:
+            try:
+                fd = self._open_maildir()  # None: no Maildir yet, nothing to serve twice
+                if fd is not None:
+                    self._lock_fd = lock_maildrop(fd, LOCK_FILE, self.path)
+            finally:
+                self._close_maildir()
 
     def _open_maildir(self) -> int | None:
         """The Maildir's descriptor; None when it doesn't exist yet (no mail delivered)."""
@@ -862,6 +879,8 @@ class MaildirSession(MailboxSession):
     def connection_closed(self) -> None:
         self._close_maildir()
         self._msgs = {}
+        unlock_maildrop(self._lock_fd)
+        self._lock_fd = None
 
 
 def _open_regular(dfd: int, name: str) -> int:
