@@ -89,7 +89,7 @@ def _parse_v1(buf: bytes | bytearray) -> Result:
     if end < 0:
         cr = buf.find(b"\r", 0, V1_MAX)
         if 0 <= cr < len(buf) - 1:
-            return Invalid("v1 header: CR without LF")
+            return Invalid("v1 header: a line end other than CRLF")
         return NEED_MORE if len(buf) < V1_MAX else Invalid("v1 header: no CRLF in 107 octets")
     if buf[end - 1:end] != b"\r" or buf.find(b"\r", 0, end - 1) >= 0:
         return Invalid("v1 header: a line end other than CRLF")

@@ -146,6 +146,9 @@ def check_result(data: bytes, versions: tuple[int, ...]) -> None:
             socket.inet_pton(socket.AF_INET6 if ":" in source[0] else socket.AF_INET, source[0])
     if isinstance(result, Invalid):
         assert result.reason.isascii() and len(result.reason) < 80
+    for cut in range(len(data)):  # once decided, more bytes never change the answer
+        early = parse(data[:cut], versions)
+        assert early is NEED_MORE or early == result, (cut, early, result)
 
 
 addresses = st.one_of(
