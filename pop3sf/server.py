@@ -278,7 +278,9 @@ class Server:
         Returns why the connection is refused (the per-address cap), or None."""
         proxy_address = conn.address
         if header.source is not None:
-            conn.address, conn.port = normalize_address(header.source[0]), header.source[1]
+            address = header.source[0]  # canonical already; IPv4-mapped IPv6 becomes IPv4
+            conn.address = normalize_address(address) if ":" in address else address
+            conn.port = header.source[1]
         listener = self._proxy_listener(conn.listener)
         conn.proxy_tls = header.tls and listener is not None and listener.proxy_tls_trusted
         conn.proxied_by = proxy_address
