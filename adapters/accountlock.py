@@ -15,7 +15,12 @@ file inside the maildrop itself:
   (SIGKILL included): no stale lock, nothing to clean up; the file itself is left in place,
   because unlinking a lock file races with the next locker;
 * read-only (XPRO) sessions take no lock, as they take no in-process lock: they delete nothing,
-  and a message deleted under them is answered as gone.
+  and a message deleted under them is answered as gone;
+* a maildrop this process may not write (permissions, a read-only filesystem) and that has no
+  lock file yet is served without one, with a warning: the lock exists to keep two sessions from
+  deleting the same messages, and whoever can't create a file there can't delete there either.
+  An existing lock file is still locked (read-only descriptors can be flocked locally), so an
+  administrator can pre-create it.
 
 Taken in ``login_succeeded`` (a worker thread), released in ``connection_closed``; a lock held
 elsewhere raises :class:`MaildropInUse`, which the client sees as ``-ERR [IN-USE]``.
@@ -25,29 +30,38 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import stat
 
 from .base import MaildropInUse, TemporaryFailure
 
-_FLAGS = os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+log = logging.getLogger("pop3sf.adapters.accountlock")
+
+_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_WARNED_MAX = 1000
+_warned: set[str] = set()
 
 
-def lock_maildrop(dir_fd: int, name: str, where: str) -> int:
+def lock_maildrop(dir_fd: int, name: str, where: str) -> int | None:
     """Open (creating it if need be) ``name`` in the directory ``dir_fd`` and lock it
-    exclusively without waiting; return the descriptor that holds the lock.
+    exclusively without waiting; return the descriptor that holds the lock, or None for a
+    maildrop this process can't write to (see the module's docstring).
 
     Raises :class:`MaildropInUse` when another session, in this process or any other, holds
     it, and :class:`TemporaryFailure` when the file can't be opened or is not a regular file.
     """
     try:
         # Read-write where possible: NFS implements an exclusive flock as a write lock.
-        fd = os.open(name, os.O_RDWR | _FLAGS, 0o660, dir_fd=dir_fd)
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | _FLAGS, 0o660, dir_fd=dir_fd)
     except OSError as exc:
-        if exc.errno not in (errno.EACCES, errno.EROFS):
+        if exc.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
             raise TemporaryFailure(_why(where, name, exc)) from exc
         try:
-            fd = os.open(name, os.O_RDONLY | _FLAGS, 0o660, dir_fd=dir_fd)
+            fd = os.open(name, os.O_RDONLY | _FLAGS, dir_fd=dir_fd)
+        except FileNotFoundError:
+            _warn_unlocked(where, name, exc)
+            return None
         except OSError as exc2:
             raise TemporaryFailure(_why(where, name, exc2)) from exc2
     try:
@@ -70,6 +84,16 @@ def unlock_maildrop(fd: int | None) -> None:
     """Give the lock back (closing the descriptor releases it)."""
     if fd is not None:
         os.close(fd)
+
+
+def _warn_unlocked(where: str, name: str, exc: OSError) -> None:
+    """Once per maildrop (up to a bound): a silent fallback would hide a lost guarantee."""
+    if where in _warned or len(_warned) >= _WARNED_MAX:
+        return
+    _warned.add(where)
+    log.warning("cannot create %s/%s (%s): sessions there are not excluded across processes; "
+                "this process can't delete there either. Create the file, writable by the "
+                "service user, to have them excluded", where, name, exc.strerror or exc)
 
 
 def _why(where: str, name: str, exc: OSError) -> str:

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import os
 import poplib
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -164,3 +166,51 @@ def test_maildir_not_yet_created_takes_no_lock(tmp_path: Path) -> None:
     assert infos == [] and not md.exists()
     session.login_succeeded(AuthResult("new@example.org"), False)
     env.close_sessions()
+
+
+UNWRITABLE = textwrap.dedent("""
+    import os, sys
+    from pop3sf.adapters.accountlock import lock_maildrop
+    from pop3sf.adapters.base import MaildropInUse
+    fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        held = lock_maildrop(fd, sys.argv[2], sys.argv[1])
+    except MaildropInUse:
+        held = "in use"
+    print("none" if held is None else "in use" if held == "in use" else "locked", flush=True)
+""")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a process as nobody")
+def test_unwritable_maildrop_served_without_lock_unless_the_file_exists() -> None:
+    """A service user that can't create the lock file can't delete there either: served with a
+    warning (no lock); a lock file the administrator created is still locked, read-only."""
+    base = Path(tempfile.mkdtemp(prefix="pop3sf-lock-", dir="/tmp"))  # pytest's is 0700
+    try:
+        base.chmod(0o755)
+        d = base / "maildrop"
+        d.mkdir(mode=0o755)
+        check_unwritable(d)
+    finally:
+        shutil.rmtree(base)
+
+
+def check_unwritable(d: Path) -> None:
+
+    def as_nobody(name: str) -> str:
+        run = subprocess.run([sys.executable, "-c", UNWRITABLE, str(d), name], user="nobody",
+                             capture_output=True, text=True, timeout=30, cwd="/")
+        assert run.returncode == 0, run.stderr
+        return run.stdout.strip() + ("|warned" if "not excluded across processes" in run.stderr
+                                     else "")
+
+    assert as_nobody("missing.lock") == "none|warned"
+    (d / "made.lock").touch(mode=0o644)
+    assert as_nobody("made.lock") == "locked"
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        held = lock_maildrop(fd, "made.lock", str(d))
+        assert as_nobody("made.lock") == "in use"  # a read-only flock excludes all the same
+        unlock_maildrop(held)
+    finally:
+        os.close(fd)
