@@ -18,13 +18,12 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from pop3sf.adapters import ConfigurationError
-
 from . import __version__, logs
 from .config import (
     ConfigError,
     ServiceAccount,
     Settings,
+    adapter_error,
     load_config,
     readable_secrets,
     service_account,
@@ -71,11 +70,8 @@ def check(settings: Settings, connect: bool = False) -> None:
         adapter.check()
         if connect:
             adapter.probe()
-    except ConfigError:
-        raise
-    except Exception as exc:
-        raise ConfigError(f"{settings.source}: [adapter] ({settings.adapter_type}): {exc}") \
-            from None
+    except Exception as exc:  # whatever the adapter found wrong is a configuration error here
+        raise adapter_error(settings.source, settings.adapter_type, exc) from None
     finally:
         if adapter is not None:
             try:
@@ -218,13 +214,9 @@ def _serve(settings: Settings, account: ServiceAccount | None, target: str,
                 log.error("cannot start: %s", exc)
                 return EX_CONFIG
         try:
-            server = Server(settings)
-            server.start(listeners)
+            server = _start_server(settings, listeners)
         except ConfigError as exc:
             log.error("%s", exc)
-            return EX_CONFIG
-        except ConfigurationError as exc:
-            log.error("%s: [adapter] (%s): %s", settings.source, settings.adapter_type, exc)
             return EX_CONFIG
         except Exception as exc:
             log.error("cannot start: %s", exc)
@@ -241,6 +233,21 @@ def _serve(settings: Settings, account: ServiceAccount | None, target: str,
         return 0
     finally:
         pipeline.stop()
+
+
+def _start_server(settings: Settings, listeners: list[ListeningSocket]) -> Server:
+    """A started server; a :class:`ConfigError` of the adapter (building it, or its ``start``,
+    the only source of one in :meth:`Server.start`) says it comes from ``[adapter]``."""
+    try:
+        adapter = settings.adapter_class(settings.adapter_config)
+    except ConfigError as exc:
+        raise adapter_error(settings.source, settings.adapter_type, exc) from None
+    server = Server(settings, adapter)
+    try:
+        server.start(listeners)
+    except ConfigError as exc:
+        raise adapter_error(settings.source, settings.adapter_type, exc) from None
+    return server
 
 
 def _install_signals(server: Server, path: str) -> None:

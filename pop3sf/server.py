@@ -18,7 +18,7 @@ from typing import Any
 from pop3sf.adapters import Adapter
 
 from .accounts import Accounts
-from .config import ConfigError, Listener, Settings
+from .config import ConfigError, Listener, Settings, adapter_error
 from .connection import Connection
 from .control import ControlServer
 from .listeners import ListeningSocket
@@ -344,9 +344,11 @@ class Server:
 
     # -- adapter calls --------------------------------------------------------------------------
     def call_adapter(self, pool: str, func: Callable[..., Any], args: tuple[Any, ...],
-                     done: Callable[[Any, BaseException | None], None]) -> None:
+                     done: Callable[[Any, BaseException | None], None],
+                     inline: bool = False) -> None:
+        """On a worker of ``pool``, or on the loop for a call that can't block."""
         self.stats["adapter_calls"] += 1
-        if self.adapter.blocking:
+        if self.adapter.blocking and not inline:
             self.pools[pool].submit(func, args, done)
         else:
             run_inline(func, args, done)
@@ -399,8 +401,8 @@ class Server:
             raise
         try:
             self.adapter.reload(settings.adapter_config)
-        except ConfigError:
-            raise
+        except ConfigError as exc:
+            raise adapter_error(settings.source, settings.adapter_type, exc) from None
         except Exception as exc:
             log.error("reload: adapter refused the new configuration, keeping the old: %s", exc)
             raise ConfigError(str(exc)) from exc

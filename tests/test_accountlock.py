@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from pop3sf.adapters.accountlock import lock_maildrop, unlock_maildrop
-from pop3sf.adapters.base import AuthResult, Credentials, MaildropInUse, Peer, TemporaryFailure
+from pop3sf.adapters.base import Credentials, MaildropInUse, Peer, TemporaryFailure
 from pop3sf.adapters.directory import LOCK_FILE, MultiUserDirectoryAdapter
 from test_directory import make_user, put
 from test_maildir import Env, deliver, make_maildir
@@ -164,7 +164,7 @@ def test_maildir_not_yet_created_takes_no_lock(tmp_path: Path) -> None:
     adapter = env.adapter()
     session, infos = env.login(adapter, "new@example.org")
     assert infos == [] and not md.exists()
-    session.login_succeeded(AuthResult("new@example.org"), False)
+    assert session._lock_fd is None  # nothing to serve twice, nothing locked
     env.close_sessions()
 
 

@@ -1,4 +1,4 @@
-"""Directory adapters on real files (docs/protocol.md §9, §11): formats, order, uids, safety."""
+"""Directory adapters on real files (docs/adapters.md#bundled): formats, order, uids, safety."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from pop3sf.adapters.directory import (
 from pop3sf.adapters.sizecache import JOURNAL, FileChanged, SizeCache, key_for
 
 from pop3sf.passwords import hash_bcrypt
-from pop3sf.testing import AdapterConformance, RunningServer, running_server
+from pop3sf.testing import AdapterConformance, RunningServer, login_when_free, running_server
 from pop3sf.wire import Measure, WireEncoder, wire_bytes
 
 PEER = Peer("127.0.0.1", 40000)
@@ -325,8 +325,9 @@ def test_single_user_adapter(tmp_path: Path) -> None:
     for user, password in [("reports", "nope"), ("other", "pw"), ("Reports", "pw")]:
         with pytest.raises(AuthenticationFailed):
             s.authenticate(Credentials(user, password))
-    assert s.authenticate(Credentials("reports", "pw")) == AuthResult("reports")
-    s.login_succeeded(AuthResult("reports"), False)
+    login = s.authenticate(Credentials("reports", "pw"))
+    assert login == AuthResult("reports")
+    s.login_succeeded(login, False)  # the very result, as the server hands it back
     (info,) = s.list_messages()
     assert info.uid == original_uid(d / "a.eml")
     assert read(s, info.uid) == b"Subject: a\n\na\n"
@@ -557,19 +558,7 @@ def test_size_cache_directory_unusable_falls_back(tmp_path: Path) -> None:
 
 
 def pop_login(srv: RunningServer, user: str = "alice", password: str = "secret") -> poplib.POP3:
-    """Log in; a dropped session's lock may take the server a moment to release."""
-    deadline = time.monotonic() + 5
-    while True:
-        pop = srv.pop3()
-        pop.user(user)
-        try:
-            pop.pass_(password)
-            return pop
-        except poplib.error_proto as exc:
-            pop.close()
-            if b"[IN-USE]" not in exc.args[0] or time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+    return login_when_free(srv, user, password)
 
 
 @pytest.fixture
