@@ -398,6 +398,9 @@ class Session:
         """Server stopping: idle sessions are told and closed; work in progress continues."""
         if self.conn.closed or self.blocked not in (None, VERIFICATION):
             return  # work under way finishes; the grace period bounds it
+        if not self.started_greeting:  # a PROXY header or a TLS handshake still awaited:
+            self.conn.close("server shutdown")  # no POP3 reply may come before the greeting
+            return
         self.conn.write(ERR_SHUTDOWN)
         self.close_reason = "server shutdown"
         self.conn.finish()

@@ -338,3 +338,15 @@ def test_configuration_errors() -> None:
     listener = load({**base, "proxy_protocol": "any", "trusted_proxies": "10.0.0.0/8"}
                     ).listeners[0]
     assert listener.proxy_protocol == "any" and str(listener.trusted_proxies[0]) == "10.0.0.0/8"
+
+
+def test_shutdown_closes_a_connection_still_awaiting_its_header(raw_clients: list[Raw]) -> None:
+    with running_server(adapter=make_adapter(), listeners=proxy_listener()) as srv:
+        waiting = Raw.connect(srv.port)
+        raw_clients.append(waiting)
+        waiting.send(b"PROXY TCP4 ")
+        greeted = ProxiedPOP3(srv.port, v2_header(SRC, DST))
+        srv.server.request_stop()
+        assert greeted.sock.recv(100).startswith(b"-ERR [SYS/TEMP] Server shutting down")
+        assert closed_silently(waiting)  # nothing before a greeting, not even a goodbye
+        greeted.close()
