@@ -274,9 +274,7 @@ class Connection:
 
     def _received(self, data: bytes) -> None:
         """Bytes from the socket (empty at EOF): into the TLS object or the input buffer."""
-        if not data:
-            pass
-        elif self.ssl is not None:
+        if data and self.ssl is not None:
             assert self.bio_in is not None
             self.bio_in.write(data)
             if self.handshaking:
@@ -287,7 +285,7 @@ class Connection:
             self._read_tls()
             if self.closed:
                 return
-        else:
+        elif data:
             self.inbuf += data
         if len(self.inbuf) > 4 * self.line_limit + RECV_SIZE:
             self.reading_paused = True

@@ -50,6 +50,7 @@ def session_info(session: Session) -> dict[str, Any]:
         "port": conn.port,
         "listener": conn.listener,
         "tls": conn.secure,
+        "proxy": conn.proxied_by,  # the load balancer that named the client, if any
         "since": int(session.logged_in_at) if session.authenticated else None,
         "bytes_out": conn.bytes_out,
         "read_only": session.read_only,

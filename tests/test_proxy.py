@@ -19,6 +19,7 @@ from test_protocol import make_adapter
 
 from pop3sf import proxy
 from pop3sf.config import ConfigError, settings_from_dict
+from pop3sf.control import session_info
 from pop3sf.proxy import NEED_MORE, Done, Invalid, parse, ssl_tlv, v1_header, v2_header
 from pop3sf.testing import RunningServer, running_server, server_config
 
@@ -210,6 +211,9 @@ def test_client_address_from_the_header_everywhere(caplog: pytest.LogCaptureFixt
         pop = ProxiedPOP3(srv.port, v2_header(SRC, DST))
         assert pop.getwelcome().startswith(b"+OK")
         assert srv.call(lambda: addresses_seen(srv)) == ["203.0.113.7"]
+        who = srv.call(lambda: [session_info(s) for s in srv.server.connections.values()])
+        assert [(w["address"], w["port"], w["proxy"], w["tls"]) for w in who] == \
+            [("203.0.113.7", 40000, "127.0.0.1", False)]  # pop3sf-admin who
         # 203.0.113.7 is no plaintext network: the policy is the client's, not the proxy's.
         with pytest.raises(poplib.error_proto, match="Plaintext"):
             pop.user("alice")
