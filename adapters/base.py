@@ -311,3 +311,12 @@ class Adapter(abc.ABC):
     @abc.abstractmethod
     def new_session(self, peer: Peer) -> MailboxSession[Any]:
         """A session object for one connection."""
+
+    def preview_session(self, account: str) -> MailboxSession[Any]:
+        """A read-only session of *account* without its password, for ``pop3sf-admin
+        preview`` (docs/adapters.md#admin): as if the account had logged in with
+        ``read_only=True`` (``login_succeeded`` done). The caller, on a started adapter, calls
+        ``list_messages()`` once, ``open_message(uid)`` for any listed uid, and always
+        ``connection_closed()``. Raise :class:`AuthenticationFailed` (its message is shown)
+        for an unknown account. Not overridden: the adapter can't preview."""
+        raise NotImplementedError(f"{type(self).__name__} has no preview_session")
