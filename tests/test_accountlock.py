@@ -13,6 +13,7 @@ import sys
 import tempfile
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pop3sf.adapters.accountlock import lock_maildrop, unlock_maildrop
@@ -214,3 +215,27 @@ def check_unwritable(d: Path) -> None:
         unlock_maildrop(held)
     finally:
         os.close(fd)
+
+
+def test_journal_accounts_exclusive_across_adapters(tmp_path: Path) -> None:
+    """The journal source hides DELE'd entries in state_directory: two processes sharing it
+    take turns per account, as the directory and Maildir sources do."""
+    from pop3sf.adapters.journal import JournalAdapter
+
+    (tmp_path / "logs").mkdir()
+    config = {"directory": str(tmp_path / "logs"), "state_directory": str(tmp_path / "st"),
+              "alerts": {"password_hash": "{PLAIN}pw"}}
+    one, two = JournalAdapter(config), JournalAdapter(config)
+
+    def login(adapter: JournalAdapter, read_only: bool = False) -> Any:
+        s = adapter.new_session(PEER)
+        s.login_succeeded(s.authenticate(Credentials("alerts", "pw")), read_only)
+        return s
+
+    held = login(one)
+    assert (tmp_path / "st" / "alerts.lock").is_file()
+    with pytest.raises(MaildropInUse):
+        login(two)
+    login(two, read_only=True).connection_closed()
+    held.connection_closed()
+    login(two).connection_closed()
