@@ -9,7 +9,7 @@ PYTHON ?= $(shell test -x .venv/bin/python && echo .venv/bin/python || echo pyth
 FUZZ_DIR ?= build/fuzz
 FUZZ_TIME ?= 600
 FUZZ_CI_TIME ?= 12
-HARNESSES ?= session sasl wire
+HARNESSES ?= session sasl wire proxy
 FUZZ_FLAGS ?=
 
 .PHONY: help fuzz fuzz-ci bench bench-quick test

@@ -32,6 +32,7 @@ from typing import Any, BinaryIO, NoReturn
 from pop3sf import passwords
 
 from . import sizecache
+from .accountlock import lock_maildrop, unlock_maildrop
 from .base import (
     Adapter,
     AuthenticationFailed,
@@ -56,6 +57,9 @@ log = logging.getLogger(__name__)
 #: User (directory) names of the multi-user source; nothing else can name a path component.
 USERNAME_RE = re.compile(r"[0-9A-Za-z_-]{1,64}")
 PASSWORD_FILE = ".pop3sf_password_bcrypt"
+#: flock()ed by read-write sessions, so other pop3sf processes serve the directory once
+#: (adapters/accountlock.py); a dot-file, so never listed as a message.
+LOCK_FILE = ".pop3sf.lock"
 #: File name suffix -> kind of message file.
 KINDS = {".eml": "eml", ".txt": "txt"}
 #: Bumped whenever the .txt wrapping changes, so cached sizes of the old form are not reused.
@@ -68,6 +72,7 @@ _COMMON_SPEC = """
 uid_root = string(default="")
 from_address = string(default="pop3sf <pop3sf@localhost>")
 to_address = string(default="%u@localhost")
+cross_instance_lock = boolean(default=True)
 """ + sizecache.CONFIGSPEC
 
 
@@ -123,7 +128,7 @@ class DirectoryAdapterBase(Adapter):
     list_with_login = True
     closes_inline = True
     allows_read_only = True
-    fds_per_session = 1  # the user's directory, held open against swaps
+    fds_per_session = 2  # the user's directory, held open against swaps, and its lock file
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
@@ -194,6 +199,10 @@ class DirectoryAdapter(DirectoryAdapterBase):
         default) keeps them in memory only.
     ``size_cache_entries``
         How many file versions the size cache remembers (default 100000).
+    ``cross_instance_lock``
+        Read-write sessions ``flock`` the directory's ``.pop3sf.lock`` (default yes), so other
+        pop3sf processes and instances sharing the directory answer ``[IN-USE]``
+        (:mod:`.accountlock`); the service user must be able to create that file.
     """
 
     configspec = """
@@ -238,8 +247,9 @@ class MultiUserDirectoryAdapter(DirectoryAdapterBase):
         Absolute path of the directory holding the user directories.
     ``uid_root``
         The root's *former* absolute path when the data was moved (see :class:`DirectoryAdapter`).
-    ``from_address``, ``to_address``, ``size_cache_dir``, ``size_cache_entries``
-        As for :class:`DirectoryAdapter`.
+    ``from_address``, ``to_address``, ``size_cache_dir``, ``size_cache_entries``,
+    ``cross_instance_lock``
+        As for :class:`DirectoryAdapter` (the lock file is each user directory's).
     ``bcrypt_rounds``
         Cost of the hashes ``pop3sf-admin`` writes (default 12; the server reads any cost).
         Every login spends one check of this cost: unknown names, broken accounts (no or an
@@ -402,6 +412,7 @@ class DirectorySession(MailboxSession[Located]):
         self._dir_fd: int | None = None
         self._uid_base = ""
         self._entries: dict[str, _Entry] = {}
+        self._lock_fd: int | None = None
 
     # --- authentication -------------------------------------------------------------------
 
@@ -415,6 +426,8 @@ class DirectorySession(MailboxSession[Located]):
         assert account.found is not None, "a directory login always says where"
         self.account, self._uid_base = account.account_id, account.found.uid_base
         self.read_only = read_only
+        if not read_only and self.options["cross_instance_lock"] and self._lock_fd is None:
+            self._lock_fd = lock_maildrop(self._fd(), LOCK_FILE, self._uid_base)
 
     # --- listing --------------------------------------------------------------------------
 
@@ -587,6 +600,8 @@ class DirectorySession(MailboxSession[Located]):
     def connection_closed(self) -> None:
         self._close_dir()
         self._entries = {}
+        unlock_maildrop(self._lock_fd)
+        self._lock_fd = None
 
     def _close_dir(self) -> None:
         if self._dir_fd is not None:

@@ -25,6 +25,7 @@ from typing import Any, BinaryIO
 
 from pop3sf import passwords
 
+from .accountlock import lock_maildrop, unlock_maildrop
 from .base import (
     Adapter,
     AuthenticationFailed,
@@ -81,6 +82,10 @@ class JournalAdapter(Adapter):
         default: this machine's name.
     ``read_only``
         Offer read-only (XPRO) sessions (default yes).
+    ``cross_instance_lock``
+        Read-write sessions ``flock`` ``<account>.lock`` in ``state_directory`` (default yes),
+        so other pop3sf processes sharing it answer ``[IN-USE]`` instead of both hiding
+        (:mod:`.accountlock`).
 
     One subsection per account, ``[[alerts]]``, its name the login name:
 
@@ -106,6 +111,7 @@ directory = string(default="")
 state_directory = string(default="/var/lib/pop3sf/journal")
 hostname = string(default="")
 read_only = boolean(default=True)
+cross_instance_lock = boolean(default=True)
 [__many__]
 password_hash = string
 matches = force_list(default=list())
@@ -115,7 +121,8 @@ max_messages = integer(1, 100000, default=1000)
 group = string(default="entry")
 """
     blocking = True  # journal files are read from disk on the worker pool
-    closes_inline = True  # a session holds nothing open between calls: nothing to release
+    closes_inline = True  # releasing is closing the lock file: nothing that blocks
+    fds_per_session = 1  # the lock file of a read-write session
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
@@ -274,6 +281,7 @@ class JournalSession(MailboxSession[Mailbox]):
         self.read_only = False
         self.recipient = ""
         self.listed: dict[str, Listed] = {}
+        self._lock_fd: int | None = None
 
     def authenticate(self, credentials: Credentials) -> AuthResult[Mailbox]:
         mailbox = self.adapter.mailboxes.get(normalize_secret(credentials.username))
@@ -289,6 +297,24 @@ class JournalSession(MailboxSession[Mailbox]):
         assert account.found is not None, "a journal login always carries its mailbox"
         self.mailbox, self.read_only = account.found, read_only
         self.recipient = f"{account.account_id}@{self.adapter.host}"
+        if read_only or not self.adapter.options["cross_instance_lock"] or \
+                self._lock_fd is not None:
+            return
+        state = self.adapter.options["state_directory"]
+        try:
+            os.makedirs(state, 0o750, exist_ok=True)  # as HiddenStore would at a deletion
+            dir_fd = os.open(state, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise TemporaryFailure(f"cannot open state_directory {state}: {exc.strerror}") \
+                from exc
+        try:
+            self._lock_fd = lock_maildrop(dir_fd, f"{account.account_id}.lock", state)
+        finally:
+            os.close(dir_fd)
+
+    def connection_closed(self) -> None:
+        unlock_maildrop(self._lock_fd)
+        self._lock_fd = None
 
     def _mailbox(self) -> Mailbox:
         if self.mailbox is None:

@@ -34,6 +34,7 @@ from typing import Any, BinaryIO, NamedTuple, TypeVar, cast
 from pop3sf import passwords
 
 from . import sizecache
+from .accountlock import lock_maildrop, unlock_maildrop
 from .base import (
     Adapter,
     AuthenticationFailed,
@@ -69,6 +70,10 @@ from .passwdfile import PasswdEntry, PasswdFile
 from .sizecache import FileChanged
 
 log = logging.getLogger("pop3sf.adapters.maildir")
+
+#: flock()ed by read-write sessions in the Maildir's top directory, so other pop3sf processes
+#: serve it once (adapters/accountlock.py); no leading dot, which Maildir++ uses for folders.
+LOCK_FILE = "pop3sf.lock"
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _SUBDIR_FLAGS = _DIR_FLAGS | os.O_NOFOLLOW
@@ -130,6 +135,9 @@ class MaildirAdapter(Adapter):
     ``from_address``
         From of the messages ``pop3sf-admin message add`` makes of plain text
         (default ``pop3sf <pop3sf@localhost>``).
+    ``cross_instance_lock``
+        Read-write sessions ``flock`` ``pop3sf.lock`` in the Maildir (default yes), so other
+        pop3sf processes and instances sharing it answer ``[IN-USE]`` (:mod:`.accountlock`).
     """
 
     configspec = """
@@ -143,11 +151,13 @@ measure_all = boolean(default=False)
 read_only = boolean(default=True)
 bcrypt_rounds = integer(4, 31, default=12)
 from_address = string(default="pop3sf <pop3sf@localhost>")
+cross_instance_lock = boolean(default=True)
 """ + sizecache.CONFIGSPEC
 
     blocking = True
     list_with_login = True
     closes_inline = True
+    fds_per_session = 1  # the lock file of a read-write session
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
@@ -323,6 +333,7 @@ class MaildirSession(MailboxSession["Place"]):
         self._fd: int | None = None
         self._missing = False
         self._msgs: dict[str, _Msg] = {}
+        self._lock_fd: int | None = None
 
     # --- authentication ---------------------------------------------------------------------
 
@@ -333,6 +344,13 @@ class MaildirSession(MailboxSession["Place"]):
         assert account.found is not None, "a maildir login always says where"
         self.path, self._control = account.found
         self.account, self.read_only = account.account_id, read_only
+        if not read_only and self.options["cross_instance_lock"] and self._lock_fd is None:
+            try:
+                fd = self._open_maildir()  # None: no Maildir yet, nothing to serve twice
+                if fd is not None:
+                    self._lock_fd = lock_maildrop(fd, LOCK_FILE, self.path)
+            finally:
+                self._close_maildir()
 
     def _open_maildir(self) -> int | None:
         """The Maildir's descriptor; None when it doesn't exist yet (no mail delivered)."""
@@ -641,6 +659,8 @@ class MaildirSession(MailboxSession["Place"]):
     def connection_closed(self) -> None:
         self._close_maildir()
         self._msgs = {}
+        unlock_maildrop(self._lock_fd)
+        self._lock_fd = None
 
 
 def _open_regular(dfd: int, name: str) -> int:

@@ -50,9 +50,16 @@ class LoggingSection:
 
 @dataclass(frozen=True)
 class Listener:
+    """One ``[listeners]`` subsection. With ``proxy_protocol`` other than ``no`` every
+    connection must come from ``trusted_proxies`` and start with a PROXY header naming the
+    client (docs/deployment.md); ``proxy_tls_trusted`` lets the header's SSL TLV count as TLS."""
+
     name: str
     addresses: tuple[tuple[str, int], ...]
     tls: bool
+    proxy_protocol: str = "no"
+    trusted_proxies: tuple[Network, ...] = ()
+    proxy_tls_trusted: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,7 @@ class LimitsSection:
     idle_timeout: float
     send_stall_timeout: float
     tcp_keepalive: bool
+    proxy_header_timeout: float
 
 
 @dataclass(frozen=True)
@@ -180,6 +188,33 @@ def parse_address(text: str, source: str, listener: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def parse_networks(texts: list[str], source: str, where: str) -> tuple[Network, ...]:
+    """Addresses and CIDR networks (``127.0.0.0/8``, ``::1``): one bad entry is an error."""
+    networks = []
+    for text in texts:
+        try:
+            networks.append(ipaddress.ip_network(text.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(f"{source}: {where}: {text!r} is not an address or network "
+                              "(e.g. 192.0.2.10, 127.0.0.0/8, ::1/128)") from None
+    return tuple(networks)
+
+
+def _listener(name: str, sec: Mapping[str, Any], source: str) -> Listener:
+    where = f"[listeners][{name}]"
+    trusted = parse_networks([t for t in sec["trusted_proxies"] if t.strip()], source,
+                             f"{where} trusted_proxies")
+    mode = sec["proxy_protocol"]
+    if mode != "no" and not trusted:
+        raise ConfigError(f"{source}: {where} proxy_protocol = {mode} needs trusted_proxies: "
+                          "the addresses of the load balancers allowed to name clients")
+    if mode == "no" and (trusted or sec["proxy_tls_trusted"]):
+        log.warning("%s: %s trusted_proxies and proxy_tls_trusted have no effect with "
+                    "proxy_protocol = no", source, where)
+    return Listener(name, tuple(parse_address(a, source, name) for a in sec["addresses"]),
+                    sec["tls"], mode, trusted, sec["proxy_tls_trusted"])
+
+
 def load_config(path: str, resolve: bool = True) -> Settings:
     """Read and validate a config file; with *resolve* false, the adapter is left for later
     (its module not imported, its keys not validated)."""
@@ -236,11 +271,7 @@ def adapter_error(source: str, adapter_type: str, exc: BaseException) -> ConfigE
 
 def _build(cfg: ConfigObj, source: str, adapter_type: str,
            adapter_keys: dict[str, Any]) -> Settings:
-    listeners = tuple(
-        Listener(name, tuple(parse_address(a, source, name) for a in sec["addresses"]),
-                 sec["tls"])
-        for name, sec in cfg["listeners"].items()
-    )
+    listeners = tuple(_listener(name, sec, source) for name, sec in cfg["listeners"].items())
     tls = TLSSection(**cfg["tls"])
     if any(lst.tls for lst in listeners) and not (tls.certificate and tls.private_key):
         raise ConfigError(f"{source}: [tls] certificate and private_key are required by the "
@@ -252,13 +283,8 @@ def _build(cfg: ConfigObj, source: str, adapter_type: str,
         raise ConfigError(f"{source}: [logging] file must be an absolute path with "
                           f"target = file (got {logging_section.file!r})")
     auth = dict(cfg["auth"])
-    networks = []
-    for text in auth.pop("plaintext_auth_networks"):
-        try:
-            networks.append(ipaddress.ip_network(text.strip(), strict=False))
-        except ValueError:
-            raise ConfigError(f"{source}: [auth] plaintext_auth_networks: {text!r} is not a "
-                              "network (e.g. 127.0.0.0/8, ::1/128, 0.0.0.0/0)") from None
+    networks = parse_networks(auth.pop("plaintext_auth_networks"), source,
+                              "[auth] plaintext_auth_networks")
     protocol = ProtocolSection(**cfg["protocol"])
     if protocol.max_auth_line_length < protocol.max_line_length:
         raise ConfigError(f"{source}: [protocol] max_auth_line_length must be at least "
@@ -277,7 +303,7 @@ def _build(cfg: ConfigObj, source: str, adapter_type: str,
         listeners=listeners,
         tls=tls,
         protocol=protocol,
-        auth=AuthSection(plaintext_auth_networks=tuple(networks), **auth),
+        auth=AuthSection(plaintext_auth_networks=networks, **auth),
         limits=limits,
         workers=WorkersSection(**cfg["workers"]),
         adapter_type=adapter_type,

@@ -4,8 +4,12 @@ TLS runs through ``ssl.MemoryBIO`` so handshakes never block and there is no hid
 drain: every read empties the ``SSLObject`` (docs/protocol.md §2). The connection owns the input
 buffer and its one line scanner: the session takes lines one by one (:meth:`next_line`) or looks
 ahead at pipelined ones (:meth:`lines_ahead`, :meth:`consume`). Output goes to one byte buffer
-whose size the session watches for backpressure; four deadlines share one loop timer
+whose size the session watches for backpressure; five deadlines share one loop timer
 (docs/protocol.md §13, §14).
+
+On a listener behind a load balancer (``proxy_protocol``) the PROXY header is read first, before
+the greeting or the TLS handshake, under ``proxy_header_timeout``; what follows it in the buffer
+is the client's first bytes (docs/deployment.md).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Protocol
 
+from . import proxy
 from .loop import Timer
 
 if TYPE_CHECKING:
@@ -60,11 +65,13 @@ class Connection:
         "created", "inbuf", "outbuf", "ssl", "bio_in", "bio_out", "handshaking", "closed",
         "eof", "discarding", "line_limit", "events", "reading_paused", "session", "timer",
         "auth_deadline", "handshake_deadline", "idle_deadline", "stall_deadline",
-        "close_when_flushed", "bytes_out", "__weakref__",
+        "close_when_flushed", "bytes_out", "proxy_versions", "proxy_deadline", "proxied_by",
+        "proxy_tls", "__weakref__",
     )
 
     def __init__(self, server: Host, sock: socket.socket, address: str, port: int,
-                 listener: str, group: str, tls_listener: bool) -> None:
+                 listener: str, group: str, tls_listener: bool,
+                 proxy_versions: tuple[int, ...] = ()) -> None:
         self.server = server
         self.sock = sock
         self.fd = sock.fileno()
@@ -95,20 +102,41 @@ class Connection:
         self.stall_deadline = float("inf")
         self.close_when_flushed = False
         self.bytes_out = 0
+        self.proxy_versions = proxy_versions  # non-empty while a PROXY header is awaited
+        self.proxy_deadline = (self.created + limits.proxy_header_timeout if proxy_versions
+                               else float("inf"))
+        self.proxied_by: str | None = None  # the load balancer's address, once it named us
+        self.proxy_tls = False  # the header's SSL TLV, on a listener that trusts it
 
     @property
     def authenticated(self) -> bool:
         return self.session is not None and self.session.authenticated
+
+    @property
+    def secure(self) -> bool:
+        """TLS here, or at a trusted proxy that said so (``proxy_tls_trusted``)."""
+        return self.ssl is not None or self.proxy_tls
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, session: Handler) -> None:
         self.session = session
         self.server.loop.selector.register(self.sock, READ, self.on_event)
         self._arm()
+        if not self.proxy_versions:
+            self._begin()
+
+    def _begin(self) -> None:
+        """The greeting, or the implicit-TLS handshake that comes before it."""
+        assert self.session is not None
         if self.tls_listener:
+            early = bytes(self.inbuf)  # sent right after a PROXY header: TLS records
             self.start_tls()
+            if early:
+                self._received(early)
         else:
-            session.start()
+            self.session.start()
+            if self.inbuf:
+                self.session.on_input()
 
     def close(self, reason: str = "") -> None:
         if self.closed:
@@ -131,7 +159,8 @@ class Connection:
 
     # -- timers ------------------------------------------------------------------------------
     def _next_deadline(self) -> float:
-        deadline = min(self.idle_deadline, self.stall_deadline, self.handshake_deadline)
+        deadline = min(self.idle_deadline, self.stall_deadline, self.handshake_deadline,
+                       self.proxy_deadline)
         if not self.authenticated:
             deadline = min(deadline, self.auth_deadline)
         return deadline
@@ -152,7 +181,12 @@ class Connection:
         now = time.monotonic()
         if self.closed:
             return
-        if now >= self.handshake_deadline:
+        if now >= self.proxy_deadline:
+            log.warning("%s: no PROXY header within %s s; closed", self.address,
+                        self.server.settings.limits.proxy_header_timeout,
+                        extra={"POP3SF_CLIENT": self.address, "POP3SF_EVENT": "proxy-timeout"})
+            self.close("PROXY header timeout")
+        elif now >= self.handshake_deadline:
             self.close("TLS handshake timeout")
         elif not self.authenticated and now >= self.auth_deadline:
             self.close("authorization timeout")
@@ -229,7 +263,18 @@ class Connection:
             if self.ssl is not None and self.handshaking:
                 self.close("EOF during TLS handshake")
                 return
-        elif self.ssl is not None:
+            if self.proxy_versions:
+                self.close("EOF before the PROXY header")
+                return
+        elif self.proxy_versions:
+            self.inbuf += data
+            self._proxy_header()
+            return
+        self._received(data)
+
+    def _received(self, data: bytes) -> None:
+        """Bytes from the socket (empty at EOF): into the TLS object or the input buffer."""
+        if data and self.ssl is not None:
             assert self.bio_in is not None
             self.bio_in.write(data)
             if self.handshaking:
@@ -240,13 +285,34 @@ class Connection:
             self._read_tls()
             if self.closed:
                 return
-        else:
+        elif data:
             self.inbuf += data
         if len(self.inbuf) > 4 * self.line_limit + RECV_SIZE:
             self.reading_paused = True
             self._set_events(self.events & ~READ)
         assert self.session is not None
         self.session.on_input()
+
+    def _proxy_header(self) -> None:
+        """Parse what arrived so far as a PROXY header; once complete, the server re-files the
+        connection under the client's address and the session (or TLS) begins."""
+        result = proxy.parse(self.inbuf, self.proxy_versions)
+        if result is proxy.NEED_MORE:
+            return
+        if isinstance(result, proxy.Invalid):
+            log.warning("%s: bad PROXY header: %s; closed", self.address, result.reason,
+                        extra={"POP3SF_CLIENT": self.address, "POP3SF_EVENT": "proxy-invalid"})
+            self.close("bad PROXY header")
+            return
+        assert isinstance(result, proxy.Done)
+        del self.inbuf[:result.consumed]
+        self.proxy_versions = ()
+        self.proxy_deadline = float("inf")
+        why = self.server.proxied(self, result.header)
+        if why is not None:
+            self.close(why)
+            return
+        self._begin()
 
     def _read_tls(self) -> None:
         assert self.ssl is not None

@@ -49,7 +49,8 @@ def session_info(session: Session) -> dict[str, Any]:
         "address": conn.address,
         "port": conn.port,
         "listener": conn.listener,
-        "tls": conn.ssl is not None,
+        "tls": conn.secure,
+        "proxy": conn.proxied_by,  # the load balancer that named the client, if any
         "since": int(session.logged_in_at) if session.authenticated else None,
         "bytes_out": conn.bytes_out,
         "read_only": session.read_only,

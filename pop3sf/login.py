@@ -58,7 +58,7 @@ class LoginSession(Protocol):
 # -- the AUTHORIZATION commands, for the session's dispatch --------------------------------------
 
 def cmd_stls(session: LoginSession, args: list[bytes]) -> None:
-    if session.conn.ssl is not None:
+    if session.conn.secure:
         session.reply(b"-ERR Already using TLS\r\n")
     elif session.host.tls_context is None:
         session.reply(b"-ERR TLS is not available\r\n")

@@ -18,12 +18,13 @@ from typing import Any
 from pop3sf.adapters import Adapter
 
 from .accounts import Accounts
-from .config import ConfigError, Settings, adapter_error
+from .config import ConfigError, Listener, Settings, adapter_error
 from .connection import Connection
 from .control import ControlServer
 from .listeners import ListeningSocket
 from .logs import counted
 from .loop import EventLoop, Timer
+from .proxy import VERSIONS, Header
 from .replies import ERR_BUSY, ERR_TEMP
 from .session import Session
 from .throttle import Penalties, VerificationGate, address_group, in_networks, normalize_address
@@ -228,7 +229,18 @@ class Server:
         if self.stopping:
             sock.close()
             return
-        if len(self.by_group.get(group, ())) >= limits.max_connections_per_address:
+        proxied = self._proxy_listener(ls.name)
+        if proxied is not None:
+            if not in_networks(address, proxied.trusted_proxies):
+                self.stats["proxy_refused"] += 1
+                log.warning("refused %s on %s: not a trusted proxy", address, ls.name,
+                            extra={"POP3SF_CLIENT": address, "POP3SF_EVENT": "refused"})
+                sock.close()  # no greeting: whoever it is, it must not learn what listens
+                return
+            # Filed apart until its header names the client (then proxied() re-files it):
+            # a cap per proxy would lump every client together.
+            group = f"via {address}"
+        elif len(self.by_group.get(group, ())) >= limits.max_connections_per_address:
             self._refuse(sock, ls.tls, address, "too many connections from this address")
             return
         if len(self.connections) >= self.max_connections and not self._shed():
@@ -243,13 +255,53 @@ class Server:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4)
         except OSError:
             pass
-        conn = Connection(self, sock, address, port, ls.name, group, ls.tls)
+        conn = Connection(self, sock, address, port, ls.name, group, ls.tls,
+                          VERSIONS[proxied.proxy_protocol] if proxied else ())
         session = self.connections[conn] = Session(self, conn)
         self.by_group.setdefault(group, {})[conn] = None
         self.sessions_alive += 1
-        log.info("connect %s:%d on %s", address, port, ls.name,
-                 extra={"POP3SF_CLIENT": address, "POP3SF_EVENT": "connect"})
+        if proxied is None:
+            log.info("connect %s:%d on %s", address, port, ls.name,
+                     extra={"POP3SF_CLIENT": address, "POP3SF_EVENT": "connect"})
         conn.start(session)
+
+    def _proxy_listener(self, name: str) -> Listener | None:
+        """The listener's settings when it takes PROXY headers, else None."""
+        for listener in self.settings.listeners:
+            if listener.name == name:
+                return listener if listener.proxy_protocol != "no" else None
+        return None
+
+    def proxied(self, conn: Connection, header: Header) -> str | None:
+        """A trusted proxy named the client: from now on its address is the connection's
+        everywhere (caps, shedding, penalties, plaintext policy, logs, the adapter's Peer).
+        Returns why the connection is refused (the per-address cap), or None."""
+        proxy_address = conn.address
+        if header.source is not None:
+            address = header.source[0]  # canonical already; IPv4-mapped IPv6 becomes IPv4
+            conn.address = normalize_address(address) if ":" in address else address
+            conn.port = header.source[1]
+        listener = self._proxy_listener(conn.listener)
+        conn.proxy_tls = header.tls and listener is not None and listener.proxy_tls_trusted
+        conn.proxied_by = proxy_address
+        group = address_group(conn.address, 64)
+        self._unfile(conn)
+        conn.group = group
+        self.by_group.setdefault(group, {})[conn] = None
+        extra = {"POP3SF_CLIENT": conn.address, "POP3SF_PROXY": proxy_address}
+        if len(self.by_group[group]) > self.settings.limits.max_connections_per_address:
+            self.stats["refused"] += 1
+            log.warning("refused %s (via %s): too many connections from this address",
+                        conn.address, proxy_address, extra={**extra, "POP3SF_EVENT": "refused"})
+            if not conn.tls_listener:
+                conn.write(ERR_BUSY)
+                conn.flush()
+            return "too many connections from this address"
+        log.info("connect %s:%d on %s via %s%s%s", conn.address, conn.port, conn.listener,
+                 proxy_address, " (LOCAL)" if header.source is None else "",
+                 " (TLS at the proxy)" if conn.proxy_tls else "",
+                 extra={**extra, "POP3SF_EVENT": "connect"})
+        return None
 
     def _refuse(self, sock: socket.socket, tls: bool, address: str, why: str) -> None:
         self.stats["refused"] += 1
@@ -272,7 +324,7 @@ class Server:
                     log.warning("shedding %s to admit a new connection (server full)",
                                 conn.address, extra={"POP3SF_CLIENT": conn.address,
                                                      "POP3SF_EVENT": "shed"})
-                    if not conn.tls_listener and conn.ssl is None:
+                    if not (conn.tls_listener or conn.ssl or conn.proxy_versions):
                         conn.write(ERR_TEMP)
                         conn.flush()
                     conn.close("shed: server full")
@@ -281,6 +333,9 @@ class Server:
 
     def connection_closed(self, conn: Connection) -> None:
         self.connections.pop(conn, None)
+        self._unfile(conn)
+
+    def _unfile(self, conn: Connection) -> None:
         members = self.by_group.get(conn.group)
         if members is not None:
             members.pop(conn, None)

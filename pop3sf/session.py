@@ -115,7 +115,7 @@ class Session:
         """The adapter's session, made on first use (on a worker: new_session may do I/O)."""
         if self.adapter is None:
             conn = self.conn
-            peer = Peer(conn.address, conn.port, conn.listener, conn.ssl is not None)
+            peer = Peer(conn.address, conn.port, conn.listener, conn.secure)
             self.adapter = self.host.adapter.new_session(peer)
         return self.adapter
 
@@ -316,14 +316,14 @@ class Session:
             self.conn.finish()
 
     def plaintext_allowed(self) -> bool:
-        return self.conn.ssl is not None or self.host.plaintext_allowed(self.conn.address)
+        return self.conn.secure or self.host.plaintext_allowed(self.conn.address)
 
     # -- commands in any state -----------------------------------------------------------------
     def _offers(self, command: Command) -> bool:
         if command.plaintext or command.verb == b"AUTH":
             return self.plaintext_allowed()
         if command.verb == b"STLS":  # only before login (RFC 2595 §4)
-            return (self.state == AUTHORIZATION and self.conn.ssl is None
+            return (self.state == AUTHORIZATION and not self.conn.secure
                     and self.host.tls_context is not None)
         if command.verb == b"XPRO":
             return self.host.adapter.allows_read_only
@@ -398,6 +398,9 @@ class Session:
         """Server stopping: idle sessions are told and closed; work in progress continues."""
         if self.conn.closed or self.blocked not in (None, VERIFICATION):
             return  # work under way finishes; the grace period bounds it
+        if not self.started_greeting:  # a PROXY header or a TLS handshake still awaited:
+            self.conn.close("server shutdown")  # no POP3 reply may come before the greeting
+            return
         self.conn.write(ERR_SHUTDOWN)
         self.close_reason = "server shutdown"
         self.conn.finish()

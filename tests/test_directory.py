@@ -27,6 +27,7 @@ from pop3sf.adapters.base import (
     Peer,
 )
 from pop3sf.adapters.directory import (
+    LOCK_FILE,
     PASSWORD_FILE,
     DirectoryAdapter,
     DirectorySession,
@@ -78,9 +79,24 @@ def adapter(root: Path) -> Iterator[MultiUserDirectoryAdapter]:
     a.close()
 
 
+_OPEN: list[DirectorySession] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_sessions() -> Iterator[None]:
+    yield
+    while _OPEN:
+        _OPEN.pop().connection_closed()
+
+
 def login(adapter: MultiUserDirectoryAdapter | DirectoryAdapter, user: str = "alice",
           password: str = "secret", read_only: bool = False) -> DirectorySession:
+    """A logged-in session. A test's logins are one client after the other, as a real
+    client's are: the previous session ends first (it would hold the maildrop's lock)."""
+    while _OPEN:
+        _OPEN.pop().connection_closed()
     s = adapter.new_session(PEER)
+    _OPEN.append(s)
     account = s.authenticate(Credentials(user, password))
     s.login_succeeded(account, read_only)
     return s
@@ -421,7 +437,8 @@ def test_delete_exactly_the_marked_files(root: Path, adapter: MultiUserDirectory
     put(d, "arrived.eml", b"Subject: new\n\nnew\n", T0 + 1)  # arrived during the session
     result = s.delete_messages([listing[1].uid, listing[3].uid])
     assert result.failed == {}
-    assert sorted(p.name for p in d.iterdir()) == [PASSWORD_FILE, "0.eml", "2.eml", "arrived.eml"]
+    assert sorted(p.name for p in d.iterdir()) == [LOCK_FILE, PASSWORD_FILE, "0.eml", "2.eml",
+                                                   "arrived.eml"]
     s.connection_closed()
 
 
@@ -614,7 +631,7 @@ def test_e2e_dele_quit_deletes_exactly_marked(root: Path) -> None:
         pop.dele(4)
         put(d, "new.eml", b"Subject: new\n\nnew\n", T0)  # arrives during the session
         pop.quit()
-        assert sorted(p.name for p in d.iterdir()) == [PASSWORD_FILE, "0.eml", "2.eml",
+        assert sorted(p.name for p in d.iterdir()) == [LOCK_FILE, PASSWORD_FILE, "0.eml", "2.eml",
                                                         "new.eml"]
 
 
@@ -672,7 +689,7 @@ def test_e2e_fetchmail_reads_and_deletes(tmp_path: Path, root: Path) -> None:
     delivered = out.read_bytes()
     assert b"Subject: first" in delivered and b"hello" in delivered
     assert "Grüße vom Server".encode() in delivered
-    assert sorted(p.name for p in d.iterdir()) == [PASSWORD_FILE]  # both fetched and deleted
+    assert sorted(p.name for p in d.iterdir()) == [LOCK_FILE, PASSWORD_FILE]  # fetched, deleted
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")

@@ -28,6 +28,6 @@ def test_fuzz_ci_campaign_finds_no_crash(tmp_path: Path) -> None:
     assert not list((tmp_path / "artifacts").iterdir()), output[-4000:]
     runs = {name: int(n) for name, n in
             re.findall(r"== fuzz/fuzz_(\w+)\.py for.*?Done (\d+) runs", output, re.S)}
-    assert set(runs) == {"session", "sasl", "wire"}, output[-4000:]
+    assert set(runs) == {"session", "sasl", "wire", "proxy"}, output[-4000:]
     assert all(n >= 500 for n in runs.values()), runs  # the harnesses really ran
     assert (tmp_path / "session" / "corpus").is_dir()

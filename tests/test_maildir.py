@@ -71,6 +71,7 @@ class Env:
         self.root.mkdir()
         self.passwd = root / "passwd"
         self.users: dict[str, str] = {}
+        self.sessions: list[MaildirSession] = []
 
     def add_user(self, user: str, secret: str = "{PLAIN}pw", home: str = "",
                  extra: str = "") -> Path:
@@ -87,18 +88,28 @@ class Env:
         adapter.start()
         return adapter
 
-    @staticmethod
-    def login(adapter: MaildirAdapter, user: str, password: str = "pw",
+    def login(self, adapter: MaildirAdapter, user: str, password: str = "pw",
               read_only: bool = False) -> tuple[MaildirSession, list[MessageInfo]]:
+        """A logged-in session and its listing. A test's logins are one client after the
+        other, as a real client's are: the previous session ends first (it holds the lock)."""
+        self.close_sessions()
         session = adapter.new_session(PEER)
+        self.sessions.append(session)
         result = session.authenticate(Credentials(user, password))
         session.login_succeeded(result, read_only)
         return session, list(session.list_messages())
 
 
+    def close_sessions(self) -> None:
+        while self.sessions:
+            self.sessions.pop().connection_closed()
+
+
 @pytest.fixture
-def env(tmp_path: Path) -> Env:
-    return Env(tmp_path)
+def env(tmp_path: Path) -> Iterator[Env]:
+    e = Env(tmp_path)
+    yield e
+    e.close_sessions()
 
 
 def read(session: MaildirSession, uid: str) -> bytes:
