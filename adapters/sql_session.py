@@ -1,0 +1,313 @@
+"""A client's session on a ``type = sql`` source (the adapter is :mod:`.sql`).
+
+Rendered rows become plain-text messages whose header is built from the listing's columns alone
+(date, subject, sender, the id and the account), so its exact length is known at LIST time
+without the body, and RETR renders the very same octets: :func:`render_header` is a pure
+function of those values. The body's size comes from the database (:mod:`.sql_query`), so a
+message's size is ``len(header) + the body's wire size``. Complete RFC 5322 messages (a
+``message`` column) are sent as stored.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import email.utils
+import hashlib
+import io
+import logging
+from collections.abc import Collection, Sequence
+from email.header import Header
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
+
+from pop3sf import passwords
+
+from .base import (
+    AuthenticationFailed,
+    AuthResult,
+    Credentials,
+    DeleteResult,
+    MailboxSession,
+    MessageGone,
+    MessageInfo,
+    TemporaryFailure,
+    normalize_secret,
+)
+from .mysql_sql import message_info, to_bytes
+from .sql_query import HEADER_PREFIX, body_sql, listing_args, listing_sql
+
+if TYPE_CHECKING:
+    from .sql import SQLAdapter
+
+log = logging.getLogger("pop3sf.adapters.sql")
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+#: Longest Subject kept (characters); a header line may not exceed 998 octets.
+SUBJECT_MAX = 400
+
+
+class Row(NamedTuple):
+    """One listed row: the id as the database gave it and the columns that render it."""
+
+    key: Any
+    date: datetime.datetime | None
+    subject: Any
+    sender: Any
+
+
+def to_datetime(value: Any) -> datetime.datetime:
+    """A ``date`` column as an aware datetime (naive values are UTC); ValueError if it isn't
+    a date: a datetime, a date, Unix seconds, or ISO 8601 text."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        value = bytes(value).decode("utf-8", "replace")
+    if isinstance(value, datetime.datetime):
+        d = value
+    elif isinstance(value, datetime.date):
+        d = datetime.datetime(value.year, value.month, value.day)
+    elif isinstance(value, int | float | decimal.Decimal) and not isinstance(value, bool):
+        return _EPOCH + datetime.timedelta(seconds=float(value))
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            return _EPOCH + datetime.timedelta(seconds=float(text))
+        except ValueError:
+            d = datetime.datetime.fromisoformat(text)
+    else:
+        raise ValueError(f"not a date: {type(value).__name__}")
+    return d.replace(tzinfo=datetime.UTC) if d.tzinfo is None else d
+
+
+def format_date(d: datetime.datetime) -> str:
+    """RFC 5322 date in UTC, independent of the locale."""
+    u = d.astimezone(datetime.UTC)
+    return (f"{_DAYS[u.weekday()]}, {u.day:02d} {_MONTHS[u.month - 1]} {u.year:04d} "
+            f"{u.hour:02d}:{u.minute:02d}:{u.second:02d} +0000")
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)
+
+
+def encode_subject(value: Any) -> str:
+    """One line: whitespace (line breaks too) collapsed; RFC 2047 when not ASCII."""
+    text = " ".join(_text(value).split())[:SUBJECT_MAX]
+    if text.isascii():
+        return text
+    return Header(text, "utf-8").encode(linesep="\r\n")
+
+
+def encode_address(value: Any, fallback: str) -> str:
+    """A mailbox (``Name <addr>`` or ``addr``) for From/To; ``fallback`` when unusable."""
+    text = " ".join(_text(value).split())
+    name, addr = email.utils.parseaddr(text)
+    if not addr or not addr.isascii():
+        if fallback == text:
+            return "undisclosed-recipients:;"
+        return encode_address(fallback, fallback)
+    try:
+        return email.utils.formataddr((name, addr), charset="utf-8")
+    except (UnicodeError, ValueError):
+        return addr
+
+
+def render_header(row: Row, uid: str, sender: str, recipient: str, tag: str) -> bytes:
+    """The header section of a rendered row, blank line included: a pure function of the row's
+    listing columns, so LIST's size and RETR's octets agree."""
+    date = format_date(row.date or _EPOCH)
+    digest = hashlib.sha256(f"{tag}\0{uid}".encode("utf-8", "surrogateescape")).hexdigest()
+    head = (f"Date: {date}\r\nFrom: {sender}\r\nTo: {recipient}\r\n"
+            f"Subject: {encode_subject(row.subject)}\r\n"
+            f"Message-ID: <{digest[:32]}@sql.pop3sf.invalid>\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            "Content-Transfer-Encoding: 8bit\r\n\r\n")
+    return head.encode("ascii")
+
+
+def uid_of(key: Any) -> str:
+    """The UIDL of a row id: its text when that is a valid UIDL, else a hash of it."""
+    text = _text(key)
+    if 1 <= len(text) <= 70 and all(33 <= ord(c) <= 126 for c in text):
+        return text
+    return "h" + hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+
+
+def _order(row: Row) -> tuple[float, int, int, str]:
+    when = row.date.timestamp() if row.date is not None else 0.0
+    key = row.key
+    if isinstance(key, int) and not isinstance(key, bool):
+        return when, 0, key, ""
+    return when, 1, 0, _text(key)
+
+
+class SQLSession(MailboxSession[None]):
+    """One client's view: the snapshot of rows listed at login."""
+
+    def __init__(self, adapter: SQLAdapter) -> None:
+        self.adapter = adapter
+        self.account = ""
+        self.read_only = False
+        self.rows: dict[str, Row] = {}
+        self.seen: list[str] = []  # every uid the listing returned, hidden ones too
+        self.sender = self.recipient = ""
+        self.tag = ""
+
+    # --- login -------------------------------------------------------------------------------
+
+    def authenticate(self, credentials: Credentials) -> AuthResult[None]:
+        adapter = self.adapter
+        password = credentials.password_bytes()
+        if not adapter.multi_user:
+            stored: str = adapter.options["password_hash"]
+            username = normalize_secret(adapter.options["username"])
+            if credentials.username != username:
+                passwords.dummy_verify(password, like=stored)
+                raise AuthenticationFailed("unknown user")
+            passwords.verify_or_deny(stored, password)
+            return AuthResult(username)
+        name = credentials.username
+        rows: list[Any] = []
+        if 0 < len(name) <= 255 and _encodable(name):
+            query = adapter.queries["password_query"]
+            rows = adapter.fetch(f"SELECT password FROM ({query.text}) AS pop3sf_q",
+                                 query.args({"user": name}), query.key)
+        like = adapter.reference_hash()
+        if len(rows) != 1 or rows[0][0] is None:
+            if len(rows) > 1:
+                log.warning("sql: password_query returned %d rows for %r; login denied",
+                            len(rows), name)
+            passwords.dummy_verify(password, like=like)
+            raise AuthenticationFailed("unknown user")
+        stored = _text(rows[0][0]).strip()
+        adapter.saw_hash(stored)
+        passwords.verify_or_deny(stored, password, like=like, account=name)
+        return AuthResult(name)
+
+    def login_succeeded(self, account: AuthResult[None], read_only: bool) -> None:
+        o = self.adapter.options
+        self.account = account.account_id
+        self.read_only = read_only
+        self.sender = encode_address(o["from_address"].replace("%u", self.account),
+                                     "pop3sf <pop3sf@localhost>")
+        self.recipient = encode_address(o["to_address"].replace("%u", self.account),
+                                        "undisclosed-recipients:;")
+        self.tag = self.account
+
+    # --- listing -----------------------------------------------------------------------------
+
+    def list_messages(self) -> Sequence[MessageInfo]:
+        adapter = self.adapter
+        shape = adapter.shape()
+        query = adapter.queries["list_query"]
+        driver = adapter.driver
+        mariadb = getattr(driver, "mariadb", None) is not False
+        sql = listing_sql(adapter.dialect, query, shape, mariadb)
+        result = adapter.fetch(sql, listing_args(adapter.dialect, query, {"user": self.account}),
+                               query.key)
+        hidden: frozenset[str] = frozenset()
+        if adapter.hidden is not None:
+            try:
+                hidden = adapter.hidden.hidden(self.account)
+            except OSError as exc:
+                log.error("sql: cannot read the hidden set of %s: %s", self.account, exc)
+                raise TemporaryFailure("cannot read the hidden set") from exc
+        listed: list[tuple[Row, MessageInfo]] = []
+        seen: list[str] = []
+        bad: list[Any] = []
+        senders: dict[Any, str] = {}
+        for key, date, subject, sender, length, bare, last, head in result:
+            uid = uid_of(key)
+            seen.append(uid)
+            if uid in hidden:
+                continue
+            try:
+                when = to_datetime(date) if shape.date else None
+            except (ValueError, TypeError, OverflowError):
+                if not shape.raw:
+                    bad.append((key, date))
+                    continue
+                when = None
+            size = int(length or 0) + int(bare or 0)
+            if length and to_bytes(last) not in (b"\n", b"\r"):
+                size += 2
+            row = Row(key, when, subject, sender)
+            if shape.raw:
+                info = message_info(uid, size, int(length or 0),
+                                    None if head is None else to_bytes(head), HEADER_PREFIX)
+            else:
+                if sender not in senders:
+                    senders[sender] = encode_address(sender, self.sender) if shape.sender \
+                        else self.sender
+                size += len(render_header(row, uid, senders[sender], self.recipient, self.tag))
+                info = MessageInfo(uid, size)
+            listed.append((row, info))
+        if bad:
+            log.error("sql: list_query: %d rows left out: their date is not a date (first: id "
+                      "%r, date %r); use a timestamp, Unix seconds or ISO 8601 text",
+                      len(bad), bad[0][0], bad[0][1])
+        listed.sort(key=lambda item: _order(item[0]))
+        self.rows = {info.uid: row for row, info in listed}
+        self.seen = seen
+        return [info for _, info in listed]
+
+    # --- messages ----------------------------------------------------------------------------
+
+    def open_message(self, uid: str) -> BinaryIO:
+        row = self.rows.get(uid)
+        if row is None:
+            raise MessageGone("not in this session's listing")
+        adapter = self.adapter
+        shape = adapter.shape()
+        query = adapter.queries["body_query"]
+        found = adapter.fetch(body_sql(adapter.dialect, query, shape),
+                              query.args({"id": row.key, "user": self.account}), query.key)
+        if not found:
+            raise MessageGone("the row no longer exists")
+        if len(found) > 1:
+            log.error("sql: body_query returned %d rows for id %r; sending none", len(found),
+                      row.key)
+            raise TemporaryFailure("body_query returned several rows")
+        value = found[0][0]
+        body = value.encode("utf-8", "surrogateescape") if isinstance(value, str) \
+            else to_bytes(value)
+        if shape.raw:
+            return io.BytesIO(body)
+        sender = encode_address(row.sender, self.sender) if shape.sender else self.sender
+        return io.BytesIO(render_header(row, uid, sender, self.recipient, self.tag) + body)
+
+    def delete_messages(self, uids: Collection[str]) -> DeleteResult:
+        adapter = self.adapter
+        mode = adapter.options["deletion"]
+        known = [uid for uid in uids if uid in self.rows]
+        failed = {uid: "not in this session's listing" for uid in uids if uid not in self.rows}
+        if not known:
+            return DeleteResult(failed)
+        if self.read_only or mode == "read_only":
+            failed.update({uid: "deletion = read_only" for uid in known})
+            return DeleteResult(failed)
+        if mode == "hide":
+            assert adapter.hidden is not None
+            try:
+                adapter.hidden.hide(self.account, known, keep=self.seen)
+            except OSError as exc:
+                log.error("sql: cannot write the hidden set of %s: %s", self.account, exc)
+                raise TemporaryFailure("cannot write the hidden set") from exc
+            return DeleteResult(failed)
+        query = adapter.queries["delete_query"]
+        adapter.execute_many(query.text, [query.args({"id": self.rows[uid].key,
+                                                      "user": self.account})
+                                          for uid in known], query.key)
+        return DeleteResult(failed)
+
+
+def _encodable(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
