@@ -198,7 +198,9 @@ def listing_sql(dialect: str, query: Query, shape: Shape, mariadb: bool = True) 
         n = "length(pop3sf_b)"
         def gone(s: str) -> str:
             return f"({n} - length(CAST(replace(pop3sf_b, {s}, '') AS BLOB)))"
-        bare = f"{gone('char(10)')} + {gone('char(13)')} - 2 * ({gone('char(13, 10)')} / 2)"
+        # Most rows a script writes have no CR at all: one replace() pass counts their LFs.
+        bare = (f"CASE WHEN instr(pop3sf_b, char(13)) = 0 THEN {gone('char(10)')} ELSE "
+                f"{gone('char(10)')} + {gone('char(13)')} - 2 * ({gone('char(13, 10)')} / 2) END")
         head = f"pop3sf_head8(substr(pop3sf_b, 1, {HEADER_PREFIX}))" if shape.raw else "NULL"
         return (f"SELECT {cols}, {n}, {bare}, substr(pop3sf_b, -1), {head} FROM "
                 f"(SELECT pop3sf_q.*, CAST(COALESCE({body}, X'') AS BLOB) AS pop3sf_b "

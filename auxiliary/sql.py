@@ -15,7 +15,7 @@ from typing import Any
 
 from pop3sf.adapters.base import AdapterError, normalize_secret
 from pop3sf.adapters.sql import SQLAdapter
-from pop3sf.adapters.sql_session import SQLSession, encode_subject
+from pop3sf.adapters.sql_session import Row, SQLSession, encode_subject, to_datetime
 
 from .sources import (
     BadName,
@@ -71,11 +71,12 @@ class SQLSource(Source):
             session.connection_closed()
         out = []
         for info in infos:
-            row = session.rows[info.uid]
+            row = Row(*session.rows[info.uid])
             subject = "" if row.subject is None else " ".join(str(row.subject).split())
             if not subject and self.adapter.shape().raw:
                 subject = f"(message {info.uid})"
-            out.append(MessageSummary(info.uid, info.size, row.date or _EPOCH,
+            date = _EPOCH if row.date is None else to_datetime(row.date)
+            out.append(MessageSummary(info.uid, info.size, date,
                                       subject or encode_subject("")))
         return out
 
