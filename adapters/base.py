@@ -255,6 +255,12 @@ class Adapter(abc.ABC):
     #: File descriptors a logged-in session keeps open (a directory fd, a DB connection): the
     #: connection cap derived from the open-files limit counts them beside the socket.
     fds_per_session: int = 0
+    #: True: ``login_succeeded`` and ``list_messages`` run in the same worker call as a
+    #: successful ``authenticate``, before the server takes its account lock; if the lock is
+    #: then refused, ``connection_closed`` follows. One worker round trip per login instead of
+    #: two; right for any session whose ``login_succeeded`` takes only what it can give back
+    #: (see docs/adapters.md#login).
+    list_with_login: bool = False
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         #: The section as given (without ``type``).

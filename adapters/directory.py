@@ -120,6 +120,7 @@ class DirectoryAdapterBase(Adapter):
     """What both directory adapters share: options, the size cache, the session class."""
 
     blocking = True
+    list_with_login = True
     allows_read_only = True
     fds_per_session = 1  # the user's directory, held open against swaps
 

@@ -146,6 +146,7 @@ from_address = string(default="pop3sf <pop3sf@localhost>")
 """ + sizecache.CONFIGSPEC
 
     blocking = True
+    list_with_login = True
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)

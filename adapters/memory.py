@@ -60,6 +60,8 @@ class ListAdapter(Adapter):
     ``read_only`` — offer XPRO (default yes).
     """
 
+    list_with_login = True
+
     configspec = """
 users = force_list(default=list())
 messages = force_list(default=list())

@@ -204,6 +204,7 @@ class MySQLAdapterBase(Adapter):
     blocking = True
     allows_read_only = True
     fds_per_session = 1  # the dedicated GET_LOCK connection of a read-write session
+    list_with_login = True
     multi_user: ClassVar[bool] = False
 
     def __init__(self, config: Mapping[str, Any]) -> None:
