@@ -12,6 +12,8 @@ API::
     store = HiddenStore("/var/lib/pop3sf/hidden", namespace="sql-...")
     hidden = store.hidden(account)                # frozenset of uids, empty if none
     store.hide(account, uids, keep=listed_uids)   # add uids; forget those no longer listed
+    store.hide(account, uids, keep=lambda uid: ...)  # or keep those a predicate accepts
+    store.forget(account)                         # everything listed again
 
 ``keep`` bounds the file: uids that the source no longer returns at all can never come back
 (sources' uids are stable), so they are dropped when the set is next written. Writes of one
@@ -23,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 #: Mode of the directories and files: the service user (and its group, for pop3sf-admin).
 DIR_MODE = 0o750
@@ -57,12 +59,16 @@ class HiddenStore:
             return frozenset()
         return frozenset(line for line in lines[1:] if line)
 
-    def hide(self, account: str, uids: Iterable[str], keep: Iterable[str] | None = None) -> None:
-        """Add ``uids`` to ``account``'s set; with ``keep``, drop uids not in it (those the
-        source no longer has). Atomic: readers see the old set or the new one."""
+    def hide(self, account: str, uids: Iterable[str],
+             keep: Iterable[str] | Callable[[str], bool] | None = None) -> None:
+        """Add ``uids`` to ``account``'s set; with ``keep`` (the uids the source still has, or
+        a predicate such as "not older than the window"), drop the others. Atomic: readers see
+        the old set or the new one."""
         with self._lock:
-            current = self.hidden(account) | set(uids)
-            if keep is not None:
+            current = set(self.hidden(account)) | set(uids)
+            if callable(keep):
+                current = {uid for uid in current if keep(uid)}
+            elif keep is not None:
                 current &= set(keep)
             os.makedirs(self.path, mode=DIR_MODE, exist_ok=True)
             data = "".join(f"{line}\n" for line in [f"# {account}", *sorted(current)])

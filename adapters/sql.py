@@ -28,10 +28,12 @@ from pop3sf import passwords
 from .base import (
     Adapter,
     AdapterError,
+    AuthenticationFailed,
     AuthResult,
     ConfigError,
     Peer,
     TemporaryFailure,
+    normalize_secret,
 )
 from .hidden import HiddenStore
 from .mysql_driver import read_password_file
@@ -117,6 +119,7 @@ to_address = string(default="%u <%u@localhost>")
     blocking = True
     allows_read_only = True
     fds_per_session = 0  # connections are pooled, not held by sessions
+    list_with_login = True  # login_succeeded takes no lock: list in the login's worker call
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
@@ -301,11 +304,25 @@ to_address = string(default="%u <%u@localhost>")
     def new_session(self, peer: Peer) -> SQLSession:
         return SQLSession(self)
 
-    def session_for(self, account: str) -> SQLSession:
-        """A read-only session on ``account`` without its password (the admin tools)."""
+    def preview_session(self, account: str) -> SQLSession:
+        """A read-only session on ``account`` without its password (``pop3sf-admin preview``,
+        docs/adapters.md#admin); with ``password_query``, an account it finds no hash for is
+        :class:`AuthenticationFailed`."""
+        if self.multi_user:
+            query = self.queries["password_query"]
+            rows = self.fetch(f"SELECT password FROM ({query.text}) AS pop3sf_q",
+                              query.args({"user": account}), query.key)
+            if len(rows) != 1:
+                raise AuthenticationFailed(f"no account {account!r} (password_query finds "
+                                           f"{len(rows)} rows)")
+        elif account != normalize_secret(self.options["username"]):
+            raise AuthenticationFailed(f"no account {account!r} (the one account is "
+                                       f"{self.options['username']!r})")
         session = SQLSession(self)
         session.login_succeeded(AuthResult(account, None), True)
         return session
+
+    session_for = preview_session  # the name the MySQL adapters' admin sources use
 
     @contextlib.contextmanager
     def guard(self, query_key: str) -> Iterator[None]:

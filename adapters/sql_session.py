@@ -189,7 +189,8 @@ class SQLSession(MailboxSession[None]):
         self.account = ""
         self.read_only = False
         self.rows: dict[str, tuple[Any, ...]] = {}
-        self.seen: list[str] = []  # every uid the listing returned, hidden ones too
+        self.seen: list[str] = []  # deletion = hide: every uid listed, hidden ones too
+        self.infos: list[MessageInfo] = []
         self.sender = self.recipient = ""
         self.tag = ""
 
@@ -253,7 +254,7 @@ class SQLSession(MailboxSession[None]):
                 log.error("sql: cannot read the hidden set of %s: %s", self.account, exc)
                 raise TemporaryFailure("cannot read the hidden set") from exc
         listed: list[tuple[Any, str, tuple[Any, ...], MessageInfo]] = []
-        seen: list[str] = []
+        seen: list[str] | None = [] if adapter.hidden is not None else None
         bad: list[Any] = []
         subjects: dict[Any, int] = {}
         senders: dict[Any, int] = {}
@@ -261,9 +262,10 @@ class SQLSession(MailboxSession[None]):
         default_sender = len(self.sender)
         for key, date, subject, sender, length, bare, last, head in result:
             uid = uid_of(key)
-            seen.append(uid)
-            if uid in hidden:
-                continue
+            if seen is not None:  # deletion = hide: what the set may keep (hidden ones too)
+                seen.append(uid)
+                if uid in hidden:
+                    continue
             try:
                 when = timestamp_of(date) if shape.date else 0.0
             except (ValueError, TypeError, OverflowError):
@@ -302,8 +304,9 @@ class SQLSession(MailboxSession[None]):
         except TypeError:  # ids of mixed types: compare their text
             listed.sort(key=lambda item: (item[0][0], _text(item[0][1])))
         self.rows = {uid: row for _, uid, row, _ in listed}  # Row's fields, as plain tuples
-        self.seen = seen
-        return [info for _, _, _, info in listed]
+        self.seen = seen or []
+        self.infos = [info for _, _, _, info in listed]
+        return self.infos
 
     # --- messages ----------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import datetime
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pop3sf.adapters.base import AdapterError, normalize_secret
+from pop3sf.adapters.base import AdapterError, AuthenticationFailed, normalize_secret
 from pop3sf.adapters.sql import SQLAdapter
 from pop3sf.adapters.sql_session import Row, SQLSession, encode_subject, to_datetime
 
@@ -24,6 +24,7 @@ from .sources import (
     NotSupported,
     Source,
     SourceError,
+    UnknownUser,
     build_adapter,
 )
 
@@ -48,10 +49,19 @@ class SQLSource(Source):
             raise BadName("this source has several users: name one")
         return normalize_secret(user)
 
+    def _preview(self, user: str | None) -> SQLSession:
+        try:
+            return self.adapter.preview_session(self._account(user))
+        except AuthenticationFailed as exc:
+            raise UnknownUser(str(exc)) from exc
+        except AdapterError as exc:
+            raise SourceError(f"database {self.adapter.driver.where()}: {exc} "
+                              f"({exc.__cause__ or exc})") from exc
+
     def session(self, user: str | None) -> SQLSession:
         """A read-only session on the account, listed already (for previews); close it with
         ``connection_closed()``."""
-        session = self.adapter.session_for(self._account(user))
+        session = self._preview(user)
         try:
             session.list_messages()
         except AdapterError as exc:
@@ -61,16 +71,10 @@ class SQLSource(Source):
         return session
 
     def list_messages(self, user: str | None) -> Sequence[MessageSummary]:
-        session = self.adapter.session_for(self._account(user))
-        try:
-            infos = session.list_messages()
-        except AdapterError as exc:
-            raise SourceError(f"database {self.adapter.driver.where()}: {exc} "
-                              f"({exc.__cause__ or exc})") from exc
-        finally:
-            session.connection_closed()
+        session = self.session(user)
+        session.connection_closed()
         out = []
-        for info in infos:
+        for info in session.infos:
             row = Row(*session.rows[info.uid])
             subject = "" if row.subject is None else " ".join(str(row.subject).split())
             if not subject and self.adapter.shape().raw:

@@ -583,3 +583,36 @@ def test_unreachable_database_is_a_temporary_failure(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot connect"):
         adapter.probe()
     adapter.close()
+
+
+def test_preview_session_hook(backend: Backend, tmp_path: Path) -> None:
+    """The hook of ``pop3sf-admin preview`` (docs/adapters.md#admin): a read-only session of an
+    account without its password; an unknown account is AuthenticationFailed; nothing changes."""
+    from pop3sf.adapters.base import AuthenticationFailed
+
+    backend.add_user("alice")
+    backend.add(raw=b"Subject: a\n\nbody\n", owner="alice")
+    hidden = tmp_path / "hidden"
+    cfg = {**RAW_MULTI, "deletion": "hide", "hidden_dir": str(hidden)}
+    del cfg["delete_query"]
+    adapter = adapter_for(backend, **cfg)
+    session = adapter.preview_session("alice")
+    (info,) = session.list_messages()
+    assert session.read_only
+    assert session.open_message(info.uid).read() == b"Subject: a\n\nbody\n"
+    assert session.delete_messages([info.uid]).failed  # read-only: nothing hidden
+    session.connection_closed()
+    assert not hidden.exists()
+    with pytest.raises(AuthenticationFailed, match="no account 'mallory'"):
+        adapter.preview_session("mallory")
+    adapter.close()
+    single = adapter_for(backend, **RENDERED, **SINGLE)
+    with pytest.raises(AuthenticationFailed, match="no account"):
+        single.preview_session("bob")
+    single.close()
+
+
+def test_hidden_store_keeps_by_predicate(tmp_path: Path) -> None:
+    store = HiddenStore(str(tmp_path), "ns")
+    store.hide("a", ["old-1", "new-2"], keep=lambda uid: uid.startswith("new"))
+    assert store.hidden("a") == {"new-2"}
