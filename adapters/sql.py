@@ -45,6 +45,11 @@ from .sql_session import SQLSession
 log = logging.getLogger("pop3sf.adapters.sql")
 
 QUERY_KEYS = tuple(ALLOWED_PARAMS)
+#: PostgreSQL's type OID of bytea.
+BYTEA = 17
+#: Date/time column types the database converts to Unix seconds: PostgreSQL's date,
+#: timestamp, timestamptz OIDs; MySQL's TIMESTAMP, DATE, DATETIME, NEWDATE field types.
+DATE_TYPES = {"postgresql": (1082, 1114, 1184), "mysql": (7, 10, 12, 14)}
 
 
 class SQLAdapter(Adapter):
@@ -239,8 +244,10 @@ to_address = string(default="%u <%u@localhost>")
             names = [str(c[0]) for c in cols]
             if key == "list_query":
                 body = "message" if "message" in {n.lower() for n in names} else "body"
-                binary = any(n.lower() == body and t == 17 for n, t in cols)
-                shape = shape_of(key, names, binary)
+                types = {n.lower(): t for n, t in cols}
+                binary = self.dialect == "postgresql" and types.get(body) == BYTEA
+                date_type = types.get("date") in DATE_TYPES.get(self.dialect, ())
+                shape = shape_of(key, names, binary, date_type)
             elif key == "password_query":
                 check_single(key, names, ["password"])
         assert shape is not None

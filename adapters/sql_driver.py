@@ -142,7 +142,7 @@ class MySQLDriver:
         cur = self._cursor(conn)
         try:
             cur.execute(sql, dict(args) if args else _NO_ARGS)
-            names = [(d[0], None) for d in cur.description or ()]
+            names = [(d[0], d[1]) for d in cur.description or ()]
             cur.fetchall()
             return names
         finally:

@@ -139,13 +139,16 @@ class Shape:
     sender: bool
     date: bool
     binary: bool = False
+    #: The date column has a date/time type the database turns into Unix seconds itself.
+    date_type: bool = False
 
     @property
     def body(self) -> str:
         return "message" if self.raw else "body"
 
 
-def shape_of(key: str, columns: Sequence[str], binary: bool = False) -> Shape:
+def shape_of(key: str, columns: Sequence[str], binary: bool = False,
+             date_type: bool = False) -> Shape:
     """Check the listing query's column names; :class:`ConfigError` names what is wrong."""
     names = [c.lower() for c in columns]
     dupes = {n for n in names if names.count(n) > 1}
@@ -157,7 +160,7 @@ def shape_of(key: str, columns: Sequence[str], binary: bool = False) -> Shape:
         if "id" not in have or extra:
             raise ConfigError(f"{key} returns {', '.join(names)}: a complete message needs "
                               "exactly id, message (and optionally date, for the order)")
-        return Shape(True, False, "date" in have, binary)
+        return Shape(True, False, "date" in have, binary, date_type)
     missing = [c for c in RENDERED if c not in have]
     unknown = sorted(have - set(RENDERED) - set(OPTIONAL))
     if missing or unknown:
@@ -166,7 +169,7 @@ def shape_of(key: str, columns: Sequence[str], binary: bool = False) -> Shape:
         raise ConfigError(f"{key} returns {', '.join(names) or 'no columns'} ({problem}): "
                           "name the columns id, date, subject, body and optionally sender "
                           "(AS ...), or id, message for complete RFC 5322 messages")
-    return Shape(False, "sender" in have, True, binary)
+    return Shape(False, "sender" in have, True, binary, date_type)
 
 
 def check_single(key: str, columns: Sequence[str], wanted: Sequence[str]) -> None:
@@ -184,16 +187,26 @@ def describe_sql(query: Query) -> str:
 
 # --- the wrappers -------------------------------------------------------------------------
 
+def _date(dialect: str, shape: Shape) -> str:
+    """The date column, or Unix seconds computed by the database for a date/time type (far
+    cheaper for a driver to hand over than a datetime object; naive values count as UTC, as
+    :func:`.sql_session.to_datetime` takes them)."""
+    if not shape.date:
+        return "NULL"
+    if shape.date_type and dialect == "postgresql":
+        return "EXTRACT(EPOCH FROM date)::float8"
+    if shape.date_type and dialect == "mysql":
+        return "TIMESTAMPDIFF(SECOND, '1970-01-01 00:00:00', date)"
+    return "date"
+
+
 def listing_sql(dialect: str, query: Query, shape: Shape, mariadb: bool = True) -> str:
-    """The listing wrapped so the database returns, per row: id, date, subject, sender, octet
-    length, bare CR/LF count, last octet, and (raw 8-bit messages only) the header prefix."""
-    cols = ", ".join([
-        "id",
-        "date" if shape.date else "NULL",
-        "subject" if not shape.raw else "NULL",
-        "sender" if shape.sender else "NULL",
-    ])
+    """The listing wrapped so the database returns, per row: id, date, then for rendered rows
+    subject, sender and the body's wire size; for complete messages the wire size, the octet
+    length and (8-bit header candidates only) the header prefix. The size is NULL where the
+    database could not count (MariaDB's REGEXP_REPLACE over max_allowed_packet)."""
     body = f"pop3sf_q.{shape.body}"
+    date = _date(dialect, shape)
     if dialect == "sqlite":
         n = "length(pop3sf_b)"
         def gone(s: str) -> str:
@@ -201,11 +214,11 @@ def listing_sql(dialect: str, query: Query, shape: Shape, mariadb: bool = True) 
         # Most rows a script writes have no CR at all: one replace() pass counts their LFs.
         bare = (f"CASE WHEN instr(pop3sf_b, char(13)) = 0 THEN {gone('char(10)')} ELSE "
                 f"{gone('char(10)')} + {gone('char(13)')} - 2 * ({gone('char(13, 10)')} / 2) END")
-        head = f"pop3sf_head8(substr(pop3sf_b, 1, {HEADER_PREFIX}))" if shape.raw else "NULL"
-        return (f"SELECT {cols}, {n}, {bare}, substr(pop3sf_b, -1), {head} FROM "
-                f"(SELECT pop3sf_q.*, CAST(COALESCE({body}, X'') AS BLOB) AS pop3sf_b "
-                f"FROM ({query.text}) AS pop3sf_q) AS pop3sf_w")
-    if dialect == "postgresql":
+        last = "substr(pop3sf_b, -1) NOT IN (X'0A', X'0D')"
+        head = f"pop3sf_head8(substr(pop3sf_b, 1, {HEADER_PREFIX}))"
+        source = (f"(SELECT pop3sf_q.*, CAST(COALESCE({body}, X'') AS BLOB) AS pop3sf_b "
+                  f"FROM ({query.text}) AS pop3sf_q) AS pop3sf_w")
+    elif dialect == "postgresql":
         if shape.binary:
             b = f"COALESCE({body}, ''::bytea)"
             t = "encode(pop3sf_b, 'escape')"
@@ -219,24 +232,32 @@ def listing_sql(dialect: str, query: Query, shape: Shape, mariadb: bool = True) 
                     f"THEN convert_to({prefix}, 'UTF8') END")
         def gone(s: str) -> str:
             return f"(length(pop3sf_t) - length(replace(pop3sf_t, {s}, '')))"
+        n = "octet_length(pop3sf_b)"
         bare = f"{gone('chr(10)')} + {gone('chr(13)')} - 2 * ({gone('chr(13) || chr(10)')} / 2)"
-        return (f"SELECT {cols}, octet_length(pop3sf_b), {bare}, right(pop3sf_t, 1), "
-                f"{head if shape.raw else 'NULL'} FROM "
-                f"(SELECT pop3sf_q.*, {t} AS pop3sf_t FROM "
-                f"(SELECT pop3sf_q.*, {b} AS pop3sf_b FROM ({query.text}) AS pop3sf_q "
-                f"OFFSET 0) AS pop3sf_q OFFSET 0) AS pop3sf_w")
-    # mysql / mariadb
-    if mariadb:
-        bare = "LENGTH(REGEXP_REPLACE(pop3sf_b, %(pop3sf_bare)s, ''))"
-    else:
-        def gone(s: str) -> str:
-            return f"(LENGTH(pop3sf_b) - LENGTH(REPLACE(pop3sf_b, {s}, '')))"
-        bare = f"({gone('CHAR(10)')} + {gone('CHAR(13)')} - 2 * ({gone('CHAR(13,10)')} DIV 2))"
-    prefix = f"LEFT(pop3sf_b, {HEADER_PREFIX})"
-    head = f"IF({_has_8bit(prefix)}, {prefix}, NULL)" if shape.raw else "NULL"
-    return (f"SELECT {cols}, LENGTH(pop3sf_b), {bare}, RIGHT(pop3sf_b, 1), {head} FROM "
-            f"(SELECT pop3sf_q.*, CAST(COALESCE({body}, '') AS BINARY) AS pop3sf_b "
-            f"FROM ({query.text}) AS pop3sf_q) AS pop3sf_w")
+        last = "right(pop3sf_t, 1) NOT IN (chr(10), chr(13))"
+        source = (f"(SELECT pop3sf_q.*, {t} AS pop3sf_t FROM "
+                  f"(SELECT pop3sf_q.*, {b} AS pop3sf_b FROM ({query.text}) AS pop3sf_q "
+                  f"OFFSET 0) AS pop3sf_q OFFSET 0) AS pop3sf_w")
+    else:  # mysql / mariadb
+        n = "LENGTH(pop3sf_b)"
+        if mariadb:
+            bare = "LENGTH(REGEXP_REPLACE(pop3sf_b, %(pop3sf_bare)s, ''))"
+        else:
+            def gone(s: str) -> str:
+                return f"(LENGTH(pop3sf_b) - LENGTH(REPLACE(pop3sf_b, {s}, '')))"
+            bare = (f"({gone('CHAR(10)')} + {gone('CHAR(13)')} - 2 * "
+                    f"({gone('CHAR(13,10)')} DIV 2))")
+        last = "RIGHT(pop3sf_b, 1) NOT IN (CHAR(10), CHAR(13))"
+        prefix = f"LEFT(pop3sf_b, {HEADER_PREFIX})"
+        head = f"IF({_has_8bit(prefix)}, {prefix}, NULL)"
+        source = (f"(SELECT pop3sf_q.*, CAST(COALESCE({body}, '') AS BINARY) AS pop3sf_b "
+                  f"FROM ({query.text}) AS pop3sf_q) AS pop3sf_w")
+    # octets + one per bare CR or LF + a CRLF after a last line without one
+    size = f"{n} + {bare} + CASE WHEN {n} > 0 AND {last} THEN 2 ELSE 0 END"
+    if shape.raw:
+        return f"SELECT id, {date}, {size}, {n}, {head} FROM {source}"
+    sender = "sender" if shape.sender else "NULL"
+    return f"SELECT id, {date}, subject, {sender}, {size} FROM {source}"
 
 
 def listing_args(dialect: str, query: Query, values: Mapping[str, Any]) -> dict[str, Any]:

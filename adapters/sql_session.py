@@ -23,6 +23,7 @@ from operator import itemgetter
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
 from pop3sf import passwords
+from pop3sf.wire import measure, wire_bytes
 
 from .base import (
     AuthenticationFailed,
@@ -172,13 +173,6 @@ def uid_of(key: Any) -> str:
 
 
 _tuple_new = tuple.__new__
-_LINE_ENDS = frozenset({b"\n", b"\r", "\n", "\r"})
-
-
-def _ends_line(last: Any) -> bool:
-    if isinstance(last, bytes | str):
-        return last in _LINE_ENDS
-    return to_bytes(last) in _LINE_ENDS
 
 
 class SQLSession(MailboxSession[None]):
@@ -260,7 +254,13 @@ class SQLSession(MailboxSession[None]):
         senders: dict[Any, int] = {}
         base = HEADER_BASE + len(self.recipient)
         default_sender = len(self.sender)
-        for key, date, subject, sender, length, bare, last, head in result:
+        if shape.raw:
+            rows_in: Any = ((key, date, None, None, size, length, head)
+                            for key, date, size, length, head in result)
+        else:
+            rows_in = ((key, date, subject, sender, size, None, None)
+                       for key, date, subject, sender, size in result)
+        for key, date, subject, sender, size, length, head in rows_in:
             uid = uid_of(key)
             if seen is not None:  # deletion = hide: what the set may keep (hidden ones too)
                 seen.append(uid)
@@ -273,15 +273,17 @@ class SQLSession(MailboxSession[None]):
                     bad.append((key, date))
                     continue
                 when = 0.0
-            length = length or 0
-            size = length + (bare or 0)
-            if length and not _ends_line(last):
-                size += 2
             row = (key, date if shape.date else None, subject, sender)
             if shape.raw:
-                info = message_info(uid, size, length,
-                                    None if head is None else to_bytes(head), HEADER_PREFIX)
+                if size is None:  # the database could not count: measure the octets once
+                    found = measure(io.BytesIO(self._body(key)))
+                    info = MessageInfo(uid, *found)
+                else:
+                    info = message_info(uid, size, length or 0,
+                                        None if head is None else to_bytes(head), HEADER_PREFIX)
             else:
+                if size is None:
+                    size = len(wire_bytes(self._body(key)))
                 n = subjects.get(subject)
                 if n is None:
                     n = subjects[subject] = len(encode_subject(subject))
@@ -315,24 +317,28 @@ class SQLSession(MailboxSession[None]):
         if found_row is None:
             raise MessageGone("not in this session's listing")
         row = Row(*found_row)
-        adapter = self.adapter
-        shape = adapter.shape()
-        query = adapter.queries["body_query"]
-        found = adapter.fetch(body_sql(adapter.dialect, query, shape),
-                              query.args({"id": row.key, "user": self.account}), query.key)
-        if not found:
-            raise MessageGone("the row no longer exists")
-        if len(found) > 1:
-            log.error("sql: body_query returned %d rows for id %r; sending none", len(found),
-                      row.key)
-            raise TemporaryFailure("body_query returned several rows")
-        value = found[0][0]
-        body = value.encode("utf-8", "surrogateescape") if isinstance(value, str) \
-            else to_bytes(value)
+        body = self._body(row.key)
+        shape = self.adapter.shape()
         if shape.raw:
             return io.BytesIO(body)
         sender = encode_address(row.sender, self.sender) if shape.sender else self.sender
         return io.BytesIO(render_header(row, uid, sender, self.recipient, self.tag) + body)
+
+    def _body(self, key: Any) -> bytes:
+        """The octets of one row's body, as the listing measured them."""
+        adapter = self.adapter
+        query = adapter.queries["body_query"]
+        found = adapter.fetch(body_sql(adapter.dialect, query, adapter.shape()),
+                              query.args({"id": key, "user": self.account}), query.key)
+        if not found:
+            raise MessageGone("the row no longer exists")
+        if len(found) > 1:
+            log.error("sql: body_query returned %d rows for id %r; sending none", len(found),
+                      key)
+            raise TemporaryFailure("body_query returned several rows")
+        value = found[0][0]
+        return value.encode("utf-8", "surrogateescape") if isinstance(value, str) \
+            else to_bytes(value)
 
     def delete_messages(self, uids: Collection[str]) -> DeleteResult:
         adapter = self.adapter
