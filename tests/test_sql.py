@@ -616,3 +616,66 @@ def test_hidden_store_keeps_by_predicate(tmp_path: Path) -> None:
     store = HiddenStore(str(tmp_path), "ns")
     store.hide("a", ["old-1", "new-2"], keep=lambda uid: uid.startswith("new"))
     assert store.hidden("a") == {"new-2"}
+
+
+def readme_sql_configs() -> list[dict[str, Any]]:
+    """The ``[adapter]`` sections of README.md's ``type = sql`` examples, read as the server
+    reads its file (configobj, list values on)."""
+    import textwrap
+
+    from configobj import ConfigObj
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("## Any table, by query", 1)[1].split("\n## ", 1)[0]
+    blocks = [b for b in section.split("\n\n") if b.startswith("    [adapter]")]
+    return [dict(ConfigObj(textwrap.dedent(b).splitlines(), interpolation=False)["adapter"])
+            for b in blocks]
+
+
+def test_readme_configurations_work(tmp_path: Path, postgres: PostgresServer) -> None:  # noqa: F811
+    sqlite_cfg, pg_cfg = readme_sql_configs()
+    assert sqlite_cfg.pop("type") == pg_cfg.pop("type") == "sql"
+    path = tmp_path / "runs.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE runs (id INTEGER PRIMARY KEY, finished_at TEXT, host TEXT, "
+                   "status TEXT, log TEXT, seen INTEGER DEFAULT 0)")
+        db.execute("INSERT INTO runs (finished_at, host, status, log) VALUES "
+                   "('2024-05-06 07:08:09', 'db1', 'ok', 'all fine\n')")
+    db.close()
+    sqlite_cfg.update(database=str(path), password_hash=PLAIN)
+    with running_server("sql", sqlite_cfg) as srv:
+        pop = srv.pop3()
+        pop.user("ops")
+        pop.pass_("pw")
+        _, lines, _ = pop.retr(1)
+        assert b"Subject: db1: ok" in lines and lines[-1] == b"all fine"
+        pop.dele(1)
+        pop.quit()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT seen FROM runs").fetchall() == [(1,)]
+    db.close()
+    database = postgres.new_database()
+    pg = PostgresBackend.__new__(PostgresBackend)
+    pg.server, pg.database = postgres, database
+    pg.sql("CREATE TABLE operators (login TEXT, pw_hash TEXT)")
+    pg.sql("CREATE TABLE alerts (id SERIAL, created TIMESTAMPTZ, title TEXT, details TEXT, "
+           "source TEXT, recipient TEXT)")
+    pg.sql("GRANT SELECT ON operators, alerts TO pop3sf_test")
+    pg.sql("INSERT INTO operators VALUES ('oncall', '{PLAIN}pw')")
+    pg.sql("INSERT INTO alerts (created, title, details, source, recipient) VALUES "
+           "(now(), 'disk full', 'on /srv', 'Monitor <mon@example.org>', 'oncall')")
+    secret = tmp_path / "dbpass"
+    secret.write_text("test-Passw0rd\n")
+    secret.chmod(0o600)
+    pg_cfg.update(postgres.adapter_config(database), password_file=str(secret),
+                  hidden_dir=str(tmp_path / "hidden"))
+    del pg_cfg["password"]
+    adapter = SQLAdapter(pg_cfg)
+    adapter.probe()
+    adapter.start()
+    session = login(adapter, "oncall")
+    (info,) = session.list_messages()
+    assert b"From: Monitor <mon@example.org>" in session.open_message(info.uid).read()
+    session.delete_messages([info.uid])
+    assert login(adapter, "oncall").list_messages() == []  # hidden
+    adapter.close()
