@@ -679,3 +679,30 @@ def test_readme_configurations_work(tmp_path: Path, postgres: PostgresServer) ->
     session.delete_messages([info.uid])
     assert login(adapter, "oncall").list_messages() == []  # hidden
     adapter.close()
+
+
+@pytest.mark.parametrize("subject", ["plain", " lead", "trail ", "two  spaces", "tab\there",
+                                     "x" * 500, "é", None, b"bytes", 42, "line\nbreak", ""])
+def test_subject_length_is_the_encoded_length(subject: Any) -> None:
+    from pop3sf.adapters.sql_session import encode_subject, subject_length
+
+    assert subject_length(subject) == len(encode_subject(subject))
+
+
+def test_literal_percent_and_casts_reach_the_database(backend: Backend) -> None:
+    """``%`` is doubled for the pyformat drivers and comes back single; ``::`` and quoted
+    ``:words`` are not parameters."""
+    backend.add(body="b", title="100% done")
+    backend.add(body="b", title="other")
+    cast = "::text" if backend.name == "postgresql" else ""
+    adapter = adapter_for(backend, **SINGLE, body_query=RENDERED["body_query"], list_query=(
+        f"SELECT id, at AS date, title{cast} AS subject, body FROM ev "
+        f"WHERE title LIKE '%\\%%' ESCAPE '\\' AND title <> ':user'"
+        if backend.name != "mysql" else
+        "SELECT id, at AS date, title AS subject, body FROM ev "
+        "WHERE title LIKE '%\\\\%%' AND title <> ':user'"))
+    adapter.probe()
+    session = login(adapter)
+    (info,) = session.list_messages()
+    assert b"Subject: 100% done\r\n" in session.open_message(info.uid).read()
+    adapter.close()
