@@ -287,21 +287,37 @@ to_address = string(default="%u <%u@localhost>")
 
     def start(self) -> None:
         super().start()
+        self._check_shape()
+
+    def _check_shape(self) -> None:
+        """Check the queries' columns now if the database answers: wrong columns are a
+        ConfigError (the start or reload fails); an unreachable database is only a warning
+        (logins fail with [SYS/TEMP] until it is back)."""
         try:
             self.shape()
         except TemporaryFailure as exc:
             cause = exc.__cause__
             if isinstance(cause, ConfigError):
                 raise cause from None
-            log.warning("sql: queries not checked at start (%s); will retry at first login",
-                        exc)
+            log.warning("sql: queries not checked (%s); will retry at first login", exc)
 
     def apply(self, options: dict[str, Any]) -> None:
+        """Swap to the new queries and connection, after checking their columns as
+        :meth:`start` does; a ConfigError keeps everything as it was. Sessions in progress
+        keep the queries they listed with."""
         if options["driver"] == "sqlite" and not os.path.isfile(options["database"]):
             raise ConfigError(f"database = {options['database']!r}: no such file")
-        old = self.pool
+        keys = ("driver", "dialect", "queries", "pool", "hidden", "_shape")
+        old = {key: getattr(self, key) for key in keys}
         self._setup(options)
-        old.close()
+        try:
+            self._check_shape()
+        except ConfigError:
+            self.pool.close()
+            for key, value in old.items():
+                setattr(self, key, value)
+            raise
+        old["pool"].close()
 
     def close(self) -> None:
         self.pool.close()

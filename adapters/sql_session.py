@@ -37,7 +37,7 @@ from .base import (
     normalize_secret,
 )
 from .mysql_sql import message_info, to_bytes
-from .sql_query import HEADER_PREFIX, body_sql, listing_args, listing_sql
+from .sql_query import HEADER_PREFIX, Query, Shape, body_sql, listing_args, listing_sql
 
 if TYPE_CHECKING:
     from .sql import SQLAdapter
@@ -195,6 +195,10 @@ class SQLSession(MailboxSession[None]):
         self.rows: dict[str, tuple[Any, ...]] = {}
         self.seen: list[str] = []  # deletion = hide: every uid listed, hidden ones too
         self.infos: list[MessageInfo] = []
+        self.shape: Shape | None = None
+        self.queries: dict[str, Query] = adapter.queries
+        self.hidden = adapter.hidden
+        self.deletion: str = adapter.options["deletion"]
         self.sender = self.recipient = ""
         self.tag = ""
 
@@ -243,7 +247,10 @@ class SQLSession(MailboxSession[None]):
 
     def list_messages(self) -> Sequence[MessageInfo]:
         adapter = self.adapter
-        shape = adapter.shape()
+        shape = self.shape = adapter.shape()
+        # What this snapshot was listed with: a reload swaps the adapter's, not these.
+        self.queries, self.hidden = adapter.queries, adapter.hidden
+        self.deletion = adapter.options["deletion"]
         query = adapter.queries["list_query"]
         driver = adapter.driver
         mariadb = getattr(driver, "mariadb", None) is not False
@@ -251,14 +258,14 @@ class SQLSession(MailboxSession[None]):
         result = adapter.fetch(sql, listing_args(adapter.dialect, query, {"user": self.account}),
                                query.key)
         hidden: frozenset[str] = frozenset()
-        if adapter.hidden is not None:
+        if self.hidden is not None:
             try:
-                hidden = adapter.hidden.hidden(self.account)
+                hidden = self.hidden.hidden(self.account)
             except OSError as exc:
                 log.error("sql: cannot read the hidden set of %s: %s", self.account, exc)
                 raise TemporaryFailure("cannot read the hidden set") from exc
         listed: list[tuple[Any, str, tuple[Any, ...], MessageInfo]] = []
-        seen: list[str] | None = [] if adapter.hidden is not None else None
+        seen: list[str] | None = [] if self.hidden is not None else None
         bad: list[Any] = []
         senders: dict[Any, int] = {}
         base = HEADER_BASE + len(self.recipient)
@@ -325,7 +332,8 @@ class SQLSession(MailboxSession[None]):
             raise MessageGone("not in this session's listing")
         row = Row(*found_row)
         body = self._body(row.key)
-        shape = self.adapter.shape()
+        shape = self.shape
+        assert shape is not None
         if shape.raw:
             return io.BytesIO(body)
         sender = encode_address(row.sender, self.sender) if shape.sender else self.sender
@@ -334,8 +342,8 @@ class SQLSession(MailboxSession[None]):
     def _body(self, key: Any) -> bytes:
         """The octets of one row's body, as the listing measured them."""
         adapter = self.adapter
-        query = adapter.queries["body_query"]
-        found = adapter.fetch(body_sql(adapter.dialect, query, adapter.shape()),
+        query = self.queries["body_query"]
+        found = adapter.fetch(body_sql(adapter.dialect, query, self.shape or adapter.shape()),
                               query.args({"id": key, "user": self.account}), query.key)
         if not found:
             raise MessageGone("the row no longer exists")
@@ -349,7 +357,7 @@ class SQLSession(MailboxSession[None]):
 
     def delete_messages(self, uids: Collection[str]) -> DeleteResult:
         adapter = self.adapter
-        mode = adapter.options["deletion"]
+        mode = self.deletion
         known = [uid for uid in uids if uid in self.rows]
         failed = {uid: "not in this session's listing" for uid in uids if uid not in self.rows}
         if not known:
@@ -358,14 +366,14 @@ class SQLSession(MailboxSession[None]):
             failed.update({uid: "deletion = read_only" for uid in known})
             return DeleteResult(failed)
         if mode == "hide":
-            assert adapter.hidden is not None
+            assert self.hidden is not None
             try:
-                adapter.hidden.hide(self.account, known, keep=self.seen)
+                self.hidden.hide(self.account, known, keep=self.seen)
             except OSError as exc:
                 log.error("sql: cannot write the hidden set of %s: %s", self.account, exc)
                 raise TemporaryFailure("cannot write the hidden set") from exc
             return DeleteResult(failed)
-        query = adapter.queries["delete_query"]
+        query = self.queries["delete_query"]
         adapter.execute_many(query.text, [query.args({"id": self.rows[uid][0],
                                                       "user": self.account})
                                           for uid in known], query.key)

@@ -706,3 +706,21 @@ def test_literal_percent_and_casts_reach_the_database(backend: Backend) -> None:
     (info,) = session.list_messages()
     assert b"Subject: 100% done\r\n" in session.open_message(info.uid).read()
     adapter.close()
+
+
+def test_reload_checks_the_new_queries_and_keeps_the_old_on_error(tmp_path: Path) -> None:
+    db = SQLiteBackend(tmp_path / "rows.sqlite3")
+    db.add(body="one", title="first")
+    db.add(body="two", title="second", i=1)
+    adapter = adapter_for(db, **RENDERED, **SINGLE)
+    bad = db.config(**SINGLE, **{**RENDERED, "list_query": "SELECT id, body FROM ev"})
+    with pytest.raises(ConfigError, match="missing date, subject"):
+        adapter.reload(bad)
+    assert len(login(adapter).list_messages()) == 2  # the old queries still serve
+    session = login(adapter)
+    session.list_messages()
+    adapter.reload(db.config(**SINGLE, **{**RENDERED, "list_query": (
+        "SELECT id, at AS date, title AS subject, body FROM ev WHERE title = 'second'")}))
+    assert len(login(adapter).list_messages()) == 1
+    assert session.open_message("1").read().endswith(b"one")  # listed before: still served
+    adapter.close()
