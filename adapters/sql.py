@@ -177,10 +177,6 @@ to_address = string(default="%u <%u@localhost>")
                 raise ConfigError(f"password_hash: unknown scheme {exc}") from None
         o["queries"] = {key: translate(o[key], key, dialect)
                         for key in QUERY_KEYS if o[key]}
-        if o["username"]:
-            for key, query in o["queries"].items():
-                if "user" in query.params:
-                    log.debug("sql: %s uses :user, the configured username", key)
         return o
 
     @property

@@ -9,20 +9,26 @@ they are, so nothing inside them ever becomes a parameter. Values always travel 
 pop3sf never builds SQL from data.
 
 Sizes (docs/adapters.md#sessions) are computed by the database, without sending bodies: the
-admin's listing query becomes a subquery, and the outer query returns, per row, the body's octet
-length, the number of *bare* CRs and LFs (each becomes CRLF on the wire), and its last octet
-(a message not ending in a line break gets a CRLF). Per dialect:
+admin's listing query becomes a subquery, and the outer query returns, per row, one number: the
+body's octet length, plus one for every *bare* CR or LF (each becomes CRLF on the wire), plus 2
+when the last octet is not a line end. Per dialect:
 
-* sqlite: three ``replace()`` passes over the body as a BLOB (SQLite has no regular
-  expressions); the database is this process, so "not sending" means not copying into Python.
+* sqlite: ``replace()`` passes over the body as a BLOB (SQLite has no regular expressions): one
+  pass (counting LFs) for a body without CR, the usual case, three otherwise. The database is
+  this process, so "not sending" means not copying bodies into Python objects.
 * postgresql: three ``replace()`` passes over the text (a ``bytea`` body through
   ``encode(..., 'escape')``, which keeps CR and LF as they are); ``OFFSET 0`` keeps the planner
   from computing the view of the body once per use.
 * mysql: MariaDB counts in one linear ``REGEXP_REPLACE``, MySQL with ``REPLACE`` (see
-  :mod:`.mysql_sql`, whose expressions these are).
+  :mod:`.mysql_sql`, whose expressions these are). Where MariaDB can't (a result over
+  ``max_allowed_packet``: NULL), the session measures that one body by reading it.
 
-Every login costs the database one read of every listed body (it must look at the octets to
-count line ends); the network carries about 60 octets per row.
+Date/time columns come back as Unix seconds computed by the database (PostgreSQL ``EXTRACT``,
+MySQL ``TIMESTAMPDIFF``), which drivers hand over far cheaper than datetime objects.
+
+The cost: every login makes the database read every listed body once (it must look at the
+octets to count line ends); the network carries about 60 octets per row; pop3sf renders no
+header at LIST time (its length is arithmetic, :data:`.sql_session.HEADER_BASE`).
 """
 
 from __future__ import annotations

@@ -320,6 +320,10 @@ class SQLSession(MailboxSession[None]):
         except TypeError:  # ids of mixed types: compare their text
             listed.sort(key=lambda item: (item[0][0], _text(item[0][1])))
         self.rows = {uid: row for _, uid, row, _ in listed}  # Row's fields, as plain tuples
+        if len(self.rows) != len(listed):
+            log.warning("sql: list_query returned %d rows but %d distinct ids for %s; rows "
+                        "sharing an id are served as one", len(listed), len(self.rows),
+                        self.account)
         self.seen = seen or []
         self.infos = [info for _, _, _, info in listed]
         return self.infos
