@@ -43,7 +43,7 @@ class SQLSource(Source):
         if not self.adapter.multi_user:
             name = normalize_secret(self.config["username"])
             if user is not None and normalize_secret(user) != name:
-                raise SourceError(f"unknown user {user!r} (this source's user is {name!r})")
+                raise UnknownUser(f"unknown user {user!r} (this source's user is {name!r})")
             return name
         if not user:
             raise BadName("this source has several users: name one")
