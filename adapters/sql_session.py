@@ -277,6 +277,9 @@ class SQLSession(MailboxSession[None]):
             rows_in = ((key, date, subject, sender, size, None, None)
                        for key, date, subject, sender, size in result)
         for key, date, subject, sender, size, length, head in rows_in:
+            if key is None:
+                bad.append((key, "id is NULL"))
+                continue
             uid = uid_of(key)
             if seen is not None:  # deletion = hide: what the set may keep (hidden ones too)
                 seen.append(uid)
@@ -312,9 +315,9 @@ class SQLSession(MailboxSession[None]):
                 info = _tuple_new(MessageInfo, (uid, size + base + n + m, False, None))
             listed.append(((when, key), uid, row, info))
         if bad:
-            log.error("sql: list_query: %d rows left out: their date is not a date (first: id "
-                      "%r, date %r); use a timestamp, Unix seconds or ISO 8601 text",
-                      len(bad), bad[0][0], bad[0][1])
+            log.error("sql: list_query: %d rows left out: a NULL id, or a date that is not a "
+                      "date (first: id %r, date %r); use a timestamp, Unix seconds or ISO 8601 "
+                      "text", len(bad), bad[0][0], bad[0][1])
         try:
             listed.sort(key=itemgetter(0))
         except TypeError:  # ids of mixed types: compare their text

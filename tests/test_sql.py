@@ -509,7 +509,7 @@ def test_rows_with_bad_dates_are_left_out_and_logged(
     adapter = adapter_for(db, **RENDERED, **SINGLE)
     with caplog.at_level(logging.ERROR, "pop3sf.adapters.sql"):
         assert len(login(adapter).list_messages()) == 1
-    assert "1 rows left out: their date is not a date" in caplog.text
+    assert "1 rows left out: a NULL id, or a date that is not a date" in caplog.text
     adapter.close()
 
 
