@@ -35,6 +35,7 @@ setup(
             "mysql = pop3sf.adapters.mysql:MySQLAdapter",
             "mysql_multi = pop3sf.adapters.mysql:MultiUserMySQLAdapter",
             "sql = pop3sf.adapters.sql:SQLAdapter",
+            "journal = pop3sf.adapters.journal:JournalAdapter",
         ],
         # pop3sf-admin's support of an adapter, under the adapter's name.
         "pop3sf.admin_sources": [
@@ -44,6 +45,7 @@ setup(
             "mysql = pop3sf.auxiliary.mysql:SingleUserMySQLSource",
             "mysql_multi = pop3sf.auxiliary.mysql:MultiUserMySQLSource",
             "sql = pop3sf.auxiliary.sql:SQLSource",
+            "journal = pop3sf.auxiliary.journal:JournalSource",
         ],
     },
     classifiers=[

@@ -208,6 +208,12 @@ def cmd_hash(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def cmd_preview(settings: SourceSettings, args: argparse.Namespace) -> int:
+    from .preview import preview  # the one command that needs no Source
+
+    return preview(settings.adapter_type, settings.adapter_config, args.account, args.message)
+
+
 # --- live sessions: who and kick, asked of the running server ----------------------------
 
 
@@ -322,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=12, choices=range(4, 32), metavar="4..31")
     p.set_defaults(func=None)
 
+    p = sub.add_parser("preview", help="what an account would be served (number, UIDL, "
+                       "size, date, subject), without its password")
+    p.add_argument("account")
+    p.add_argument("--message", type=int, metavar="N", help="print message N instead")
+    p.set_defaults(func=cmd_preview)
+
     p = sub.add_parser("who", help="list the running server's logged-in sessions")
     p.add_argument("--json", action="store_true", help="print them as JSON")
     p.set_defaults(func=cmd_who)
@@ -351,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_hash(args)
         if args.area in ("who", "kick"):
             return int(args.func(load_server_settings(args.config), args))
+        if args.area == "preview":
+            return cmd_preview(load_settings(args.config), args)
         settings = load_settings(args.config)
         source = open_source(settings.adapter_type, settings.adapter_config,
                              settings.service_user)

@@ -107,6 +107,11 @@ class Env:
                     "password_hash": "{PLAIN}pw",
                     "list_query": '"SELECT id, at AS date, title AS subject, body FROM ev"',
                     "body_query": '"SELECT body FROM ev WHERE id = :id"'},
+            "journal": {"state_directory": str(base / "journal-state")},
+        }
+        #: Lines after an adapter's keys: the subsections (accounts) it needs.
+        self.subsections: dict[str, list[str]] = {
+            "journal": ["    [[ops]]", "    password_hash = {PLAIN}pw"],
         }
         with contextlib.closing(sqlite3.connect(base / "rows.sqlite3")) as db:
             db.execute("CREATE TABLE ev (id INTEGER PRIMARY KEY, at REAL, title TEXT, body TEXT)")
@@ -135,6 +140,7 @@ class Env:
             out += ["[adapter]", f"type = {adapter}"]
             values = {**self.adapters[adapter], **(adapter_extra or {})}
             out += [f"{k} = {v}" for k, v in values.items()]
+            out += self.subsections.get(adapter, [])
         return "\n".join(out) + "\n" + extra
 
 
@@ -225,6 +231,8 @@ def adapter_cases(env: Env) -> Iterator[Case]:
     for kind in BUNDLED:
         spec = _spec(_adapter_class(kind).configspec)
         for key, check in spec.items():
+            if not isinstance(check, str):  # a subsection's spec ([__many__]: accounts)
+                continue
             for value in bad_values(check):
                 yield Case(f"{kind}: {key} = {value}",
                            env.text(kind, adapter_extra={key: value}), ("[adapter]", key),
@@ -245,6 +253,7 @@ def adapter_cases(env: Env) -> Iterator[Case]:
         ("mysql", {"messages_table": "x; DROP TABLE y"}, "messages_table"),
         ("mysql", {"password_hash": "{NOSUCH}x"}, "password_hash"),
         ("mysql_multi", {"users_table": "a b"}, "users_table"),
+        ("journal", {"state_directory": "relative"}, "state_directory"),
         ("mysql_multi", {"ssl_ca": "/etc/ssl/ca.pem"}, "ssl_ca"),
         ("mysql_multi", {"password_file": str(env.base / "no-such-password")},
          "password_file"),
