@@ -758,3 +758,24 @@ def test_fetchmail_reads_and_marks_rows_seen(backend: Backend, tmp_path: Path) -
     assert b"Subject: backup: failed" in delivered and b"disk full on /srv" in delivered
     assert "Grüße".encode() in delivered and b"From: cron <c@h>" in delivered
     assert sorted(r[0] for r in backend.sql("SELECT seen FROM ev")) == [1, 1]
+
+
+def test_pop3sf_admin_preview(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The generic ``pop3sf-admin preview`` reaches a sql source through preview_session."""
+    from pop3sf.auxiliary.admin import main
+
+    db = SQLiteBackend(tmp_path / "rows.sqlite3")
+    db.add(body="first body\n", title="first")
+    db.add(body="second body\n", title="second", i=1)
+    path = tmp_path / "pop3sf.conf"
+    path.write_text(f'[server]\nuser = ""\n[listeners]\n    [[pop3]]\n'
+                    f'    addresses = 127.0.0.1:0\n[adapter]\ntype = sql\n'
+                    f'database = {db.path}\nusername = alice\npassword_hash = {PLAIN}\n'
+                    f'list_query = """{RENDERED["list_query"]}"""\n'
+                    f'body_query = "{RENDERED["body_query"]}"\n')
+    assert main(["--config", str(path), "preview", "alice"]) == 0
+    out = capsys.readouterr().out
+    assert "first" in out and "second" in out
+    assert main(["--config", str(path), "preview", "alice", "--message", "2"]) == 0
+    assert "second body" in capsys.readouterr().out
+    assert main(["--config", str(path), "preview", "bob"]) == 67
