@@ -267,53 +267,10 @@ class SQLSession(MailboxSession[None]):
         listed: list[tuple[Any, str, tuple[Any, ...], MessageInfo]] = []
         seen: list[str] | None = [] if self.hidden is not None else None
         bad: list[Any] = []
-        senders: dict[Any, int] = {}
-        base = HEADER_BASE + len(self.recipient)
-        default_sender = len(self.sender)
         if shape.raw:
-            rows_in: Any = ((key, date, None, None, size, length, head)
-                            for key, date, size, length, head in result)
+            self._raw_rows(result, shape, listed, seen, hidden, bad)
         else:
-            rows_in = ((key, date, subject, sender, size, None, None)
-                       for key, date, subject, sender, size in result)
-        for key, date, subject, sender, size, length, head in rows_in:
-            if key is None:
-                bad.append((key, "id is NULL"))
-                continue
-            uid = uid_of(key)
-            if seen is not None:  # deletion = hide: what the set may keep (hidden ones too)
-                seen.append(uid)
-                if uid in hidden:
-                    continue
-            try:
-                when = timestamp_of(date) if shape.date else 0.0
-            except (ValueError, TypeError, OverflowError):
-                if not shape.raw:
-                    bad.append((key, date))
-                    continue
-                when = 0.0
-            row = (key, date if shape.date else None, subject, sender)
-            if shape.raw:
-                if size is None:  # the database could not count: measure the octets once
-                    found = measure(io.BytesIO(self._body(key)))
-                    info = MessageInfo(uid, *found)
-                else:
-                    info = message_info(uid, size, length or 0,
-                                        None if head is None else to_bytes(head), HEADER_PREFIX)
-            else:
-                if size is None:
-                    size = len(wire_bytes(self._body(key)))
-                n = subject_length(subject)
-                if shape.sender:
-                    m = senders.get(sender)
-                    if m is None:
-                        m = senders[sender] = len(encode_address(sender, self.sender))
-                else:
-                    m = default_sender
-                # tuple.__new__: a MessageInfo without NamedTuple's Python-level __new__, which
-                # is a third of the listing's cost at 100,000 rows.
-                info = _tuple_new(MessageInfo, (uid, size + base + n + m, False, None))
-            listed.append(((when, key), uid, row, info))
+            self._rendered_rows(result, shape, listed, seen, hidden, bad)
         if bad:
             log.error("sql: list_query: %d rows left out: a NULL id, or a date that is not a "
                       "date (first: id %r, date %r); use a timestamp, Unix seconds or ISO 8601 "
@@ -331,13 +288,73 @@ class SQLSession(MailboxSession[None]):
         self.infos = [info for _, _, _, info in listed]
         return self.infos
 
+    def _rendered_rows(self, result: list[Any], shape: Shape, listed: list[Any],
+                       seen: list[str] | None, hidden: frozenset[str], bad: list[Any]) -> None:
+        """Rows of ``id, date, subject, sender, size``: the hot loop of a big listing, so
+        it allocates little: the database's row tuple is kept as the snapshot's row."""
+        senders: dict[Any, int] = {}
+        base = HEADER_BASE + len(self.recipient)
+        default_sender = len(self.sender)
+        with_sender = shape.sender
+        append = listed.append
+        for r in result:
+            key, date, subject, sender, size = r
+            if key is None:
+                bad.append((key, "id is NULL"))
+                continue
+            uid = str(key) if type(key) is int else uid_of(key)
+            if seen is not None:  # deletion = hide: what the set may keep (hidden ones too)
+                seen.append(uid)
+                if uid in hidden:
+                    continue
+            try:
+                when = timestamp_of(date)
+            except (ValueError, TypeError, OverflowError):
+                bad.append((key, date))
+                continue
+            if size is None:  # the database could not count: measure the octets once
+                size = len(wire_bytes(self._body(key)))
+            if with_sender:
+                m = senders.get(sender)
+                if m is None:
+                    m = senders[sender] = len(encode_address(sender, self.sender))
+            else:
+                m = default_sender
+            # tuple.__new__: a MessageInfo without NamedTuple's Python-level __new__, which
+            # is a third of the listing's cost at 100,000 rows.
+            size += base + subject_length(subject) + m
+            append(((when, key), uid, r, _tuple_new(MessageInfo, (uid, size, False, None))))
+
+    def _raw_rows(self, result: list[Any], shape: Shape, listed: list[Any],
+                  seen: list[str] | None, hidden: frozenset[str], bad: list[Any]) -> None:
+        """Rows of ``id, date, size, length, header prefix`` (complete messages)."""
+        for key, date, size, length, head in result:
+            if key is None:
+                bad.append((key, "id is NULL"))
+                continue
+            uid = uid_of(key)
+            if seen is not None:
+                seen.append(uid)
+                if uid in hidden:
+                    continue
+            try:
+                when = timestamp_of(date) if shape.date else 0.0
+            except (ValueError, TypeError, OverflowError):
+                when = 0.0  # the order only: the message carries its own Date
+            if size is None:  # the database could not count: measure the octets once
+                info = MessageInfo(uid, *measure(io.BytesIO(self._body(key))))
+            else:
+                info = message_info(uid, size, length or 0,
+                                    None if head is None else to_bytes(head), HEADER_PREFIX)
+            listed.append(((when, key), uid, (key, date, None, None), info))
+
     # --- messages ----------------------------------------------------------------------------
 
     def open_message(self, uid: str) -> BinaryIO:
         found_row = self.rows.get(uid)
         if found_row is None:
             raise MessageGone("not in this session's listing")
-        row = Row(*found_row)
+        row = Row(*found_row[:4])
         body = self._body(row.key)
         shape = self.shape
         assert shape is not None

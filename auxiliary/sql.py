@@ -75,7 +75,7 @@ class SQLSource(Source):
         session.connection_closed()
         out = []
         for info in session.infos:
-            row = Row(*session.rows[info.uid])
+            row = Row(*session.rows[info.uid][:4])
             subject = "" if row.subject is None else " ".join(str(row.subject).split())
             if not subject and self.adapter.shape().raw:
                 subject = f"(message {info.uid})"
