@@ -89,7 +89,9 @@ class SQLAdapter(Adapter):
     ``username``, ``password_hash``
         The one account (any scheme the passwd-file source accepts: ``pop3sf-admin hash``).
     ``password_query``
-        Instead, many accounts: one column ``password``, the hash of ``:user``.
+        Instead, many accounts: column ``password``, the hash of ``:user``, and optionally
+        ``username``, the name as stored (the account's canonical name: with a
+        case-insensitive match, "Alice" and "alice" are then one account).
     ``from_address``, ``to_address``
         From (when there is no ``sender``) and To of rendered rows; ``%u`` is the account.
     """
@@ -143,6 +145,9 @@ to_address = string(default="%u <%u@localhost>")
             self.hidden = HiddenStore(o["hidden_dir"], f"sql-{tag}")
         self._shape: Shape | None = None
         self._shape_lock = threading.Lock()
+        #: password_query also returns ``username``, the account's canonical name (found with
+        #: the other columns, by :meth:`describe`).
+        self.password_name = False
 
     # --- settings ----------------------------------------------------------------------------
 
@@ -245,7 +250,11 @@ to_address = string(default="%u <%u@localhost>")
                 date_type = types.get("date") in DATE_TYPES.get(self.dialect, ())
                 shape = shape_of(key, names, binary, date_type)
             elif key == "password_query":
-                check_single(key, names, ["password"])
+                if sorted(n.lower() for n in names) == ["password", "username"]:
+                    self.password_name = True
+                else:
+                    check_single(key, names, ["password"])
+                    self.password_name = False
         assert shape is not None
         body_cols = [str(c[0]) for c in self._run_query(
             self.queries["body_query"], lambda: self.driver.describe(
@@ -328,12 +337,12 @@ to_address = string(default="%u <%u@localhost>")
         docs/adapters.md#admin); with ``password_query``, an account it finds no hash for is
         :class:`AuthenticationFailed`."""
         if self.multi_user:
-            query = self.queries["password_query"]
-            rows = self.fetch(f"SELECT password FROM ({query.text}) AS pop3sf_q",
-                              query.args({"user": account}), query.key)
+            rows = self.password_rows(account)
             if len(rows) != 1:
                 raise AuthenticationFailed(f"no account {account!r} (password_query finds "
                                            f"{len(rows)} rows)")
+            if self.password_name and rows[0][1] is not None:
+                account = normalize_secret(str(rows[0][1]))
         elif account != normalize_secret(self.options["username"]):
             raise AuthenticationFailed(f"no account {account!r} (the one account is "
                                        f"{self.options['username']!r})")
@@ -373,6 +382,14 @@ to_address = string(default="%u <%u@localhost>")
             statement(self.driver, conn, "COMMIT")
         with self.guard(query_key):
             self.pool.run(run)
+
+    def password_rows(self, name: str) -> list[Any]:
+        """(hash, canonical name or None) rows password_query finds for ``name``."""
+        self.shape()  # the columns are known once the queries were described
+        query = self.queries["password_query"]
+        name_col = "username" if self.password_name else "NULL"
+        return self.fetch(f"SELECT password, {name_col} FROM ({query.text}) AS pop3sf_q",
+                          query.args({"user": name}), query.key)
 
     def reference_hash(self) -> str | None:
         """What unknown users' dummy checks imitate: the commonest kind among recent hashes."""

@@ -218,9 +218,7 @@ class SQLSession(MailboxSession[None]):
         name = credentials.username
         rows: list[Any] = []
         if 0 < len(name) <= 255 and _encodable(name):
-            query = adapter.queries["password_query"]
-            rows = adapter.fetch(f"SELECT password FROM ({query.text}) AS pop3sf_q",
-                                 query.args({"user": name}), query.key)
+            rows = adapter.password_rows(name)
         like = adapter.reference_hash()
         if len(rows) != 1 or rows[0][0] is None:
             if len(rows) > 1:
@@ -231,7 +229,8 @@ class SQLSession(MailboxSession[None]):
         stored = _text(rows[0][0]).strip()
         adapter.saw_hash(stored)
         passwords.verify_or_deny(stored, password, like=like, account=name)
-        return AuthResult(name)
+        canonical = rows[0][1]
+        return AuthResult(name if canonical is None else normalize_secret(_text(canonical)))
 
     def login_succeeded(self, account: AuthResult[None], read_only: bool) -> None:
         o = self.adapter.options

@@ -779,3 +779,22 @@ def test_pop3sf_admin_preview(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["--config", str(path), "preview", "alice", "--message", "2"]) == 0
     assert "second body" in capsys.readouterr().out
     assert main(["--config", str(path), "preview", "bob"]) == 67
+
+
+def test_password_query_may_name_the_canonical_account(backend: Backend) -> None:
+    """With a ``username`` column, a case-insensitive lookup still gives one account name:
+    the lock, the log and ``:user`` in the other queries use the stored spelling."""
+    backend.add_user("Alice", "pw")
+    backend.add(raw=b"Subject: for Alice\n\nx\n", owner="Alice")
+    adapter = adapter_for(backend, **{**RAW_MULTI, "password_query": (
+        "SELECT hash AS password, name AS username FROM users WHERE lower(name) = lower(:user)")})
+    session = adapter.new_session(Peer("127.0.0.1", 1))
+    found = session.authenticate(Credentials("alice", "pw"))
+    assert found.account_id == "Alice"
+    session.login_succeeded(found, False)
+    assert len(session.list_messages()) == 1
+    assert adapter.preview_session("ALICE").account == "Alice"
+    with pytest.raises(ConfigError, match="exactly password"):
+        SQLAdapter(backend.config(**{**RAW_MULTI, "password_query": (
+            "SELECT hash AS password, name FROM users WHERE name = :user")})).probe()
+    adapter.close()
