@@ -137,7 +137,7 @@ to_address = string(default="%u <%u@localhost>")
         self.driver: AnyDriver = _driver(o)
         self.dialect = self.driver.dialect
         self.queries: dict[str, Query] = o["queries"]
-        self.pool = Pool(self.driver.connect, o["pool_size"], o["pool_timeout"])
+        self.pool = Pool(self.driver.connect, o["pool_size"], o["pool_timeout"], self.driver.lost)
         self.hidden: HiddenStore | None = None
         if o["deletion"] == "hide":
             where = f"{self.dialect}\0{o['host']}\0{o['port']}\0{o['unix_socket']}\0{o['database']}"
@@ -381,7 +381,7 @@ to_address = string(default="%u <%u@localhost>")
                 raise
             statement(self.driver, conn, "COMMIT")
         with self.guard(query_key):
-            self.pool.run(run)
+            self.pool.run(run, retry=False)  # a COMMIT may have happened: never run twice
 
     def password_rows(self, name: str) -> list[Any]:
         """(hash, canonical name or None) rows password_query finds for ``name``."""

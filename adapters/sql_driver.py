@@ -56,6 +56,10 @@ class SQLiteDriver:
         conn.create_function("pop3sf_head8", 1, _head8, deterministic=True)
         return conn
 
+    def lost(self, conn: Any, exc: BaseException) -> bool:
+        """Whether ``exc`` means the connection is gone (never, for a file)."""
+        return False
+
     def describe(self, conn: Any, sql: str, args: Mapping[str, Any]) -> list[tuple[str, Any]]:
         cur = conn.execute(sql, dict(args))
         try:
@@ -93,6 +97,11 @@ class PostgreSQLDriver:
         conn = self.module.connect(**self.kw)
         conn.autocommit = True
         return conn
+
+    def lost(self, conn: Any, exc: BaseException) -> bool:
+        """Whether ``exc`` means the connection is gone (the server restarted, or closed an
+        idle connection): psycopg2 marks such a connection closed."""
+        return bool(getattr(conn, "closed", 0)) or isinstance(exc, self.module.InterfaceError)
 
     def describe(self, conn: Any, sql: str, args: Mapping[str, Any]) -> list[tuple[str, Any]]:
         """Column names and type OIDs (17 is ``bytea``)."""
@@ -133,6 +142,9 @@ class MySQLDriver:
                 version = bytes(version).decode("ascii", "replace")
             self.mariadb = "mariadb" in str(version).lower()
         return conn
+
+    def lost(self, conn: Any, exc: BaseException) -> bool:
+        return self.driver.is_connection_error(exc)
 
     def _cursor(self, conn: Any) -> Any:
         return conn.cursor(buffered=True) if self.driver.name == "mysql-connector" \
@@ -197,8 +209,10 @@ def statement(driver: AnyDriver, conn: Any, sql: str) -> None:
 class Pool:
     """At most ``size`` open connections, handed out one call at a time."""
 
-    def __init__(self, connect: Callable[[], Any], size: int, timeout: float) -> None:
+    def __init__(self, connect: Callable[[], Any], size: int, timeout: float,
+                 lost: Callable[[Any, BaseException], bool] | None = None) -> None:
         self._connect = connect
+        self._lost = lost or (lambda conn, exc: False)
         self.size = size
         self.timeout = timeout
         self._cond = threading.Condition()
@@ -206,25 +220,35 @@ class Pool:
         self._open = 0
         self._closed = False
 
-    def run(self, fn: Callable[[Any], Any]) -> Any:
-        """``fn(connection)``; a connection that raised is closed, never pooled again."""
-        conn = self._acquire()
-        try:
-            result = fn(conn)
-        except BaseException:
-            self._discard(conn)
-            raise
-        self._release(conn)
-        return result
+    def run(self, fn: Callable[[Any], Any], retry: bool = True) -> Any:
+        """``fn(connection)``; a connection that raised is closed, never pooled again. When a
+        pooled connection turns out to be gone (the database restarted since it was last
+        used), ``fn`` runs once more on a new one if ``retry`` (reads: safe to repeat)."""
+        for attempt in (1, 2):
+            conn, reused = self._acquire()
+            try:
+                result = fn(conn)
+            except Exception as exc:
+                self._discard(conn)
+                if retry and reused and attempt == 1 and self._lost(conn, exc):
+                    continue
+                raise
+            except BaseException:
+                self._discard(conn)
+                raise
+            self._release(conn)
+            return result
+        raise AssertionError("unreachable")
 
-    def _acquire(self) -> Any:
+    def _acquire(self) -> tuple[Any, bool]:
+        """(connection, whether it was pooled)."""
         deadline = time.monotonic() + self.timeout
         with self._cond:
             while True:
                 if self._closed:
                     raise TemporaryFailure("the database pool is closed")
                 if self._idle:
-                    return self._idle.pop()
+                    return self._idle.pop(), True
                 if self._open < self.size:
                     self._open += 1
                     break
@@ -233,7 +257,7 @@ class Pool:
                     raise TemporaryFailure(f"all {self.size} database connections busy")
                 self._cond.wait(left)
         try:
-            return self._connect()
+            return self._connect(), False
         except BaseException:
             with self._cond:
                 self._open -= 1

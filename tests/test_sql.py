@@ -798,3 +798,22 @@ def test_password_query_may_name_the_canonical_account(backend: Backend) -> None
         SQLAdapter(backend.config(**{**RAW_MULTI, "password_query": (
             "SELECT hash AS password, name FROM users WHERE name = :user")})).probe()
     adapter.close()
+
+
+@pytest.mark.parametrize("kind", ["postgresql", "mysql"])
+def test_a_restarted_database_costs_no_failed_login(kind: str, request: pytest.FixtureRequest,
+                                                    tmp_path: Path) -> None:
+    """Pooled connections die with the database; the next read notices and reconnects once."""
+    from mariadb import running_mariadb
+    from postgres import running_postgres
+
+    with (running_postgres() if kind == "postgresql" else running_mariadb()) as server:
+        backend = (PostgresBackend(server) if kind == "postgresql"  # type: ignore[arg-type]
+                   else MariaDBBackend(server))  # type: ignore[arg-type]
+        backend.add(body="x")
+        adapter = adapter_for(backend, **RENDERED, **SINGLE)
+        assert len(login(adapter).list_messages()) == 1
+        server.stop()
+        server.start()
+        assert len(login(adapter).list_messages()) == 1
+        adapter.close()
