@@ -14,6 +14,7 @@ import datetime
 import decimal
 import email.utils
 import hashlib
+import hmac
 import io
 import logging
 import re
@@ -210,7 +211,8 @@ class SQLSession(MailboxSession[None]):
         if not adapter.multi_user:
             stored: str = adapter.options["password_hash"]
             username = normalize_secret(adapter.options["username"])
-            if credentials.username != username:
+            if not hmac.compare_digest(credentials.username.encode("utf-8", "surrogateescape"),
+                                       username.encode("utf-8", "surrogateescape")):
                 passwords.dummy_verify(password, like=stored)
                 raise AuthenticationFailed("unknown user")
             passwords.verify_or_deny(stored, password)
