@@ -14,7 +14,7 @@ from typing import Any
 
 from pop3sf.adapters import AdapterError, AuthenticationFailed, ConfigError, load_adapter_class
 
-from .admin import EX_CONFIG, EX_DATAERR, EX_NOUSER, EX_OK, EX_UNAVAILABLE, PROG, Failure
+from .exits import EX_CONFIG, EX_DATAERR, EX_NOUSER, EX_OK, EX_UNAVAILABLE, PROG, Failure
 from .sources import summarize
 
 
