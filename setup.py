@@ -19,6 +19,7 @@ setup(
     extras_require={
         "mysql": ["mysql-connector-python"],
         "pymysql": ["PyMySQL"],
+        "postgresql": ["psycopg2"],
         "systemd": ["systemd-python"],
     },
     entry_points={
@@ -33,6 +34,7 @@ setup(
             "maildir = pop3sf.adapters.maildir:MaildirAdapter",
             "mysql = pop3sf.adapters.mysql:MySQLAdapter",
             "mysql_multi = pop3sf.adapters.mysql:MultiUserMySQLAdapter",
+            "sql = pop3sf.adapters.sql:SQLAdapter",
             "journal = pop3sf.adapters.journal:JournalAdapter",
         ],
         # pop3sf-admin's support of an adapter, under the adapter's name.
@@ -42,6 +44,7 @@ setup(
             "maildir = pop3sf.auxiliary.maildir:MaildirSource",
             "mysql = pop3sf.auxiliary.mysql:SingleUserMySQLSource",
             "mysql_multi = pop3sf.auxiliary.mysql:MultiUserMySQLSource",
+            "sql = pop3sf.auxiliary.sql:SQLSource",
             "journal = pop3sf.auxiliary.journal:JournalSource",
         ],
     },

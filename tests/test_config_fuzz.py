@@ -14,6 +14,7 @@ import io
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -102,12 +103,18 @@ class Env:
             "maildir": {"passwd_file": str(base / "maildir-passwd")},
             "mysql": {"username": "alice", "password_hash": "{PLAIN}pw"},
             "mysql_multi": {},
+            "sql": {"database": str(base / "rows.sqlite3"), "username": "alice",
+                    "password_hash": "{PLAIN}pw",
+                    "list_query": '"SELECT id, at AS date, title AS subject, body FROM ev"',
+                    "body_query": '"SELECT body FROM ev WHERE id = :id"'},
             "journal": {"state_directory": str(base / "journal-state")},
         }
         #: Lines after an adapter's keys: the subsections (accounts) it needs.
         self.subsections: dict[str, list[str]] = {
             "journal": ["    [[ops]]", "    password_hash = {PLAIN}pw"],
         }
+        with contextlib.closing(sqlite3.connect(base / "rows.sqlite3")) as db:
+            db.execute("CREATE TABLE ev (id INTEGER PRIMARY KEY, at REAL, title TEXT, body TEXT)")
 
     def text(self, adapter: str = "list", server: dict[str, dict[str, str]] | None = None,
              adapter_extra: dict[str, str] | None = None, drop: tuple[str, ...] = (),
@@ -250,6 +257,9 @@ def adapter_cases(env: Env) -> Iterator[Case]:
         ("mysql_multi", {"ssl_ca": "/etc/ssl/ca.pem"}, "ssl_ca"),
         ("mysql_multi", {"password_file": str(env.base / "no-such-password")},
          "password_file"),
+        ("sql", {"body_query": '"SELECT body FROM ev WHERE id = ?"'}, "body_query"),
+        ("sql", {"list_query": "SELECT id, body FROM ev"}, "list_query"),  # unquoted comma
+        ("sql", {"deletion": "query"}, "delete_query"),
         # The list adapter's message names the file, not the key.
         ("list", {"messages": str(env.base / "no-such-message")}, "no-such-message"),
     ]

@@ -106,6 +106,7 @@ def test_deb_control_fields(built: dict[str, Path]) -> None:
     # mysql-connector-python would make the package uninstallable.
     assert not any("mysql" in d for d in depends), depends
     assert _relations(_deb_field(deb, "Recommends")) == {"python3-pymysql"}
+    assert _relations(_deb_field(deb, "Suggests")) == {"python3-psycopg2"}  # type = sql
     assert _relations(_deb_field(deb, "Provides")) == {"pop3-server"}
     assert _deb_field(deb, "Architecture") == "all"
     assert _deb_field(deb, "Package") == "pop3sf"
