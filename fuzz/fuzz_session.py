@@ -148,7 +148,7 @@ def test_one_input(data: bytes) -> None:
     accounts = server.accounts
     assert not accounts.locks and not accounts.user_sessions and server.sessions_alive == 0
     assert not server.leaks()
-    assert server.commits_in_flight == 0 and not server.by_group
+    assert server.commits_in_flight == 0 and not server.admission.by_group
     if b"QUIT" not in stream.upper():
         assert box.messages == before, "a message was deleted without QUIT"
 

@@ -1,7 +1,8 @@
-"""The server: accepts connections, admits or sheds them, and owns what spans sessions.
+"""The server: accepts connections and owns what spans sessions.
 
-Per-address and global connection caps, shedding (docs/protocol.md §15), auth in-flight caps and
-penalties (§7), worker pools (docs/architecture.md §4), reload and graceful shutdown (§17).
+Admission and shedding are :mod:`.admission`'s; here: auth in-flight caps and penalties
+(docs/protocol.md §7), worker pools (docs/architecture.md §4), reload and graceful shutdown
+(docs/protocol.md §17).
 """
 
 from __future__ import annotations
@@ -18,16 +19,16 @@ from typing import Any
 from pop3sf.adapters import Adapter
 
 from .accounts import Accounts
-from .config import ConfigError, Listener, Settings, adapter_error
+from .admission import Admission
+from .config import ConfigError, Settings, adapter_error
 from .connection import Connection
 from .control import ControlServer
 from .listeners import ListeningSocket
 from .logs import counted
 from .loop import EventLoop, Timer
-from .proxy import VERSIONS, Header
-from .replies import ERR_BUSY, ERR_TEMP
+from .proxy import Header
 from .session import Session
-from .throttle import Penalties, VerificationGate, address_group, in_networks, normalize_address
+from .throttle import Penalties, VerificationGate, address_group, in_networks
 from .tls import make_context
 from .workers import WorkerPool, run_inline
 
@@ -81,7 +82,6 @@ class Server:
         self.verifications = VerificationGate(self.penalties, self.loop, self._auth_refusal)
         self.listeners: list[ListeningSocket] = []
         self.connections: dict[Connection, Session] = {}
-        self.by_group: dict[str, dict[Connection, None]] = {}
         self.sessions_alive = 0
         self.accounts = Accounts()
         self.commits_in_flight = 0
@@ -93,6 +93,9 @@ class Server:
         self.nofile = raise_nofile_limit()
         self.started = False
         self.stats = collections.Counter[str]()
+        self.admission = Admission(lambda: self.settings, self.connections,
+                                   lambda: self.max_connections, self.verifications.is_running,
+                                   self.stats)
         self.on_tick: list[Callable[[], None]] = []
         self.control: ControlServer | None = None  # pop3sf-admin who/kick
         #: Per-command debug logging costs even when filtered out; decided once.
@@ -177,8 +180,8 @@ class Server:
             found.append(f"accounts still held: {sorted(held)} ({stuck} stuck)")
         if self.commits_in_flight > stuck:
             found.append(f"{self.commits_in_flight} commits")
-        if self.by_group:
-            found.append(f"{len(self.by_group)} address groups")
+        if self.admission.by_group:
+            found.append(f"{len(self.admission.by_group)} address groups")
         own = [self._tick, *(pool.check_deadlines for pool in self.pools.values())]
         timers = [cb for cb in self.loop.pending_timers() if cb not in own]
         if timers:
@@ -222,125 +225,37 @@ class Server:
 
     def _admit(self, ls: ListeningSocket, sock: socket.socket, addr: Any) -> None:
         sock.setblocking(False)
-        address = normalize_address(addr[0]) if isinstance(addr, tuple) else "local"
-        port = addr[1] if isinstance(addr, tuple) else 0
-        group = address_group(address, 64)
-        limits = self.settings.limits
         if self.stopping:
             sock.close()
             return
-        proxied = self._proxy_listener(ls.name)
-        if proxied is not None:
-            if not in_networks(address, proxied.trusted_proxies):
-                self.stats["proxy_refused"] += 1
-                log.warning("refused %s on %s: not a trusted proxy", address, ls.name,
-                            extra={"POP3SF_CLIENT": address, "POP3SF_EVENT": "refused"})
-                sock.close()  # no greeting: whoever it is, it must not learn what listens
-                return
-            # Filed apart until its header names the client (then proxied() re-files it):
-            # a cap per proxy would lump every client together.
-            group = f"via {address}"
-        elif len(self.by_group.get(group, ())) >= limits.max_connections_per_address:
-            self._refuse(sock, ls.tls, address, "too many connections from this address")
-            return
-        if len(self.connections) >= self.max_connections and not self._shed():
-            self._refuse(sock, ls.tls, address, "server full")
+        entry = self.admission.admit(ls.name, ls.tls, sock, addr)
+        if entry is None:
             return
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if limits.tcp_keepalive:
+            if self.settings.limits.tcp_keepalive:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 15)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4)
         except OSError:
             pass
-        conn = Connection(self, sock, address, port, ls.name, group, ls.tls,
-                          VERSIONS[proxied.proxy_protocol] if proxied else ())
+        conn = Connection(self, sock, entry.address, entry.port, ls.name, entry.group, ls.tls,
+                          entry.proxy_versions)
         session = self.connections[conn] = Session(self, conn)
-        self.by_group.setdefault(group, {})[conn] = None
+        self.admission.file(conn)
         self.sessions_alive += 1
-        if proxied is None:
-            log.info("connect %s:%d on %s", address, port, ls.name,
-                     extra={"POP3SF_CLIENT": address, "POP3SF_EVENT": "connect"})
+        if not entry.proxy_versions:
+            log.info("connect %s:%d on %s", entry.address, entry.port, ls.name,
+                     extra={"POP3SF_CLIENT": entry.address, "POP3SF_EVENT": "connect"})
         conn.start(session)
 
-    def _proxy_listener(self, name: str) -> Listener | None:
-        """The listener's settings when it takes PROXY headers, else None."""
-        for listener in self.settings.listeners:
-            if listener.name == name:
-                return listener if listener.proxy_protocol != "no" else None
-        return None
-
     def proxied(self, conn: Connection, header: Header) -> str | None:
-        """A trusted proxy named the client: from now on its address is the connection's
-        everywhere (caps, shedding, penalties, plaintext policy, logs, the adapter's Peer).
-        Returns why the connection is refused (the per-address cap), or None."""
-        proxy_address = conn.address
-        if header.source is not None:
-            address = header.source[0]  # canonical already; IPv4-mapped IPv6 becomes IPv4
-            conn.address = normalize_address(address) if ":" in address else address
-            conn.port = header.source[1]
-        listener = self._proxy_listener(conn.listener)
-        conn.proxy_tls = header.tls and listener is not None and listener.proxy_tls_trusted
-        conn.proxied_by = proxy_address
-        group = address_group(conn.address, 64)
-        self._unfile(conn)
-        conn.group = group
-        self.by_group.setdefault(group, {})[conn] = None
-        extra = {"POP3SF_CLIENT": conn.address, "POP3SF_PROXY": proxy_address}
-        if len(self.by_group[group]) > self.settings.limits.max_connections_per_address:
-            self.stats["refused"] += 1
-            log.warning("refused %s (via %s): too many connections from this address",
-                        conn.address, proxy_address, extra={**extra, "POP3SF_EVENT": "refused"})
-            if not conn.tls_listener:
-                conn.write(ERR_BUSY)
-                conn.flush()
-            return "too many connections from this address"
-        log.info("connect %s:%d on %s via %s%s%s", conn.address, conn.port, conn.listener,
-                 proxy_address, " (LOCAL)" if header.source is None else "",
-                 " (TLS at the proxy)" if conn.proxy_tls else "",
-                 extra={**extra, "POP3SF_EVENT": "connect"})
-        return None
-
-    def _refuse(self, sock: socket.socket, tls: bool, address: str, why: str) -> None:
-        self.stats["refused"] += 1
-        log.warning("refused %s: %s", address, why,
-                    extra={"POP3SF_CLIENT": address, "POP3SF_EVENT": "refused"})
-        if not tls:
-            try:
-                sock.send(ERR_BUSY)
-            except OSError:
-                pass
-        sock.close()
-
-    def _shed(self) -> bool:
-        """Close the oldest not-yet-authenticated connection of the busiest address
-        (docs/protocol.md §15)."""
-        for group in sorted(self.by_group, key=lambda g: len(self.by_group[g]), reverse=True):
-            for conn in self.by_group[group]:
-                if not (conn.authenticated or conn.closed or self.verifications.is_running(conn)):
-                    self.stats["shed"] += 1
-                    log.warning("shedding %s to admit a new connection (server full)",
-                                conn.address, extra={"POP3SF_CLIENT": conn.address,
-                                                     "POP3SF_EVENT": "shed"})
-                    if not (conn.tls_listener or conn.ssl or conn.proxy_versions):
-                        conn.write(ERR_TEMP)
-                        conn.flush()
-                    conn.close("shed: server full")
-                    return True
-        return False
+        return self.admission.proxied(conn, header)
 
     def connection_closed(self, conn: Connection) -> None:
         self.connections.pop(conn, None)
-        self._unfile(conn)
-
-    def _unfile(self, conn: Connection) -> None:
-        members = self.by_group.get(conn.group)
-        if members is not None:
-            members.pop(conn, None)
-            if not members:
-                del self.by_group[conn.group]
+        self.admission.unfile(conn)
 
     # -- adapter calls --------------------------------------------------------------------------
     def call_adapter(self, pool: str, func: Callable[..., Any], args: tuple[Any, ...],

@@ -533,7 +533,7 @@ def test_ipv4_mapped_addresses_share_ipv4_limits() -> None:
             assert c.line().startswith(b"+OK")
         peers = srv.call(lambda: sorted(c.address for c in srv.server.connections))
         assert peers == ["127.0.0.1", "127.0.0.1"]  # normalised at accept
-        assert srv.call(lambda: list(srv.server.by_group)) == ["127.0.0.1"]
+        assert srv.call(lambda: list(srv.server.admission.by_group)) == ["127.0.0.1"]
         extra = Raw.connect(srv.port)
         assert extra.line().startswith(b"-ERR [SYS/TEMP]")  # the IPv4 address's cap
         v6 = Raw.connect(srv.port, "::1")  # a different address: its own limits
