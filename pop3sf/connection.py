@@ -21,36 +21,20 @@ import socket
 import ssl
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from . import proxy
+from .lines import LineBuffer
 from .loop import Timer
 
 if TYPE_CHECKING:
-    from .host import Host
+    from .host import Handler, Host
 
 log = logging.getLogger("pop3sf.connection")
 
 READ = selectors.EVENT_READ
 WRITE = selectors.EVENT_WRITE
 RECV_SIZE = 256 * 1024
-#: Returned by :meth:`Connection.next_line` once per over-long line.
-TOO_LONG = b"\0too-long"
-
-
-class Handler(Protocol):
-    """The session on top of a connection: told about input, drained output and the end."""
-
-    close_reason: str
-
-    @property
-    def authenticated(self) -> bool: ...
-    def start(self) -> None: ...
-    def tls_established(self) -> None: ...
-    def busy(self) -> bool: ...
-    def on_input(self) -> None: ...
-    def on_drain(self) -> None: ...
-    def on_close(self, reason: str) -> None: ...
 
 
 class Connection:
@@ -63,7 +47,7 @@ class Connection:
     __slots__ = (
         "server", "sock", "fd", "address", "port", "listener", "group", "tls_listener",
         "created", "inbuf", "outbuf", "ssl", "bio_in", "bio_out", "handshaking", "closed",
-        "eof", "discarding", "line_limit", "events", "reading_paused", "session", "timer",
+        "eof", "events", "reading_paused", "session", "timer",
         "auth_deadline", "handshake_deadline", "idle_deadline", "stall_deadline",
         "close_when_flushed", "bytes_out", "proxy_versions", "proxy_deadline", "proxied_by",
         "proxy_tls", "__weakref__",
@@ -81,7 +65,7 @@ class Connection:
         self.group = group
         self.tls_listener = tls_listener
         self.created = time.monotonic()
-        self.inbuf = bytearray()
+        self.inbuf = LineBuffer(server.settings.protocol.max_line_length)
         self.outbuf = bytearray()
         self.ssl: ssl.SSLObject | None = None
         self.bio_in: ssl.MemoryBIO | None = None
@@ -89,8 +73,6 @@ class Connection:
         self.handshaking = False
         self.closed = False
         self.eof = False
-        self.discarding = False
-        self.line_limit = server.settings.protocol.max_line_length
         self.events = READ
         self.reading_paused = False
         self.session: Handler | None = None
@@ -150,7 +132,7 @@ class Connection:
             self.sock.close()
         except OSError:
             pass
-        self.inbuf = bytearray()
+        self.inbuf.reset()
         self.outbuf = bytearray()
         self.ssl = self.bio_in = self.bio_out = None
         if self.session is not None:
@@ -206,7 +188,7 @@ class Connection:
         """Begin a server-side handshake; bytes already buffered in plaintext are discarded."""
         ctx = self.server.tls_context
         assert ctx is not None
-        self.inbuf = bytearray()
+        self.inbuf.reset()
         self.bio_in, self.bio_out = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.ssl = ctx.wrap_bio(self.bio_in, self.bio_out, server_side=True)
         self.handshaking = True
@@ -287,7 +269,7 @@ class Connection:
                 return
         elif data:
             self.inbuf += data
-        if len(self.inbuf) > 4 * self.line_limit + RECV_SIZE:
+        if len(self.inbuf) > 4 * self.inbuf.limit + RECV_SIZE:
             self.reading_paused = True
             self._set_events(self.events & ~READ)
         assert self.session is not None
@@ -335,48 +317,13 @@ class Connection:
 
     def next_line(self) -> bytes | None:
         """The next complete line without its line end, TOO_LONG, or None."""
-        buf = self.inbuf
-        limit = self.line_limit  # counts the CRLF, as RFC 2449 §4 does
-        while True:
-            idx = buf.find(b"\n", 0, None if self.discarding else limit)
-            if self.discarding:
-                if idx < 0:
-                    buf.clear()
-                    return None
-                del buf[: idx + 1]
-                self.discarding = False
-                continue
-            if idx < 0:
-                if len(buf) >= limit:
-                    end = buf.find(b"\n", limit)
-                    if end < 0:
-                        buf.clear()
-                        self.discarding = True
-                    else:
-                        del buf[: end + 1]
-                    self.maybe_resume_reading()
-                    return TOO_LONG
-                self.maybe_resume_reading()
-                return None
-            line = bytes(buf[:idx])
-            del buf[: idx + 1]
-            self.maybe_resume_reading()
-            return line[:-1] if line[-1:] == b"\r" else line
+        line = self.inbuf.next_line()
+        self.maybe_resume_reading()
+        return line
 
     def lines_ahead(self) -> Iterator[tuple[bytes, int]]:
-        """The complete lines waiting in the buffer, each with where it ends, without taking
-        them: the pipelining fast paths answer several at once, then :meth:`consume` them."""
-        if self.discarding:
-            return
-        buf, limit = self.inbuf, self.line_limit
-        pos = 0
-        while True:
-            end = buf.find(b"\n", pos, pos + limit)
-            if end < 0:
-                return
-            line = bytes(buf[pos:end])
-            pos = end + 1
-            yield (line[:-1] if line[-1:] == b"\r" else line), pos
+        """See :meth:`LineBuffer.lines_ahead`; :meth:`consume` takes what was answered."""
+        return self.inbuf.lines_ahead()
 
     def consume(self, end: int) -> None:
         """Take the lines up to ``end`` (from :meth:`lines_ahead`): they were answered."""
@@ -387,17 +334,13 @@ class Connection:
     def use_auth_line_limit(self, on: bool) -> None:
         """SASL responses may be longer than commands (RFC 5034 §4)."""
         protocol = self.server.settings.protocol
-        self.line_limit = protocol.max_auth_line_length if on else protocol.max_line_length
+        self.inbuf.limit = protocol.max_auth_line_length if on else protocol.max_line_length
 
     def maybe_resume_reading(self) -> None:
-        if self.reading_paused and len(self.inbuf) <= self.line_limit + RECV_SIZE:
+        if self.reading_paused and len(self.inbuf) <= self.inbuf.limit + RECV_SIZE:
             self.reading_paused = False
             if not self.eof:
                 self._set_events(self.events | READ)
-
-    def discard_input(self) -> None:
-        self.inbuf.clear()
-        self.discarding = False
 
     # -- output ------------------------------------------------------------------------------
     def write(self, data: bytes) -> None:

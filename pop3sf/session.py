@@ -37,8 +37,9 @@ from .commands import (
     capabilities,
     parse,
 )
-from .connection import TOO_LONG, WRITE, Connection
+from .connection import WRITE, Connection
 from .host import Host
+from .lines import TOO_LONG
 from .login import Login
 from .logs import counted
 from .maildrop import Maildrop

@@ -25,7 +25,8 @@ from typing import Any
 from pop3sf.adapters import Adapter
 
 from .config import settings_from_dict
-from .connection import Connection, Handler
+from .connection import Connection
+from .host import Handler
 from .listeners import ListeningSocket, bind_address
 from .loop import EventLoop
 from .server import Server
