@@ -4,7 +4,7 @@ An admin reads the machine's logs in a mail client: one account per ``[[name]]``
 ``[adapter]``, each with its own password and filters (journal matches, a priority cap, a time
 window, a cap on messages) and shape: one message per entry, or one digest per unit and closed
 hour or day. Rendering is in :mod:`.journal_render`, reading in :mod:`.journal_view`, the
-per-account hidden sets (DELE) in :mod:`.journal_state`. The journal is only ever read.
+per-account hidden sets (DELE) in :mod:`.hidden`. The journal is only ever read.
 
 Reading the system journal needs membership in group ``systemd-journal`` (or ``adm``); the
 package does not grant it (least privilege): see ``README.Debian``. ``probe`` (run by ``pop3sf
@@ -42,8 +42,8 @@ from .base import (
     probe_directory,
     require_directory,
 )
-from .journal_render import render_digest, render_entry
-from .journal_state import HiddenStore
+from .hidden import HiddenStore
+from .journal_render import render_digest, render_entry, uid_time
 from .journal_view import (
     GROUPS,
     Listed,
@@ -137,7 +137,7 @@ group = string(default="entry")
     def _use(self, options: dict[str, Any]) -> None:
         self.mailboxes: dict[str, Mailbox] = options["mailboxes"]
         self.like = passwords.reference(m.password_hash for m in self.mailboxes.values())
-        self.hidden = HiddenStore(options["state_directory"])
+        self.hidden = HiddenStore(options["state_directory"], "hidden")
         self.host = options["hostname"] or socket.gethostname() or "localhost"
         self.allows_read_only = bool(options["read_only"])
         with self._sizes_lock:
@@ -332,7 +332,10 @@ class JournalSession(MailboxSession[Mailbox]):
 
     def list_messages(self) -> Sequence[MessageInfo]:
         mailbox = self._mailbox()
-        hidden = self.adapter.hidden.load(mailbox.name)
+        try:
+            hidden = self.adapter.hidden.hidden(mailbox.name)
+        except OSError as exc:  # listing what was deleted would bring it back
+            raise TemporaryFailure(f"cannot read the hidden set: {exc}") from exc
         now = self.adapter.clock()
 
         def size_of(uid: str, make: Callable[[], bytes]) -> int:
@@ -384,5 +387,6 @@ class JournalSession(MailboxSession[Mailbox]):
             return DeleteResult({uid: "read-only session" for uid in uids})
         if uids:
             cutoff = self.adapter.clock() - mailbox.since - 2 * 86400  # a digest's whole day
-            self.adapter.hidden.hide(mailbox.name, uids, cutoff)
+            self.adapter.hidden.hide(mailbox.name, uids,
+                                     keep=lambda uid: (uid_time(uid) or 0.0) >= cutoff)
         return DeleteResult()

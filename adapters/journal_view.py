@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import re
 from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -149,7 +150,7 @@ class Listed:
     where: Any  # a cursor (entry) or a Period (digest)
 
 
-def list_entries(reader: Any, mailbox: Mailbox, now: float, hidden: set[str],
+def list_entries(reader: Any, mailbox: Mailbox, now: float, hidden: AbstractSet[str],
                  size_of: Callable[[str, Callable[[], bytes]], int],
                  render: Callable[[dict[str, Any], int, str], bytes]) -> list[Listed]:
     """The newest ``max_messages`` visible entries inside the window, oldest first.
