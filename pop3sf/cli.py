@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Sequence
 
@@ -204,31 +206,18 @@ def _warn_secrets(settings: Settings, account: ServiceAccount | None) -> None:
 def _serve(settings: Settings, account: ServiceAccount | None, target: str,
            listeners: list[ListeningSocket], path: str) -> int:
     limit_malloc_arenas()
+    if settings.server.processes > 1:
+        return _supervise(settings, account, target, listeners, path)
     conf = settings.logging
     pipeline = logs.setup_logging(target, conf.level, conf.queue_size, conf.file)
     try:
         _warn_secrets(settings, account)
-        if os.geteuid() == 0 and account is not None:
-            from . import control, daemon
-
-            control.prepare_directory(settings.server.control_socket, account.uid, account.gid)
-            try:
-                daemon.drop_privileges(account.name, settings.server.group or None)
-            except daemon.DaemonError as exc:
-                log.error("cannot start: %s", exc)
-                return EX_CONFIG
-        try:
-            server = Server(settings)
-            server.start(listeners)
-        except ConfigError as exc:
-            log.error("%s", exc)
-            return EX_CONFIG
-        except ConfigurationError as exc:
-            log.error("%s: [adapter] (%s): %s", settings.source, settings.adapter_type, exc)
-            return EX_CONFIG
-        except Exception as exc:
-            log.error("cannot start: %s", exc)
-            return 1
+        status = _drop_privileges(settings, account)
+        if status:
+            return status
+        server, status = _start_server(settings, listeners, lambda: Server(settings))
+        if server is None:
+            return status
         server.on_tick.append(pipeline.handler.report_drops)
         _install_signals(server, path)
         notify = _systemd_notifier(server)
@@ -241,6 +230,114 @@ def _serve(settings: Settings, account: ServiceAccount | None, target: str,
         return 0
     finally:
         pipeline.stop()
+
+
+def _drop_privileges(settings: Settings, account: ServiceAccount | None) -> int:
+    """As root: prepare the control socket's directory and become the service user; 0 or the
+    exit status."""
+    if os.geteuid() == 0 and account is not None:
+        from . import control, daemon
+
+        control.prepare_directory(settings.server.control_socket, account.uid, account.gid)
+        try:
+            daemon.drop_privileges(account.name, settings.server.group or None)
+        except daemon.DaemonError as exc:
+            log.error("cannot start: %s", exc)
+            return EX_CONFIG
+    return 0
+
+
+def _start_server(settings: Settings, listeners: list[ListeningSocket],
+                  make: Callable[[], Server]) -> tuple[Server | None, int]:
+    """Build the server (which builds the adapter) and start it: (server, 0) or (None, exit
+    status) with the reason logged."""
+    try:
+        server = make()
+        server.start(listeners)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return None, EX_CONFIG
+    except ConfigurationError as exc:
+        log.error("%s: [adapter] (%s): %s", settings.source, settings.adapter_type, exc)
+        return None, EX_CONFIG
+    except Exception as exc:
+        log.error("cannot start: %s", exc)
+        return None, 1
+    return server, 0
+
+
+def _supervise(settings: Settings, account: ServiceAccount | None, target: str,
+               listeners: list[ListeningSocket], path: str) -> int:
+    """``[server] processes = N``: this process supervises N serving children (pop3sf.fleet).
+
+    The parent logs without a queue thread: it must stay thread-free to fork children at any
+    time, and it serves no client a slow log write could delay.
+    """
+    from . import fleet, systemd
+    from .child import ChildServer
+    from .shared import SharedState
+
+    conf = settings.logging
+    handler = logs.output_handler(target, conf.file)
+    root = logging.getLogger()
+    logs.end_bootstrap()
+    root.addHandler(handler)
+    root.setLevel(conf.level.upper())
+    try:
+        _warn_secrets(settings, account)
+        status = _drop_privileges(settings, account)
+        if status:
+            return status
+
+        def child_main(index: int, sock: socket.socket, shared: SharedState) -> int:
+            pipeline = logs.setup_logging(target, conf.level, conf.queue_size, conf.file)
+            try:
+                own = settings
+                if index and settings.server.control_socket:
+                    own = dataclasses.replace(settings, server=dataclasses.replace(
+                        settings.server, control_socket=f"{settings.server.control_socket}"
+                        f".{index}"))
+                server, status = _start_server(
+                    own, listeners, lambda: ChildServer(own, index, sock, shared))
+                if server is None:
+                    return status
+                assert isinstance(server, ChildServer)
+                server.on_tick.append(pipeline.handler.report_drops)
+                server.loop.add_signal_handler(signal.SIGTERM, server.shutdown)
+                server.loop.add_signal_handler(signal.SIGINT, server.shutdown)
+                server.loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the parent's
+                server.on_reload = lambda: _reload_child(server, path)
+                server.ready()
+                server.serve_forever()
+                return 0
+            finally:
+                pipeline.stop()
+
+        notify: Callable[[str], None] = lambda _state: None  # noqa: E731
+        watchdog = None
+        if os.environ.get("NOTIFY_SOCKET"):
+            notify, watchdog = systemd.notify, systemd.watchdog_interval()
+        supervisor = fleet.Supervisor(settings, path, listeners, child_main, notify, watchdog)
+        log.info("pop3sf %s starting %d processes (%s adapter, %s)", __version__,
+                 settings.server.processes, settings.adapter_type,
+                 logs.counted(len(listeners), "listener"))
+        status = supervisor.run()
+        log.info("pop3sf stopped")
+        return status
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def _reload_child(server: Server, path: str) -> None:
+    from .child import ChildServer
+
+    try:
+        server.reload(load_config(path))
+    except ConfigError as exc:
+        log.error("reload failed, old configuration kept: %s", exc)
+    if isinstance(server, ChildServer):
+        server.channel.send("reloaded")
 
 
 def _install_signals(server: Server, path: str) -> None:

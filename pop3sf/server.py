@@ -228,7 +228,7 @@ class Server:
         if self.stopping:
             sock.close()
             return
-        if len(self.by_group.get(group, ())) >= limits.max_connections_per_address:
+        if self.connections_from(group) >= limits.max_connections_per_address:
             self._refuse(sock, ls.tls, address, "too many connections from this address")
             return
         if len(self.connections) >= self.max_connections and not self._shed():
@@ -246,6 +246,7 @@ class Server:
         conn = Connection(self, sock, address, port, ls.name, group, ls.tls)
         session = self.connections[conn] = Session(self, conn)
         self.by_group.setdefault(group, {})[conn] = None
+        self.group_changed(group, 1)
         self.sessions_alive += 1
         log.info("connect %s:%d on %s", address, port, ls.name,
                  extra={"POP3SF_CLIENT": address, "POP3SF_EVENT": "connect"})
@@ -282,10 +283,19 @@ class Server:
     def connection_closed(self, conn: Connection) -> None:
         self.connections.pop(conn, None)
         members = self.by_group.get(conn.group)
-        if members is not None:
-            members.pop(conn, None)
+        if members is not None and conn in members:
+            del members[conn]
+            self.group_changed(conn.group, -1)
             if not members:
                 del self.by_group[conn.group]
+
+    # With [server] processes > 1 these count across processes (pop3sf.child.ChildServer).
+    def connections_from(self, group: str) -> int:
+        """Connections open from an address group, for max_connections_per_address."""
+        return len(self.by_group.get(group, ()))
+
+    def group_changed(self, group: str, delta: int) -> None:
+        """A connection from *group* was admitted (+1) or closed (-1)."""
 
     # -- adapter calls --------------------------------------------------------------------------
     def call_adapter(self, pool: str, func: Callable[..., Any], args: tuple[Any, ...],

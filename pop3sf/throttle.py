@@ -93,10 +93,17 @@ class Penalties:
         return max(0.0, entry.last + wait - now)
 
     def record_failure(self, group: str, user: bytes, password: bytes) -> None:
+        self.record_digest(group, self.digest(user, password))
+
+    def digest(self, user: bytes, password: bytes) -> bytes:
+        """What identifies a (user, password) attempt in the table: an HMAC, never the secret."""
+        return hmac.new(self._key, user + b"\0" + password, hashlib.sha256).digest()
+
+    def record_digest(self, group: str, digest: bytes) -> None:
+        """Count a failure identified by :meth:`digest` (a child process sends only that)."""
         now = time.monotonic()
         entry = self._table.pop(group, None) or _Entry()
         self._table[group] = entry  # most recent last: the LRU end
-        digest = hmac.new(self._key, user + b"\0" + password, hashlib.sha256).digest()
         if digest in entry.recent:
             return
         entry.recent.append(digest)

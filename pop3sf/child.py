@@ -1,0 +1,247 @@
+"""One serving process of ``[server] processes = N``: a :class:`Server` whose limits are shared.
+
+The parent (:mod:`pop3sf.fleet`) owns the authoritative penalty table and verification gate;
+the child asks it over its :class:`~pop3sf.channel.Channel` when a verification may start and
+tells it every failure, so N processes give an attacker no more guesses than one
+(docs/architecture.md §8). Connection caps and account locks go through
+:mod:`pop3sf.shared` instead, since they are decided synchronously.
+
+Messages, child → parent: ``ready``, ``beat CONNS LOGGED STUCK``, ``reloaded``, ``req ID GROUP``,
+``fin ID``, ``cancel ID GROUP``, ``fail GROUP HEXDIGEST``, ``metrics`` + text (pop3sf.metrics).
+Parent → child: ``go ID``, ``no ID WHY``, ``reload``, ``scrape``.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import socket
+from collections.abc import Callable
+
+from pop3sf.adapters import Adapter
+
+from .accounts import Accounts
+from .channel import Channel
+from .config import Settings
+from .loop import EventLoop
+from .replies import ERR_IN_USE, ERR_TEMP
+from .server import Server
+from .shared import AccountLocks, SharedState
+from .throttle import Penalties, VerificationGate, _Waiter
+
+log = logging.getLogger("pop3sf.server")
+
+
+class RemotePenalties(Penalties):
+    """Failures go to the parent's table; this process keeps none of its own."""
+
+    def __init__(self, settings: Settings, key: bytes, channel: Channel) -> None:
+        auth = settings.auth
+        super().__init__(auth.penalty_initial, auth.penalty_max, auth.penalty_decay,
+                         auth.penalty_table_size)
+        self._key = key
+        self.channel = channel
+
+    def record_digest(self, group: str, digest: bytes) -> None:
+        self.channel.send("fail", group, digest.hex())
+
+
+class RemoteGate(VerificationGate):
+    """The verification gate, asked of the parent: ``request`` sends ``req`` and waits for
+    ``go`` or ``no`` without blocking; ``finished``/``cancel`` give the place back.
+
+    ``refusal`` is still checked here when the turn comes (stuck calls and shutdown are this
+    process's own business); the parent checks the caps that span processes.
+    """
+
+    def __init__(self, penalties: Penalties, loop: EventLoop,
+                 refusal: Callable[[str], str | None], channel: Channel) -> None:
+        super().__init__(penalties, loop, refusal)
+        self.channel = channel
+        self._ids = itertools.count(1)
+        self._asked: dict[int, tuple[_Waiter, str]] = {}     # id -> (waiter, group), waiting
+        self._key_ids: dict[object, int] = {}                 # key -> id, waiting or running
+
+    def request(self, key: object, group: str, start: Callable[[], None],
+                refuse: Callable[[str], None]) -> None:
+        if self.channel.closed:
+            refuse("server shutting down")
+            return
+        ident = next(self._ids)
+        self._asked[ident] = (_Waiter(key, start, refuse), group)
+        self._key_ids[key] = ident
+        self.waiting.setdefault(group, collections.deque()).append(self._asked[ident][0])
+        self.channel.send("req", str(ident), group)
+
+    def answered(self, words: list[str]) -> None:
+        """``go ID`` or ``no ID WHY...`` from the parent."""
+        ident = int(words[1])
+        entry = self._asked.pop(ident, None)
+        if entry is None:
+            return                      # cancelled meanwhile: the parent was told
+        waiter, group = entry
+        self._unqueue(waiter, group)
+        if words[0] == "no":
+            self._key_ids.pop(waiter.key, None)
+            waiter.refuse(" ".join(words[2:]))
+            return
+        why = self.refusal(group)
+        if why is not None:
+            self._key_ids.pop(waiter.key, None)
+            self.channel.send("fin", str(ident))
+            waiter.refuse(why)
+            return
+        self.running[group] += 1
+        self._holders[waiter.key] = group
+        waiter.start()
+
+    def finished(self, key: object) -> None:
+        group = self._holders.pop(key, None)
+        if group is None:
+            return
+        self.running[group] -= 1
+        if self.running[group] <= 0:
+            del self.running[group]
+        self.channel.send("fin", str(self._key_ids.pop(key)))
+
+    def cancel(self, key: object, group: str) -> None:
+        ident = self._key_ids.get(key)
+        entry = self._asked.pop(ident, None) if ident is not None else None
+        if entry is not None:
+            del self._key_ids[key]
+            self._unqueue(entry[0], group)
+            self.channel.send("cancel", str(ident), group)
+            return
+        self.finished(key)
+
+    def parent_lost(self) -> None:
+        """No parent to ask: refuse whatever waits (the server shuts down)."""
+        for ident in list(self._asked):
+            waiter, group = self._asked.pop(ident)
+            self._key_ids.pop(waiter.key, None)
+            self._unqueue(waiter, group)
+            waiter.refuse("server shutting down")
+        for key in list(self._holders):
+            self.running[self._holders.pop(key)] -= 1
+            self._key_ids.pop(key, None)
+        self.running.clear()
+
+    def _unqueue(self, waiter: _Waiter, group: str) -> None:
+        queue = self.waiting.get(group)
+        if queue is not None:
+            try:
+                queue.remove(waiter)
+            except ValueError:
+                pass
+            if not queue:
+                del self.waiting[group]
+
+
+class SharedAccounts(Accounts):
+    """:class:`Accounts`, plus the same claims as record locks other processes see."""
+
+    __slots__ = ("shared", "held", "offsets")
+
+    def __init__(self, shared: AccountLocks) -> None:
+        super().__init__()
+        self.shared = shared
+        self.held: dict[object, list[int]] = {}   # holder -> its locked offsets
+        self.offsets: set[int] = set()            # every offset this process holds
+
+    def claim(self, holder: object, account: str, read_only: bool, per_user: int) -> bytes | None:
+        problem = super().claim(holder, account, read_only, per_user)
+        if problem is not None:
+            return problem
+        base = self.shared.base(account)
+        taken: list[int] = []
+        for slot in range(base + 1, base + 1 + per_user):
+            if slot not in self.offsets and self.shared.try_lock(slot):
+                taken.append(slot)
+                break
+        else:
+            problem = ERR_TEMP
+        if problem is None and not read_only:
+            if self.shared.try_lock(base):
+                taken.append(base)
+            else:
+                problem = ERR_IN_USE
+        if problem is not None:
+            for offset in taken:
+                self.shared.unlock(offset)
+            super().release(holder)
+            return problem
+        self.held[holder] = taken
+        self.offsets.update(taken)
+        return None
+
+    def release(self, holder: object) -> None:
+        for offset in self.held.pop(holder, ()):
+            self.offsets.discard(offset)
+            self.shared.unlock(offset)
+        super().release(holder)
+
+
+class ChildServer(Server):
+    """A :class:`Server` that shares penalties, the gate, caps and account locks with the
+    other processes, and reports to the parent: ``ready`` once listening, ``beat`` every tick
+    (the parent's watchdog and STATUS), ``reloaded`` after a reload."""
+
+    def __init__(self, settings: Settings, index: int, sock: socket.socket,
+                 shared: SharedState, adapter: Adapter | None = None) -> None:
+        super().__init__(settings, adapter)
+        self.index = index
+        self.processes = shared.counts.processes
+        self.channel = Channel(self.loop, sock, self._message, self._parent_lost)
+        self.penalties = RemotePenalties(settings, shared.penalty_key, self.channel)
+        self.verifications = RemoteGate(self.penalties, self.loop, self._auth_refusal,
+                                        self.channel)
+        self.accounts = SharedAccounts(shared.locks)
+        self.counts = shared.counts
+        self.counts.row = index
+        self.on_reload: Callable[[], None] = lambda: None
+        self.on_tick.append(self._beat)
+        self.on_message: dict[str, Callable[[list[str]], None]] = {
+            "go": self.verifications.answered, "no": self.verifications.answered,
+            "reload": lambda _w: self.on_reload()}
+
+    @property
+    def max_connections(self) -> int:
+        """A configured total is split between the processes; the fd-derived one is each's."""
+        configured = self.settings.limits.max_connections
+        own = super().max_connections
+        if configured:
+            own = min(own, max(1, -(-configured // self.processes)))
+        return own
+
+    def connections_from(self, group: str) -> int:
+        return self.counts.total(group)
+
+    def group_changed(self, group: str, delta: int) -> None:
+        self.counts.add(group, delta)
+
+    def ready(self) -> None:
+        self.channel.send("ready")
+        self._beat()
+
+    def _beat(self) -> None:
+        logged_in = sum(1 for c in self.connections if c.authenticated)
+        stuck = sum(p.stuck for p in self.pools.values())
+        self.channel.send("beat", str(len(self.connections)), str(logged_in), str(stuck))
+
+    def _message(self, words: list[str]) -> None:
+        handler = self.on_message.get(words[0])
+        if handler is None:
+            log.warning("unknown message from the parent process: %.40r", words[0])
+            return
+        handler(words)
+
+    def _parent_lost(self) -> None:
+        if not self.stopping:
+            log.error("the supervising process is gone; shutting down")
+        self.verifications.parent_lost()  # type: ignore[attr-defined]
+        self.shutdown()
+
+    def close(self) -> None:
+        self.channel.close()
+        super().close()
