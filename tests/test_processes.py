@@ -1,0 +1,238 @@
+"""``[server] processes = 2``: the real ``pop3sf`` command with a supervising parent.
+
+Real sockets on loopback, poplib and raw clients, a real datagram socket standing in for
+systemd's NOTIFY_SOCKET, real signals. Limits must hold across processes: concurrent wrong
+passwords from one address are spaced by the one penalty table, an account is locked in every
+process, a connection cap counts every process's connections.
+"""
+
+from __future__ import annotations
+
+import os
+import poplib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Raw
+
+POP3SF = [sys.executable, "-m", "pop3sf"]
+SYSTEMD_ENV = ("NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "INVOCATION_ID",
+               "JOURNAL_STREAM", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+class Fleet:
+    """``pop3sf --config`` with processes = 2, its log on stderr, a fake NOTIFY_SOCKET."""
+
+    def __init__(self, tmp: Path, extra: str = "", watchdog_usec: int = 0) -> None:
+        mail = tmp / "m.eml"
+        mail.write_bytes(b"Subject: hi\r\n\r\nhello\r\n")
+        self.config = tmp / "pop3sf.conf"
+        self.config.write_text(f"""
+[server]
+user = ""
+shutdown_grace = 2
+processes = 2
+[logging]
+target = stderr
+level = info
+[listeners]
+    [[pop3]]
+    addresses = 127.0.0.1:0
+[adapter]
+type = list
+users = alice:{{PLAIN}}secret, bob:{{PLAIN}}secret
+messages = {mail}
+{extra}
+""")
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(tmp / "notify"))
+        self.notify.settimeout(10)
+        env = {k: v for k, v in os.environ.items() if k not in SYSTEMD_ENV}
+        env["NOTIFY_SOCKET"] = str(tmp / "notify")
+        if watchdog_usec:
+            env["WATCHDOG_USEC"] = str(watchdog_usec)
+        self.proc = subprocess.Popen([*POP3SF, "--config", str(self.config)], env=env,
+                                     stderr=subprocess.PIPE, text=True)
+        assert self.proc.stderr is not None
+        self.lines: list[str] = []
+        self._lock = threading.Condition()
+        first = self.proc.stderr.readline()
+        m = re.search(r"listening on pop3 127\.0\.0\.1:(\d+)", first)
+        assert m, first
+        self.port = int(m.group(1))
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._lock:
+                self.lines.append(line)
+                self._lock.notify_all()
+
+    def wait_log(self, pattern: str, count: int = 1, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while sum(1 for ln in self.lines if re.search(pattern, ln)) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"{count}× {pattern!r} not logged:\n"
+                                         + "".join(self.lines[-40:]))
+                self._lock.wait(left)
+
+    def state(self, want: str, timeout: float = 10) -> list[str]:
+        """Notifications received until one contains *want*."""
+        seen = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msg = self.notify.recv(4096).decode()
+            seen.append(msg)
+            if want in msg.split("\n"):
+                return seen
+        raise AssertionError(f"no {want}: {seen}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(30)
+        self._reader.join(5)
+        self.notify.close()
+        return code
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    f = Fleet(tmp_path, "[auth]\npenalty_initial = 0.4\npenalty_max = 10\n"
+                        "[limits]\nmax_connections_per_address = 6\n")
+    f.state("READY=1")
+    yield f
+    if f.proc.poll() is None:
+        f.proc.kill()
+    f.proc.wait()
+    f.notify.close()
+
+
+def login(port: int, user: str = "alice", password: str = "secret") -> poplib.POP3:
+    pop = poplib.POP3("127.0.0.1", port, timeout=15)
+    pop.user(user)
+    pop.pass_(password)
+    return pop
+
+
+def test_two_children_serve_and_stop_gracefully(fleet: Fleet) -> None:
+    kids = children(fleet.proc.pid)
+    assert len(kids) == 2
+    # The parent never starts a thread: forking a replacement child later is always safe.
+    assert os.listdir(f"/proc/{fleet.proc.pid}/task") == [str(fleet.proc.pid)]
+    for _ in range(20):         # the kernel spreads accepts over both processes
+        pop = login(fleet.port)
+        assert pop.stat() == (1, 22)
+        pop.quit()
+    fleet.wait_log(r"logout 127\.0\.0\.1 alice", 20)
+    idle = Raw.connect(fleet.port)
+    idle.line()
+    assert fleet.stop() == 0
+    assert idle.line().startswith(b"-ERR [SYS/TEMP]")
+    log = "".join(fleet.lines)
+    assert "resources not given back" not in log
+    assert log.count("shutting down") == 2 and "pop3sf stopped" in log
+    for pid in kids:
+        assert not os.path.exists(f"/proc/{pid}")
+
+
+def test_wrong_passwords_are_spaced_across_processes(fleet: Fleet) -> None:
+    """Six parallel connections (both processes) guessing at once: the one penalty table
+    spaces the verifications 0, 0.4, 0.8, 1.6, 3.2 s apart (not per process)."""
+    conns = [Raw.connect(fleet.port) for _ in range(6)]
+    for c in conns:
+        c.line()
+        assert c.cmd(b"USER alice").startswith(b"+OK")
+    start = time.monotonic()
+    done: list[float] = []
+
+    def guess(c: Raw, i: int) -> None:
+        c.sock.settimeout(30)
+        assert c.cmd(b"PASS wrong%d" % i).startswith(b"-ERR [AUTH]")
+        done.append(time.monotonic() - start)
+
+    threads = [threading.Thread(target=guess, args=(c, i)) for i, c in enumerate(conns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(40)
+    assert len(done) == 6
+    # One table: at least 0.4 + 0.8 + 1.6 + 3.2 s for the last; two tables would allow ~1.2 s.
+    assert max(done) >= 5.5, sorted(done)
+    for c in conns:
+        c.sock.close()
+
+
+def test_account_lock_and_connection_cap_span_processes(fleet: Fleet) -> None:
+    holder = login(fleet.port)
+    for _ in range(6):                      # whichever process takes it, alice is in use
+        other = poplib.POP3("127.0.0.1", fleet.port, timeout=10)
+        other.user("alice")
+        with pytest.raises(poplib.error_proto, match="IN-USE"):
+            other.pass_("secret")
+        other.close()
+    holder.quit()
+    login(fleet.port).quit()                # released everywhere
+    # max_connections_per_address = 6 counts both processes' connections.
+    open_ = [Raw.connect(fleet.port) for _ in range(6)]
+    for c in open_:
+        assert c.line().startswith(b"+OK")
+    extra = Raw.connect(fleet.port)
+    assert extra.line().startswith(b"-ERR")
+    for c in open_:
+        c.sock.close()
+    extra.sock.close()
+
+
+def test_a_dead_child_is_restarted_and_its_lock_released(fleet: Fleet) -> None:
+    holder = login(fleet.port)              # alice locked in one of the two
+    for pid in children(fleet.proc.pid):
+        os.kill(pid, signal.SIGKILL)
+    fleet.wait_log(r"process \d exited with signal 9; restarting", 2)
+    fleet.wait_log(r"process \d started", 4)
+    deadline = time.monotonic() + 10
+    while len(children(fleet.proc.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    fleet.state("READY=1")
+    login(fleet.port).quit()                # the dead holder's lock went with it
+    holder.close()
+    assert fleet.stop() == 0
+
+
+def test_reload_reaches_every_child(fleet: Fleet) -> None:
+    fleet.proc.send_signal(signal.SIGHUP)
+    seen = fleet.state("READY=1")
+    assert any("RELOADING=1" in s for s in seen)
+    fleet.wait_log("configuration reloaded", 2)
+
+
+def test_watchdog_is_petted_while_children_beat(tmp_path: Path) -> None:
+    f = Fleet(tmp_path, watchdog_usec=2_000_000)
+    try:
+        f.state("READY=1")
+        f.state("WATCHDOG=1", timeout=5)
+        # A hung child (stopped) stops the pings, then is killed and replaced.
+        kid = children(f.proc.pid)[0]
+        os.kill(kid, signal.SIGSTOP)
+        f.wait_log(r"has not answered for \d+ s; killing it", timeout=20)
+        f.wait_log(r"process \d exited with signal 9; restarting")
+        f.state("WATCHDOG=1", timeout=10)
+    finally:
+        assert f.stop() == 0
