@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 from .loop import EventLoop
 
-#: The longest message either side sends (a status line, a penalty record).
-MAX_MESSAGE = 4096
+#: The longest message either side sends (a metrics snapshot is the biggest).
+MAX_MESSAGE = 65536
 READS_PER_EVENT = 64
 
 

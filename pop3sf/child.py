@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
 import logging
 import socket
 from collections.abc import Callable
@@ -218,6 +219,7 @@ class ChildServer(Server):
         return self.counts.total(group)
 
     def group_changed(self, group: str, delta: int) -> None:
+        super().group_changed(group, delta)
         self.counts.add(group, delta)
 
     def ready(self) -> None:
@@ -228,6 +230,11 @@ class ChildServer(Server):
         logged_in = sum(1 for c in self.connections if c.authenticated)
         stuck = sum(p.stuck for p in self.pools.values())
         self.channel.send("beat", str(len(self.connections)), str(logged_in), str(stuck))
+        if self.settings.metrics.listen:
+            from . import metrics
+
+            self.channel.send("metrics", json.dumps(metrics.of_server(self, shared=True),
+                                                    separators=(",", ":")))
 
     def _message(self, words: list[str]) -> None:
         handler = self.on_message.get(words[0])

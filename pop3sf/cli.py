@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from pop3sf.adapters import ConfigurationError
 
@@ -219,17 +220,39 @@ def _serve(settings: Settings, account: ServiceAccount | None, target: str,
         if server is None:
             return status
         server.on_tick.append(pipeline.handler.report_drops)
+        exporter = _metrics_server(settings, server)
         _install_signals(server, path)
         notify = _systemd_notifier(server)
         log.info("pop3sf %s started (%s adapter, %s)", __version__,
                  settings.adapter_type, logs.counted(len(listeners), "listener"))
         notify("READY=1\nSTATUS=" + server.status())
-        server.serve_forever()
+        try:
+            server.serve_forever()
+        finally:
+            if exporter is not None:
+                exporter.close()
         notify("STOPPING=1")
         log.info("pop3sf stopped")
         return 0
     finally:
         pipeline.stop()
+
+
+def _metrics_server(settings: Settings, server: Server) -> Any:
+    """``[metrics] listen`` with one process: served on the server's loop."""
+    address = settings.metrics.listen
+    if address is None:
+        return None
+    from . import metrics
+
+    try:
+        exporter = metrics.MetricsServer(server.loop, address, lambda: metrics.of_server(server))
+    except OSError as exc:
+        log.error("[metrics] listen: cannot listen on %s:%d: %s; serving without metrics",
+                  address[0], address[1], exc.strerror or exc)
+        return None
+    server.on_tick.append(exporter.expire)
+    return exporter
 
 
 def _drop_privileges(settings: Settings, account: ServiceAccount | None) -> int:

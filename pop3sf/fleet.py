@@ -21,12 +21,14 @@ the whole start with that child's exit status, so ``RestartPreventExitStatus=78`
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 from .channel import Channel, channel_pair
 from .config import ConfigError, Settings, load_config
@@ -63,6 +65,7 @@ class Child:
     stats: tuple[int, int, int] = (0, 0, 0)
     deaths: int = 0
     restart: Timer | None = None
+    snapshot: dict[str, Any] | None = None      # its last metrics (pop3sf.metrics)
 
 
 class Supervisor:
@@ -92,8 +95,12 @@ class Supervisor:
         self._last_ping = 0.0
         self._last_status = ""
         self._kill_timer: Timer | None = None
-        #: Extra handlers for child messages (pop3sf.metrics adds "metrics").
+        #: Extra handlers for child messages.
         self.on_message: dict[str, Callable[[Child, list[str]], None]] = {}
+        #: Metrics: what dead children had counted, and restarts.
+        self.retired: dict[str, Any] = {}
+        self.restarts = 0
+        self.metrics: Any = None                     # a pop3sf.metrics.MetricsServer
 
     # -- running ---------------------------------------------------------------------------
     def run(self) -> int:
@@ -105,6 +112,8 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         for child in self.children:
             self._spawn(child)
+        if self.settings.metrics.listen:
+            self._open_metrics()
         loop.call_later(1.0, self._tick)
         try:
             loop.run(until=lambda: self.stopping and not any(c.pid for c in self.children))
@@ -116,6 +125,7 @@ class Supervisor:
                 if child.channel is not None:
                     child.channel.close()
             self._close_listeners()
+            self._close_metrics()
             self.shared.close()
             loop.close()
         return self.status
@@ -183,6 +193,8 @@ class Supervisor:
                 child.ready = True
                 child.beat = time.monotonic()
                 self._maybe_ready()
+            elif kind == "metrics":
+                child.snapshot = json.loads(" ".join(words[1:]))
             elif kind == "reloaded":
                 child.reloading = False
                 self._maybe_ready()
@@ -250,6 +262,11 @@ class Supervisor:
             self._lost(child)
         child.pid, child.ready, child.reloading = 0, False, False
         self.shared.counts.clear(child.index)
+        if child.snapshot is not None:
+            from . import metrics
+
+            self.retired = metrics.merge([self.retired, metrics.counters_only(child.snapshot)])
+            child.snapshot = None
         how = f"signal {-code}" if code < 0 else f"status {code}"
         if self.stopping:
             if code != 0:
@@ -265,6 +282,7 @@ class Supervisor:
         child.deaths = child.deaths + 1 if now - child.started < RESET_AFTER else 1
         delay = min(MAX_BACKOFF, 2.0 ** (child.deaths - 1))
         log.error("process %d exited with %s; restarting it in %.0f s", child.index, how, delay)
+        self.restarts += 1
         child.restart = self.loop.call_later(delay, lambda: self._spawn(child))
 
     # -- periodic: watchdog, status, hung children ----------------------------------------
@@ -288,6 +306,8 @@ class Supervisor:
             state.append("STATUS=" + status)
         if state:
             self.notify("\n".join(state))
+        if self.metrics is not None:
+            self.metrics.expire()
         if not self.stopping:
             self.loop.call_later(1.0, self._tick)
 
@@ -324,6 +344,7 @@ class Supervisor:
         self.notify("STOPPING=1")
         log.info("stopping %d processes", sum(1 for c in self.children if c.pid))
         self._close_listeners()
+        self._close_metrics()
         for child in self.children:
             if child.restart is not None:
                 child.restart.cancel()
@@ -345,6 +366,34 @@ class Supervisor:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
+
+    # -- metrics ---------------------------------------------------------------------------
+    def _open_metrics(self) -> None:
+        from . import metrics
+
+        address = self.settings.metrics.listen
+        assert address is not None
+        try:
+            self.metrics = metrics.MetricsServer(self.loop, address, self.metrics_snapshot)
+        except OSError as exc:
+            log.error("[metrics] listen: cannot listen on %s:%d: %s; serving without metrics",
+                      address[0], address[1], exc.strerror or exc)
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """Every child's last snapshot (at most a second old), what dead ones had counted,
+        and the parent's own gate and penalties: a scrape never waits for a child."""
+        from . import metrics
+
+        own = metrics.snapshot({}, {}, 0, 0, {}, self.gate, self.penalties)
+        own["processes"] = sum(1 for c in self.children if c.pid)
+        own["restarts"] = self.restarts
+        live = [c.snapshot for c in self.children if c.pid and c.snapshot is not None]
+        return metrics.merge([self.retired, *live, own])
+
+    def _close_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
 
     def _close_listeners(self) -> None:
         for ls in self.listeners:

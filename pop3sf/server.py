@@ -92,6 +92,8 @@ class Server:
         self.nofile = raise_nofile_limit()
         self.started = False
         self.stats = collections.Counter[str]()
+        #: Commands by verb (b"?" for unknown ones), for pop3sf.metrics.
+        self.commands = collections.Counter[bytes]()
         self.on_tick: list[Callable[[], None]] = []
         self.control: ControlServer | None = None  # pop3sf-admin who/kick
         #: Per-command debug logging costs even when filtered out; decided once.
@@ -296,6 +298,8 @@ class Server:
 
     def group_changed(self, group: str, delta: int) -> None:
         """A connection from *group* was admitted (+1) or closed (-1)."""
+        if delta > 0:
+            self.stats["connections"] += 1
 
     # -- adapter calls --------------------------------------------------------------------------
     def call_adapter(self, pool: str, func: Callable[..., Any], args: tuple[Any, ...],

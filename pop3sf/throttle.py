@@ -71,6 +71,8 @@ class Penalties:
         self.initial, self.maximum, self.decay, self.size = initial, maximum, decay, size
         self._table: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
         self._key = os.urandom(32)
+        #: Failures recorded (a repeated wrong password counts once), for pop3sf.metrics.
+        self.recorded = 0
 
     def _current(self, entry: _Entry, now: float) -> float:
         return max(0.0, entry.failures - (now - entry.last) // self.decay)
@@ -106,6 +108,7 @@ class Penalties:
         self._table[group] = entry  # most recent last: the LRU end
         if digest in entry.recent:
             return
+        self.recorded += 1
         entry.recent.append(digest)
         entry.failures = self._current(entry, now) + 1
         entry.last = now

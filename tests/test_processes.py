@@ -34,9 +34,11 @@ def children(pid: int) -> list[int]:
 
 
 class Fleet:
-    """``pop3sf --config`` with processes = 2, its log on stderr, a fake NOTIFY_SOCKET."""
+    """``pop3sf --config`` (processes = 2 unless told), its log on stderr, a fake
+    NOTIFY_SOCKET."""
 
-    def __init__(self, tmp: Path, extra: str = "", watchdog_usec: int = 0) -> None:
+    def __init__(self, tmp: Path, extra: str = "", watchdog_usec: int = 0, processes: int = 2,
+                 users: str = "alice:{PLAIN}secret, bob:{PLAIN}secret") -> None:
         mail = tmp / "m.eml"
         mail.write_bytes(b"Subject: hi\r\n\r\nhello\r\n")
         self.config = tmp / "pop3sf.conf"
@@ -44,7 +46,7 @@ class Fleet:
 [server]
 user = ""
 shutdown_grace = 2
-processes = 2
+processes = {processes}
 [logging]
 target = stderr
 level = info
@@ -53,7 +55,7 @@ level = info
     addresses = 127.0.0.1:0
 [adapter]
 type = list
-users = alice:{{PLAIN}}secret, bob:{{PLAIN}}secret
+users = {users}
 messages = {mail}
 {extra}
 """)
