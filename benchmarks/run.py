@@ -86,14 +86,21 @@ class Target:
     value: float
     relative: bool
     text: str
+    #: Relative to pop3sf in this other scenario instead of to Dovecot (processes = 1 vs 2).
+    against: str = ""
 
-    def check(self, med: dict[str, Figures]) -> tuple[bool | None, str]:
+    def check(self, med: dict[str, Figures],
+              med_all: dict[str, dict[str, Figures]] | None = None) -> tuple[bool | None, str]:
         a = med.get("pop3sf", {}).get(self.figure)
         if a is None:
             return None, "n/a"
         x = a
         if self.relative:
-            b = med.get("dovecot", {}).get(self.figure)
+            if self.against:
+                other = (med_all or {}).get(self.against, {})
+                b = other.get("pop3sf", {}).get(self.figure)
+            else:
+                b = med.get("dovecot", {}).get(self.figure)
             if not b:
                 return None, "n/a"
             x = a / b
@@ -145,6 +152,8 @@ class Scenario:
     targets: list[Target]
     variant: str = "full"
     many: int = 0  # connections from one address the servers must accept (caps lifted)
+    processes: int = 1  # pop3sf's [server] processes
+    servers: tuple[str, ...] = ("pop3sf", "dovecot")  # who runs it
 
 
 # --- measuring ---------------------------------------------------------------------------------
@@ -355,6 +364,14 @@ def ab(fig: str, op: str, v: float, text: str) -> Target:
 SCENARIOS = [
     Scenario("session", "16 clients: login, STAT, UIDL, LIST, RETR all, QUIT", sessions,
              [rel("cpu_ms_per_session", "<=", 0.5, "CPU/session ≤ 0.5 × Dovecot")]),
+    # The same load on pop3sf with [server] processes = 2, compared with "session" of the same
+    # run (the figures of processes = 1): the scaling target of docs/architecture.md §8.
+    Scenario("session-2p", "the session scenario with [server] processes = 2", sessions,
+             [Target("sessions_s", ">=", 1.5, True, "sessions/s ≥ 1.5 × processes = 1",
+                     "session"),
+              Target("cpu_ms_per_session", "<=", 1.1, True,
+                     "CPU/session ≤ 1.1 × processes = 1", "session")],
+             processes=2, servers=("pop3sf",)),
     Scenario("session-nowsize", "the same on Maildir names with ,W= stripped", sessions,
              [rel("cpu_ms_per_session", "<=", 0.5, "CPU/session ≤ 0.5 × Dovecot")],
              variant="nowsize"),
@@ -400,10 +417,13 @@ SCENARIOS = [
 
 def overrides(sc: Scenario, ctx: Ctx) -> tuple[dict[str, dict[str, int]], str]:
     """Caps lifted for the scenarios that hold many connections from one address (reported)."""
+    pop3sf: dict[str, dict[str, int]] = {}
+    if sc.processes > 1:
+        pop3sf["server"] = {"processes": sc.processes}
     if not sc.many:
-        return {}, ""
+        return pop3sf, ""
     n = ctx.n(sc.many, min(sc.many, 400))
-    pop3sf: dict[str, dict[str, int]] = {"limits": {"max_connections_per_address": n + 200}}
+    pop3sf["limits"] = {"max_connections_per_address": n + 200}
     extra = ""
     if sc.name.startswith("idle"):
         # 200 logins in flight from 127.0.0.1 (100 per client process) to open 10,000 fast
@@ -529,7 +549,7 @@ def report(ctx: Ctx, results: dict[str, dict[str, list[Figures]]], rounds: int,
         if sc.name not in results:
             continue
         for t in sc.targets:
-            ok, shown = t.check(med_all[sc.name])
+            ok, shown = t.check(med_all[sc.name], med_all)
             verdict = "n/a" if ok is None else ("met" if ok else "**not met**")
             lines.append(f"| {sc.name} | {t.text} | {shown} | {verdict} |")
     lines.append("")
@@ -647,6 +667,8 @@ def main(argv: list[str] | None = None) -> int:
             for r in range(rounds):
                 ctx.round = r + 1
                 for name in names:
+                    if name not in sc.servers:
+                        continue
                     t1 = time.monotonic()
                     try:
                         figs = run_one(name, sc, ctx)

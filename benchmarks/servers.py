@@ -164,12 +164,13 @@ class Pop3sf(Server):
     def config_text(self) -> str:
         user = "nobody" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
         extra = "".join(f"\n[{section}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items())
-                        for section, keys in self.overrides.items())
+                        for section, keys in self.overrides.items() if section != "server")
+        server = "".join(f"{k} = {v}\n" for k, v in self.overrides.get("server", {}).items())
         return f"""# written by pop3sf benchmarks/servers.py
 [server]
 user = {user}
 pidfile = {self.dir}/pop3sf.pid
-
+{server}
 [logging]
 target = stderr
 
