@@ -8,6 +8,7 @@ process, a connection cap counts every process's connections.
 
 from __future__ import annotations
 
+import json
 import os
 import poplib
 import re
@@ -38,7 +39,8 @@ class Fleet:
     NOTIFY_SOCKET."""
 
     def __init__(self, tmp: Path, extra: str = "", watchdog_usec: int = 0, processes: int = 2,
-                 users: str = "alice:{PLAIN}secret, bob:{PLAIN}secret") -> None:
+                 users: str = "alice:{PLAIN}secret, bob:{PLAIN}secret",
+                 server: str = "") -> None:
         mail = tmp / "m.eml"
         mail.write_bytes(b"Subject: hi\r\n\r\nhello\r\n")
         self.config = tmp / "pop3sf.conf"
@@ -47,6 +49,7 @@ class Fleet:
 user = ""
 shutdown_grace = 2
 processes = {processes}
+{server}
 [logging]
 target = stderr
 level = info
@@ -238,3 +241,29 @@ def test_watchdog_is_petted_while_children_beat(tmp_path: Path) -> None:
         f.state("WATCHDOG=1", timeout=10)
     finally:
         assert f.stop() == 0
+
+
+def test_admin_who_and_kick_see_every_process(tmp_path: Path) -> None:
+    """Each process answers on its own control socket (PATH, PATH.1); pop3sf-admin asks all."""
+    control = tmp_path / "run" / "control"
+    users = ", ".join(f"u{i}:{{PLAIN}}pw" for i in range(8))
+    f = Fleet(tmp_path, users=users, server=f"control_socket = {control}")
+    try:
+        f.state("READY=1")
+        assert control.exists() and Path(f"{control}.1").exists()
+        sessions = [login(f.port, f"u{i}", "pw") for i in range(8)]
+        admin = [sys.executable, "-m", "pop3sf.auxiliary.admin", "--config", str(f.config)]
+        out = subprocess.run([*admin, "who", "--json"], capture_output=True, text=True,
+                             timeout=60, check=True).stdout
+        assert sorted(s["account"] for s in json.loads(out)) == [f"u{i}" for i in range(8)]
+        kicked = subprocess.run([*admin, "kick", "u5"], capture_output=True, text=True,
+                                timeout=60)
+        assert kicked.returncode == 0, kicked.stderr
+        with pytest.raises((poplib.error_proto, OSError, EOFError)):
+            sessions[5].stat()
+        for i, pop in enumerate(sessions):
+            if i != 5:
+                pop.quit()
+    finally:
+        assert f.stop() == 0
+    assert not control.exists() and not Path(f"{control}.1").exists()
