@@ -315,11 +315,7 @@ def _supervise(settings: Settings, account: ServiceAccount | None, target: str,
         def child_main(index: int, sock: socket.socket, shared: SharedState) -> int:
             pipeline = logs.setup_logging(target, conf.level, conf.queue_size, conf.file)
             try:
-                own = settings
-                if index and settings.server.control_socket:
-                    own = dataclasses.replace(settings, server=dataclasses.replace(
-                        settings.server, control_socket=f"{settings.server.control_socket}"
-                        f".{index}"))
+                own = _child_settings(settings, index)
                 server, status = _start_server(
                     own, listeners, lambda: ChildServer(own, index, sock, shared))
                 if server is None:
@@ -329,7 +325,7 @@ def _supervise(settings: Settings, account: ServiceAccount | None, target: str,
                 server.loop.add_signal_handler(signal.SIGTERM, server.shutdown)
                 server.loop.add_signal_handler(signal.SIGINT, server.shutdown)
                 server.loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the parent's
-                server.on_reload = lambda: _reload_child(server, path)
+                server.on_reload = lambda: _reload_child(server, path, index)
                 server.ready()
                 server.serve_forever()
                 return 0
@@ -352,11 +348,19 @@ def _supervise(settings: Settings, account: ServiceAccount | None, target: str,
         handler.close()
 
 
-def _reload_child(server: Server, path: str) -> None:
+def _child_settings(settings: Settings, index: int) -> Settings:
+    """Process *index*'s own settings: its control socket is ``PATH.index`` (0: ``PATH``)."""
+    if not index or not settings.server.control_socket:
+        return settings
+    return dataclasses.replace(settings, server=dataclasses.replace(
+        settings.server, control_socket=f"{settings.server.control_socket}.{index}"))
+
+
+def _reload_child(server: Server, path: str, index: int) -> None:
     from .child import ChildServer
 
     try:
-        server.reload(load_config(path))
+        server.reload(_child_settings(load_config(path), index))
     except ConfigError as exc:
         log.error("reload failed, old configuration kept: %s", exc)
     if isinstance(server, ChildServer):

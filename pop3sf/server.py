@@ -366,6 +366,7 @@ class Server:
         running = dataclasses.replace(
             settings,
             listeners=old.listeners,
+            metrics=old.metrics,
             server=dataclasses.replace(old.server, shutdown_grace=settings.server.shutdown_grace),
             logging=dataclasses.replace(old.logging, level=settings.logging.level),
             workers=dataclasses.replace(old.workers,
@@ -373,7 +374,9 @@ class Server:
         )
         kept = [name for name, new, now in (
             ("[listeners]", settings.listeners, old.listeners),
-            ("[server] user/group/pidfile/control_socket", settings.server, running.server),
+            ("[metrics]", settings.metrics, old.metrics),
+            ("[server] user/group/pidfile/control_socket/processes", settings.server,
+             running.server),
             ("[logging] target/file/queue_size", settings.logging, running.logging),
             ("[workers] auth_threads/mailbox_threads/call_timeout", settings.workers,
              running.workers)) if new != now]
