@@ -34,6 +34,14 @@ setup(
             "mysql = pop3sf.adapters.mysql:MySQLAdapter",
             "mysql_multi = pop3sf.adapters.mysql:MultiUserMySQLAdapter",
         ],
+        # pop3sf-admin's support of an adapter, under the adapter's name.
+        "pop3sf.admin_sources": [
+            "directory = pop3sf.auxiliary.directory:DirectorySource",
+            "directory_multi = pop3sf.auxiliary.directory:MultiUserDirectorySource",
+            "maildir = pop3sf.auxiliary.maildir:MaildirSource",
+            "mysql = pop3sf.auxiliary.mysql:SingleUserMySQLSource",
+            "mysql_multi = pop3sf.auxiliary.mysql:MultiUserMySQLSource",
+        ],
     },
     classifiers=[
         "License :: OSI Approved :: BSD License",

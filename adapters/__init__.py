@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import importlib
 from importlib.metadata import entry_points
+from typing import Any
 
 from .base import (
     Adapter,
     AdapterError,
     AuthenticationFailed,
     AuthResult,
+    ConfigError,
     ConfigurationError,
     Credentials,
     DeleteResult,
@@ -27,6 +29,7 @@ __all__ = [
     "AdapterError",
     "AuthResult",
     "AuthenticationFailed",
+    "ConfigError",
     "ConfigurationError",
     "Credentials",
     "DeleteResult",
@@ -38,38 +41,41 @@ __all__ = [
     "PermanentFailure",
     "TemporaryFailure",
     "load_adapter_class",
+    "registered",
 ]
 
-#: The bundled adapters, found even when the package metadata is not installed.
-BUNDLED = {
-    "list": "pop3sf.adapters.memory:ListAdapter",
-    "directory": "pop3sf.adapters.directory:DirectoryAdapter",
-    "directory_multi": "pop3sf.adapters.directory:MultiUserDirectoryAdapter",
-    "maildir": "pop3sf.adapters.maildir:MaildirAdapter",
-    "mysql": "pop3sf.adapters.mysql:MySQLAdapter",
-    "mysql_multi": "pop3sf.adapters.mysql:MultiUserMySQLAdapter",
-}
+#: The entry point group adapters register under; the bundled ones too (setup.py), so the
+#: installed package metadata is the one list of adapter names.
+GROUP = "pop3sf.adapters"
+
+
+def registered(group: str = GROUP) -> dict[str, str]:
+    """Registered name -> ``module:Class`` of every installed adapter (or of another group)."""
+    return {ep.name: ep.value for ep in entry_points(group=group)}
+
+
+def load_object(name: str, group: str, what: str = "adapter") -> Any:
+    """What a registered *name* of *group*, or a ``module:Class`` (or dotted) path, names.
+
+    Raises :class:`ConfigError` for an unknown name or an import failure.
+    """
+    known = registered(group)
+    target = known.get(name)
+    if target is None:
+        if ":" not in name and "." not in name:
+            listed = ", ".join(sorted(known))
+            raise ConfigError(f"unknown {what} {name!r} (known: {listed}; or module:Class)")
+        target = name
+    module_name, _, attr = target.partition(":") if ":" in target else target.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot load {what} {name!r} ({target}): {exc}") from exc
 
 
 def load_adapter_class(name: str) -> type[Adapter]:
     """Resolve an entry-point name (group ``pop3sf.adapters``) or a ``module:Class`` path."""
-    target = BUNDLED.get(name)
-    if target is None:
-        for ep in entry_points(group="pop3sf.adapters"):
-            if ep.name == name:
-                target = ep.value
-                break
-    if target is None:
-        if ":" not in name and "." not in name:
-            known = ", ".join(sorted(set(BUNDLED) | {e.name for e in
-                                                     entry_points(group="pop3sf.adapters")}))
-            raise ConfigurationError(f"unknown adapter {name!r} (known: {known}; or module:Class)")
-        target = name
-    module_name, _, attr = target.partition(":") if ":" in target else target.rpartition(".")
-    try:
-        obj = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigurationError(f"cannot load adapter {name!r} ({target}): {exc}") from exc
+    obj = load_object(name, GROUP)
     if not (isinstance(obj, type) and issubclass(obj, Adapter)):
-        raise ConfigurationError(f"adapter {name!r} ({target}) is not an Adapter subclass")
+        raise ConfigError(f"adapter {name!r} is not an Adapter subclass")
     return obj

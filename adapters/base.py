@@ -1,4 +1,4 @@
-"""The adapter contract: how a data source becomes a POP3 maildrop (SPEC §A1–A4).
+"""The adapter contract and the adapter author's kit (docs/adapters.md is the guide).
 
 An adapter is the bridge between pop3sf's server and your data. You write two classes:
 
@@ -16,7 +16,11 @@ exact size, without reading bodies), opens messages as binary streams and, at QU
 uids it is given.
 
 Raise the exceptions below to tell the server what happened; anything else is treated as a
-temporary failure (``-ERR [SYS/TEMP]``) and logged with its traceback.
+temporary failure (``-ERR [SYS/TEMP]``) and logged with its traceback (docs/adapters.md#errors).
+
+The kit: declare your keys as configobj ``configspec`` lines and read them, validated and with
+defaults, from ``self.options``; raise :class:`ConfigError` naming the key for anything else
+wrong; carry what ``authenticate`` found to ``login_succeeded`` in :attr:`AuthResult.found`.
 
 Register your adapter under the entry point group ``pop3sf.adapters`` (or name it by dotted path
 ``package.module:Class`` in ``/etc/pop3sf.conf``) and check it with :mod:`pop3sf.testing`.
@@ -29,7 +33,7 @@ import os
 import unicodedata
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, ClassVar, NamedTuple
+from typing import Any, BinaryIO, ClassVar, Generic, NamedTuple, TypeVar
 
 
 class AdapterError(Exception):
@@ -59,19 +63,65 @@ class MessageGone(AdapterError):
     """The message was removed by someone else since the login snapshot."""
 
 
-class ConfigurationError(AdapterError):
-    """The adapter's config section is unusable; the message names the problem."""
+class ConfigError(AdapterError):
+    """A configuration that can't be used; the message says what is wrong and what is allowed.
+
+    pop3sf's one configuration error: the server's own checks and adapters raise it, and it ends
+    a start or ``--check-config`` with exit status 78 (EX_CONFIG) or makes a reload keep the old
+    configuration. An adapter's message names the key (``"root = '/x': not a directory"``) but
+    not the file or section: the server puts ``<file>: [adapter] (<type>):`` in front.
+    """
+
+
+#: The name adapters have always raised; the same class as :class:`ConfigError`.
+ConfigurationError = ConfigError
+
+
+def validate_options(configspec: str, config: Mapping[str, Any],
+                     allow_unknown: bool = True) -> dict[str, Any]:
+    """*config* checked against configobj *configspec* lines, converted, defaults filled in.
+
+    The first problem is a :class:`ConfigError` naming the key and what is allowed. Unknown keys
+    are an error only with *allow_unknown* false: the server rejects them when it reads the file,
+    while programs building an adapter from a bigger dict (the admin tools) may pass extras.
+    """
+    from configobj import ConfigObj, flatten_errors, get_extra_values
+    from validate import Validator
+
+    if not isinstance(configspec, str):  # a bug in the adapter, not in the admin's file
+        raise TypeError(f"configspec must be str, not {type(configspec).__name__}")
+    spec = ConfigObj(configspec.splitlines(), list_values=False, _inspec=True)
+    obj = ConfigObj(dict(config), configspec=spec, interpolation=False)
+    result = obj.validate(Validator(), preserve_errors=True, copy=True)
+    if result is not True:
+        for _sections, key, error in flatten_errors(obj, result):
+            problem = "is missing" if error is False else f"is invalid: {error}"
+            raise ConfigError(f"{key} {problem} (allowed: {spec.get(key, '?')})")
+    extra = get_extra_values(obj)
+    if extra and not allow_unknown:
+        raise ConfigError(f"has an unknown key or section {extra[0][1]!r}")
+    return dict(obj)
+
+
+def require_directory(path: str, key: str) -> None:
+    """Raise :class:`ConfigError` unless *path* is absolute and an existing directory (a check
+    without side effects, for :meth:`Adapter.check`)."""
+    if not os.path.isabs(path):
+        raise ConfigError(f"{key} = {path!r}: must be an absolute path")
+    if not os.path.isdir(path):
+        raise ConfigError(f"{key} = {path!r}: not an existing directory")
 
 
 def probe_directory(path: str, key: str) -> None:
-    """Raise :class:`ConfigurationError` unless this process can list and enter *path*."""
+    """Raise :class:`ConfigError` unless this process can list and enter *path* (for
+    :meth:`Adapter.probe`: run as the service user, it finds permissions only root has)."""
     try:
         with os.scandir(path) as entries:
             next(entries, None)
     except OSError as exc:
-        raise ConfigurationError(f"{key} = {path!r}: cannot open: {exc.strerror}") from exc
+        raise ConfigError(f"{key} = {path!r}: cannot open: {exc.strerror}") from exc
     if not os.access(path, os.X_OK):
-        raise ConfigurationError(f"{key} = {path!r}: cannot open its files: permission denied")
+        raise ConfigError(f"{key} = {path!r}: cannot open its files: permission denied")
 
 
 @dataclass(frozen=True)
@@ -106,11 +156,25 @@ def normalize_secret(text: str) -> str:
     return unicodedata.normalize("NFC", text)
 
 
+#: What an adapter's authentication found: a passwd entry, a row id, an open directory.
+Found = TypeVar("Found")
+
+
 @dataclass(frozen=True)
-class AuthResult:
-    """A verified login. ``account_id`` is canonical: the key for locks, penalties and logs."""
+class AuthResult(Generic[Found]):
+    """A verified login. ``account_id`` is canonical: the key for locks, penalties and logs.
+
+    ``found`` carries what the check looked up to :meth:`MailboxSession.login_succeeded`, which
+    the server calls with this very object once it granted the login: read it there instead of
+    keeping it on the session in ``authenticate``. A login can still be refused after a good
+    password (the account in use, a limit), and a client may try again, so state set in
+    ``authenticate`` could belong to an attempt that never became the login. Only something that
+    must be released (an open descriptor) goes on the session in ``authenticate`` too, so that
+    :meth:`MailboxSession.connection_closed` releases it either way (docs/adapters.md#login).
+    """
 
     account_id: str
+    found: Found | None = field(default=None, compare=False, repr=False)
 
 
 class MessageInfo(NamedTuple):
@@ -135,19 +199,20 @@ class DeleteResult:
     failed: Mapping[str, str] = field(default_factory=dict)
 
 
-class MailboxSession(abc.ABC):
-    """One client connection's view of the data source."""
+class MailboxSession(abc.ABC, Generic[Found]):
+    """One client connection's view of the data source (``Found``: see :class:`AuthResult`)."""
 
     @abc.abstractmethod
-    def authenticate(self, credentials: Credentials) -> AuthResult:
+    def authenticate(self, credentials: Credentials) -> AuthResult[Found]:
         """Verify credentials or raise :class:`AuthenticationFailed`.
 
         Unknown users must cost the same time as wrong passwords (run a dummy verification of
         the same scheme), so that answers and timing don't reveal which names exist.
         """
 
-    def login_succeeded(self, account: AuthResult, read_only: bool) -> None:
-        """Called once the server granted the login; take cross-process locks here.
+    def login_succeeded(self, account: AuthResult[Found], read_only: bool) -> None:
+        """Called once the server granted the login, with what :meth:`authenticate` returned;
+        record ``account.found`` and take cross-process locks here.
 
         Raise :class:`MaildropInUse` if another process holds the account (read-only sessions
         should not take or respect the lock).
@@ -173,7 +238,13 @@ class MailboxSession(abc.ABC):
 
 
 class Adapter(abc.ABC):
-    """Built once from its config section; hands out one :class:`MailboxSession` per client."""
+    """Built once from its config section; hands out one :class:`MailboxSession` per client.
+
+    The config section is validated against :attr:`configspec` once, in ``__init__``, into
+    :attr:`options`; read the keys from there. Life cycle: ``__init__`` (no side effects: also
+    run by ``--check-config`` and the admin tools), :meth:`check`, :meth:`probe` (check only),
+    :meth:`start`, :meth:`reload` any number of times, :meth:`close`.
+    """
 
     #: configobj configspec lines for this adapter's keys in the ``[adapter]`` section.
     configspec: ClassVar[str] = ""
@@ -184,31 +255,55 @@ class Adapter(abc.ABC):
     #: File descriptors a logged-in session keeps open (a directory fd, a DB connection): the
     #: connection cap derived from the open-files limit counts them beside the socket.
     fds_per_session: int = 0
+    #: True: ``login_succeeded`` and ``list_messages`` run in the same worker call as a
+    #: successful ``authenticate``, before the server takes its account lock; if the lock is
+    #: then refused, ``connection_closed`` follows. One worker round trip per login instead of
+    #: two; right for any session whose ``login_succeeded`` takes only what it can give back
+    #: (see docs/adapters.md#login).
+    list_with_login: bool = False
 
     def __init__(self, config: Mapping[str, Any]) -> None:
-        self.config = config
+        #: The section as given (without ``type``).
+        self.config: Mapping[str, Any] = config
+        #: The section validated against :attr:`configspec`, defaults filled in.
+        self.options: dict[str, Any] = self.validate(config)
+
+    def validate(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """The options of a config section, or :class:`ConfigError`. Extend it (call
+        ``super()``) for checks across keys; keep it free of side effects: reload runs it on a
+        section that may be refused."""
+        return validate_options(self.configspec, config)
 
     def check(self) -> None:
-        """Verify the config against the system (paths exist, files readable) without side
-        effects; raise :class:`ConfigurationError`. ``pop3sf --check-config`` calls it."""
+        """Verify the options against the system (paths exist, files readable) without side
+        effects; raise :class:`ConfigError`. ``pop3sf --check-config`` and :meth:`start`
+        call it."""
 
     def probe(self) -> None:
         """Reach the data source once, as the service would: log in to the database, open the
-        mail directory. Raise :class:`ConfigurationError` saying why it failed.
+        mail directory. Raise :class:`ConfigError` saying why it failed.
         ``pop3sf --check-config`` calls it after :meth:`check` (not with ``--no-connect``)."""
 
     def start(self) -> None:
-        """Open shared resources (pools). Called once before the first session; should run
-        :meth:`check` first."""
+        """Called once before the first session: runs :meth:`check`. Extend it (call
+        ``super()`` first) to open shared resources (pools)."""
+        self.check()
 
     def reload(self, config: Mapping[str, Any]) -> None:
-        """Apply a changed config section (SIGHUP). Raise :class:`ConfigurationError` to keep
-        the old one."""
-        self.config = config
+        """Apply a changed config section (SIGHUP), validated as in ``__init__``; a
+        :class:`ConfigError` keeps the old one. Override :meth:`apply`, not this."""
+        options = self.validate(config)
+        self.apply(options)
+        self.config, self.options = config, options
+
+    def apply(self, options: dict[str, Any]) -> None:
+        """Put new, validated *options* into effect: check them (as :meth:`check` would) and
+        replace what depends on changed keys; ``self.options`` still holds the old ones.
+        Raise :class:`ConfigError` before changing anything to keep the old configuration."""
 
     def close(self) -> None:
         """Release shared resources at shutdown."""
 
     @abc.abstractmethod
-    def new_session(self, peer: Peer) -> MailboxSession:
+    def new_session(self, peer: Peer) -> MailboxSession[Any]:
         """A session object for one connection."""

@@ -1,4 +1,4 @@
-"""Directory sources: message files in a folder, one folder per user (SPEC §A5).
+"""Directory sources: message files in a folder, one folder per user (docs/adapters.md#bundled).
 
 The on-disk formats are the original pop3sf's, so existing data directories keep working with the
 same unique ids: ``*.eml`` files are served as they are, ``*.txt`` files are wrapped into a
@@ -31,11 +31,12 @@ from typing import Any, BinaryIO, NoReturn
 
 from pop3sf import passwords
 
+from . import sizecache
 from .base import (
     Adapter,
     AuthenticationFailed,
     AuthResult,
-    ConfigurationError,
+    ConfigError,
     Credentials,
     DeleteResult,
     MailboxSession,
@@ -45,9 +46,10 @@ from .base import (
     TemporaryFailure,
     normalize_secret,
     probe_directory,
+    require_directory,
 )
 from .plaintext import PlaintextMessage
-from .sizecache import FileChanged, SizeCache
+from .sizecache import FileChanged
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +68,7 @@ _COMMON_SPEC = """
 uid_root = string(default="")
 from_address = string(default="pop3sf <pop3sf@localhost>")
 to_address = string(default="%u@localhost")
-size_cache_dir = string(default="")
-size_cache_entries = integer(100, 10000000, default=100000)
-"""
+""" + sizecache.CONFIGSPEC
 
 
 def is_valid_username(name: str) -> bool:
@@ -85,22 +85,6 @@ def kind_of(name: str) -> str | None:
 def original_uid(path: str, st_mtime: float) -> str:
     """The original pop3sf's unique id: SHA-256 hex of the absolute path + ``str(st_mtime)``."""
     return hashlib.sha256((path + str(st_mtime)).encode("utf-8", "surrogateescape")).hexdigest()
-
-
-def validated(configspec: str, config: Mapping[str, Any], what: str) -> dict[str, Any]:
-    """``config`` checked against ``configspec`` with defaults filled in (also for tests and
-    programs that build an adapter from a plain dict)."""
-    from configobj import ConfigObj, flatten_errors
-    from validate import Validator
-
-    obj = ConfigObj(dict(config), configspec=configspec.strip().splitlines())
-    result = obj.validate(Validator(), preserve_errors=True)
-    if result is not True:
-        problems = []
-        for _section, key, error in flatten_errors(obj, result):
-            problems.append(f"{key}: {'missing' if error is False else error}")
-        raise ConfigurationError(f"{what}: " + "; ".join(problems))
-    return dict(obj)
 
 
 def _utc(st_mtime: float) -> datetime.datetime:
@@ -123,33 +107,30 @@ class _Entry:
             (self.device, self.inode, self.raw_size, self.mtime_ns)
 
 
-class _DirectoryAdapterBase(Adapter):
+@dataclass(frozen=True)
+class Located:
+    """What a directory login found (:attr:`AuthResult.found`): where unique ids are computed
+    from. The open directory itself goes to the session at once, so it is closed however the
+    login ends."""
+
+    uid_base: str
+
+
+class DirectoryAdapterBase(Adapter):
     """What both directory adapters share: options, the size cache, the session class."""
 
     blocking = True
+    list_with_login = True
     allows_read_only = True
     fds_per_session = 1  # the user's directory, held open against swaps
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
-        self.options = self._check(config)
-        self.size_cache = self._make_cache(self.options)
+        self.size_cache = sizecache.from_options(self.options)
 
-    def _check(self, config: Mapping[str, Any]) -> dict[str, Any]:
-        return validated(self.configspec, config, f"[adapter] of {type(self).__name__}")
-
-    @staticmethod
-    def _make_cache(options: Mapping[str, Any]) -> SizeCache:
-        return SizeCache(options["size_cache_dir"] or None, options["size_cache_entries"])
-
-    def reload(self, config: Mapping[str, Any]) -> None:
-        options = self._check(config)
+    def apply(self, options: dict[str, Any]) -> None:
         self._check_paths(options)
-        if (options["size_cache_dir"], options["size_cache_entries"]) != \
-                (self.options["size_cache_dir"], self.options["size_cache_entries"]):
-            old, self.size_cache = self.size_cache, self._make_cache(options)
-            old.close()
-        self.config, self.options = config, options
+        self.size_cache = sizecache.reconfigured(self.size_cache, self.options, options)
 
     def check(self) -> None:
         self._check_paths(self.options)
@@ -158,21 +139,11 @@ class _DirectoryAdapterBase(Adapter):
         key = "directory" if "directory" in self.options else "root"
         probe_directory(self.options[key], key)
 
-    def start(self) -> None:
-        self.check()
-
     def close(self) -> None:
         self.size_cache.close()
 
     def _check_paths(self, options: Mapping[str, Any]) -> None:
         raise NotImplementedError
-
-    @staticmethod
-    def _require_directory(path: str, key: str) -> None:
-        if not os.path.isabs(path):
-            raise ConfigurationError(f"{key} = {path!r}: must be an absolute path")
-        if not os.path.isdir(path):
-            raise ConfigurationError(f"{key} = {path!r}: not an existing directory")
 
     def new_session(self, peer: Peer) -> DirectorySession:
         return DirectorySession(self, peer)
@@ -181,21 +152,24 @@ class _DirectoryAdapterBase(Adapter):
         """A read-only session on an account's open directory (the fd is taken over), without a
         password: the admin tools list messages with the sizes the server serves."""
         session = DirectorySession(self, Peer("local", 0, "admin"))
-        session._dir_fd, session._uid_base = dir_fd, self.uid_base(account)
-        session.account, session.read_only = account, True
+        session._dir_fd = dir_fd
+        session.login_succeeded(AuthResult(account, Located(self.uid_base(account))), True)
         return session
 
     # Implemented by the two adapters: where an account's messages are.
-    def locate(self, credentials: Credentials) -> tuple[str, int, str]:
-        """Verify credentials; return (account id, open directory fd, uid path base)."""
+    def locate(self, credentials: Credentials) -> tuple[AuthResult[Located], int]:
+        """Verify credentials; return the login and its open directory fd."""
         raise NotImplementedError
 
     def uid_base(self, account: str) -> str:
         """The path unique ids of the account's files are computed from."""
         raise NotImplementedError
 
+    def _located(self, account: str, dir_fd: int) -> tuple[AuthResult[Located], int]:
+        return AuthResult(account, Located(self.uid_base(account))), dir_fd
 
-class DirectoryAdapter(_DirectoryAdapterBase):
+
+class DirectoryAdapter(DirectoryAdapterBase):
     """One account whose messages are the files of one directory.
 
     Config keys (``[adapter]``, ``type = directory``):
@@ -228,13 +202,13 @@ password_hash = string
 """ + _COMMON_SPEC
 
     def _check_paths(self, options: Mapping[str, Any]) -> None:
-        self._require_directory(options["directory"], "directory")
+        require_directory(options["directory"], "directory")
         try:
             passwords.scheme_of(options["password_hash"])
         except passwords.UnknownScheme as exc:
-            raise ConfigurationError(f"password_hash: unknown scheme {exc}") from exc
+            raise ConfigError(f"password_hash: unknown scheme {exc}") from exc
 
-    def locate(self, credentials: Credentials) -> tuple[str, int, str]:
+    def locate(self, credentials: Credentials) -> tuple[AuthResult[Located], int]:
         options = self.options
         stored: str = options["password_hash"]
         username = normalize_secret(options["username"])
@@ -242,7 +216,7 @@ password_hash = string
             passwords.dummy_verify(credentials.password_bytes(), like=stored)
             raise AuthenticationFailed("unknown user")
         passwords.verify_or_deny(stored, credentials.password_bytes())
-        return username, _open_dir(os.path.abspath(options["directory"])), self.uid_base(username)
+        return self._located(username, _open_dir(os.path.abspath(options["directory"])))
 
     def uid_base(self, account: str) -> str:
         uid_root = self.options["uid_root"]
@@ -250,7 +224,7 @@ password_hash = string
         return os.path.normpath(uid_root) if uid_root else directory
 
 
-class MultiUserDirectoryAdapter(_DirectoryAdapterBase):
+class MultiUserDirectoryAdapter(DirectoryAdapterBase):
     """Many accounts: a root holding one directory per user (the original pop3sf's layout).
 
     A user directory's name is the user name (``^[0-9A-Za-z_-]{1,64}$``, case-sensitive); it
@@ -279,7 +253,7 @@ bcrypt_rounds = integer(4, 31, default=12)
     _dummy: tuple[int, str] | None = None
 
     def _check_paths(self, options: Mapping[str, Any]) -> None:
-        self._require_directory(options["root"], "root")
+        require_directory(options["root"], "root")
 
     def start(self) -> None:
         super().start()
@@ -302,7 +276,7 @@ bcrypt_rounds = integer(4, 31, default=12)
         passwords.dummy_verify(password, like=self.reference())
         raise AuthenticationFailed(cause)
 
-    def locate(self, credentials: Credentials) -> tuple[str, int, str]:
+    def locate(self, credentials: Credentials) -> tuple[AuthResult[Located], int]:
         username = credentials.username
         password = credentials.password_bytes()
         if not is_valid_username(username):
@@ -332,7 +306,7 @@ bcrypt_rounds = integer(4, 31, default=12)
         except BaseException:
             os.close(user_fd)
             raise
-        return username, user_fd, self.uid_base(username)
+        return self._located(username, user_fd)
 
     def uid_base(self, account: str) -> str:
         uid_root = self.options["uid_root"]
@@ -414,10 +388,10 @@ def read_password_file(dir_fd: int) -> str | None:
         return None
 
 
-class DirectorySession(MailboxSession):
+class DirectorySession(MailboxSession[Located]):
     """One connection's view of one message directory (via an open directory descriptor)."""
 
-    def __init__(self, adapter: _DirectoryAdapterBase, peer: Peer) -> None:
+    def __init__(self, adapter: DirectoryAdapterBase, peer: Peer) -> None:
         self.adapter = adapter
         self.peer = peer
         self.options = adapter.options
@@ -430,13 +404,15 @@ class DirectorySession(MailboxSession):
 
     # --- authentication -------------------------------------------------------------------
 
-    def authenticate(self, credentials: Credentials) -> AuthResult:
-        account, fd, uid_base = self.adapter.locate(credentials)
+    def authenticate(self, credentials: Credentials) -> AuthResult[Located]:
+        result, fd = self.adapter.locate(credentials)
         self._close_dir()
-        self._dir_fd, self._uid_base, self.account = fd, uid_base, account
-        return AuthResult(account)
+        self._dir_fd = fd  # a resource: owned by the session from now on, whatever follows
+        return result
 
-    def login_succeeded(self, account: AuthResult, read_only: bool) -> None:
+    def login_succeeded(self, account: AuthResult[Located], read_only: bool) -> None:
+        assert account.found is not None, "a directory login always says where"
+        self.account, self._uid_base = account.account_id, account.found.uid_base
         self.read_only = read_only
 
     # --- listing --------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Maildir sources: an existing Dovecot/Postfix virtual-mail installation served as it is (§A6).
+"""Maildir sources: an existing Dovecot/Postfix virtual-mail installation served as it is.
 
 Users come from a Dovecot passwd-file (:mod:`.passwdfile`), each user's Maildir from a location
 template, and messages from its ``new/`` and ``cur/`` (``tmp/`` holds deliveries in progress and
@@ -22,24 +22,23 @@ from __future__ import annotations
 
 import errno
 import functools
-import hashlib
 import logging
 import os
-import re
 import stat
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, BinaryIO, NamedTuple, TypeVar, cast
 
 from pop3sf import passwords
 
+from . import sizecache
 from .base import (
     Adapter,
     AuthenticationFailed,
     AuthResult,
-    ConfigurationError,
+    ConfigError,
     Credentials,
     DeleteResult,
     MailboxSession,
@@ -50,245 +49,38 @@ from .base import (
     TemporaryFailure,
     probe_directory,
 )
+from .maildir_names import (
+    SUBDIRS,
+    UIDLIST,
+    Uidlist,
+    UidRecord,
+    basename_uidl,
+    delivery_key,
+    expand,
+    format_uidl,
+    is_valid_uidl,
+    is_valid_username,
+    parse_location,
+    parse_uidlist,
+    split_name,
+    w_size,
+)
 from .passwdfile import PasswdEntry, PasswdFile
-from .sizecache import FileChanged, SizeCache
+from .sizecache import FileChanged
 
 log = logging.getLogger("pop3sf.adapters.maildir")
-
-UIDLIST = "dovecot-uidlist"
-SUBDIRS = ("new", "cur")
-#: Dovecot's default ``pop3_uidl_format``: the IMAP uid and the uidvalidity, 8 hex digits each.
-DOVECOT_UIDL_FORMAT = "%08Xu%08Xv"
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _SUBDIR_FLAGS = _DIR_FLAGS | os.O_NOFOLLOW
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
-_W_SIZE = re.compile(r",W=(\d+)(?=[,:]|$)")
-_DELIVERY = re.compile(r"(\d+)(?:\.[^.:]*?M(\d+))?")
-_UIDL_CHARS = re.compile(r"[\x21-\x7e]{1,70}")
-_NAME_FORBIDDEN = re.compile(r"[\x00-\x20\x7f/\\:%]")
+# --- the adapter ------------------------------------------------------------------------------
 
-
-def is_valid_uidl(text: str) -> bool:
-    """1-70 octets of 0x21-0x7E (RFC 1939 §7)."""
-    return _UIDL_CHARS.fullmatch(text) is not None
-
-
-def basename_uidl(base: str) -> str:
-    """The ``basename`` UIDL: the base name when it is a valid UIDL, else its SHA-1 hex."""
-    if is_valid_uidl(base):
-        return base
-    return hashlib.sha1(base.encode("utf-8", "surrogateescape")).hexdigest()
-
-
-def split_name(name: str) -> tuple[str, str]:
-    """(base name, flags) of a Maildir file name; flags are the letters after ``:2,``."""
-    base, _, info = name.partition(":")
-    return base, info[2:] if info.startswith("2,") else ""
-
-
-def w_size(base: str) -> int | None:
-    """The ``,W=<n>`` size (the message with CRLF line ends) in a base name, if any."""
-    m = _W_SIZE.search(base)
-    return int(m.group(1)) if m else None
-
-
-def delivery_key(base: str) -> tuple[int, int] | None:
-    """(seconds, microseconds) of delivery from a base name ``<time>.M<usec>...``, if it has one."""
-    m = _DELIVERY.match(base)
-    if m is None:
-        return None
-    return int(m.group(1)), int(m.group(2) or 0)
-
-
-def is_valid_username(name: str) -> bool:
-    """Whether a login name can safely fill a path template (``%u``, ``%n``, ``%d``)."""
-    if not 0 < len(name) <= 255 or _NAME_FORBIDDEN.search(name) or name.count("@") > 1:
-        return False
-    local, _, domain = name.partition("@")
-    if not local or local.startswith("."):
-        return False
-    return "@" not in name or (bool(domain) and not domain.startswith(".") and ".." not in domain)
-
-
-# --- templates ------------------------------------------------------------------------------
-
-_VAR = re.compile(r"%(?:(?P<mod>[LU]?)(?P<short>[undh%])|\{(?P<long>[a-z]+)\}|(?P<bad>.?))")
-_LONG = {"user": "u", "username": "n", "domain": "d", "home": "h"}
-
-
-def expand(template: str, user: str, entry: PasswdEntry | None) -> str:
-    """Dovecot-style ``%u`` (user), ``%n`` (local part), ``%d`` (domain), ``%h`` (home), ``%%``,
-    the ``%L``/``%U`` case modifiers and the long forms ``%{user}`` etc.; ``~`` leading = home."""
-    local, _, domain = user.partition("@")
-    values = {"u": user, "n": local, "d": domain, "h": entry.home if entry else "", "%": "%"}
-    if template.startswith("~") and (len(template) == 1 or template[1] == "/"):
-        template = "%h" + template[1:]
-
-    def sub(m: re.Match[str]) -> str:
-        key = m.group("short") or _LONG.get(m.group("long") or "", "")
-        if not key:
-            raise ConfigurationError(f"unsupported variable {m.group(0)!r} in {template!r} "
-                                     "(use %u %n %d %h %%)")
-        if key == "h" and not values["h"]:
-            raise PermanentFailure(f"no home directory for {user!r} in the passwd-file")
-        value = values[key]
-        mod = m.group("mod")
-        return value.lower() if mod == "L" else value.upper() if mod == "U" else value
-
-    return _VAR.sub(sub, template)
-
-
-class Location(NamedTuple):
-    """A parsed ``mail_location``: the Maildir template and Dovecot's CONTROL= directory."""
+class Place(NamedTuple):
+    """Where a user's mail is (what a login found, :attr:`AuthResult.found`)."""
 
     path: str
     control: str | None
-
-
-def parse_location(text: str) -> Location:
-    """``[maildir:]PATH[:KEY=VALUE...]`` as in Dovecot's ``mail_location``."""
-    text = text.strip()
-    if text.startswith("maildir:"):
-        text = text[len("maildir:"):]
-    elif re.match(r"[a-z0-9]+:", text):
-        raise ConfigurationError(f"mail_location {text!r}: only maildir is supported")
-    path, *options = text.split(":")
-    control = None
-    for option in options:
-        key, _, value = option.partition("=")
-        if key.upper() == "CONTROL" and value:
-            control = value
-    if not path:
-        raise ConfigurationError("mail_location: no path")
-    # Check the variables now, with a made-up user, so a typo fails at start.
-    probe = PasswdEntry("probe@example.org", "", home="/home/probe")
-    for template in filter(None, (path, control)):
-        expand(template, probe.user, probe)
-    return Location(path, control)
-
-
-# --- dovecot-uidlist --------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class UidRecord:
-    uid: int
-    ext: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Uidlist:
-    """What pop3sf needs of a ``dovecot-uidlist``: uidvalidity and base name -> record."""
-
-    uidvalidity: int
-    next_uid: int
-    guid: str
-    records: Mapping[str, UidRecord]
-
-
-def parse_uidlist(data: bytes) -> Uidlist | None:
-    """Dovecot's uidlist, versions 1 and 3; None when the header is unusable.
-
-    v3: header ``3 V<uidvalidity> N<nextuid> G<guid> ...``, records
-    ``<uid> [<key><value> ...] :<filename>`` (keys: ``P`` POP3 UIDL, ``O`` POP3 order,
-    ``W``/``S`` sizes, ``G`` GUID). v1: header ``1 <uidvalidity> <nextuid>``, records
-    ``<uid> <filename>``. Records are matched by base name, as Dovecot does.
-    """
-    lines = data.decode("utf-8", "surrogateescape").split("\n")
-    header = lines[0].split()
-    if not header or header[0] not in ("1", "3"):
-        return None
-    version = int(header[0])
-    uidvalidity = next_uid = 0
-    guid = ""
-    try:
-        if version == 1:
-            uidvalidity, next_uid = int(header[1]), int(header[2])
-        else:
-            for item in header[1:]:
-                if item[:1] == "V":
-                    uidvalidity = int(item[1:])
-                elif item[:1] == "N":
-                    next_uid = int(item[1:])
-                elif item[:1] == "G":
-                    guid = item[1:]
-    except (ValueError, IndexError):
-        return None
-    records: dict[str, UidRecord] = {}
-    prev = 0
-    for line in lines[1:]:
-        parsed = _uidlist_record(line, version)
-        if parsed is None:
-            continue
-        uid, ext, filename = parsed
-        if uid <= prev:  # Dovecot treats unordered uids as corruption; keep what came first
-            continue
-        prev = uid
-        base = filename.partition(":")[0]
-        records[base] = UidRecord(uid, ext)
-    return Uidlist(uidvalidity, next_uid, guid, records)
-
-
-def _uidlist_record(line: str, version: int) -> tuple[int, dict[str, str], str] | None:
-    uid_text, sep, rest = line.rstrip("\r").partition(" ")
-    if not sep or not uid_text.isdigit() or int(uid_text) == 0:
-        return None
-    rest = rest.lstrip(" ")
-    ext: dict[str, str] = {}
-    if version == 3:
-        while rest and not rest.startswith(":"):
-            token, _, rest = rest.partition(" ")
-            rest = rest.lstrip(" ")
-            if token:
-                ext.setdefault(token[0], token[1:])
-        if not rest.startswith(":"):
-            return None
-        rest = rest[1:]
-    if not rest or "/" in rest:
-        return None
-    return int(uid_text), ext, rest
-
-
-_UIDL_VAR = re.compile(r"%(0?)(\d*)([LUX]*)(?:([uvgf%])|\{([a-z]+)\}|.?)")
-
-
-def format_uidl(fmt: str, uid: int, uidvalidity: int, base: str, guid: str) -> str:
-    """Dovecot's ``pop3_uidl_format`` for one message: ``%u`` uid, ``%v`` uidvalidity, ``%f``
-    base name, ``%g`` GUID (the base name unless the uidlist stores one), with ``0``-padding,
-    width and the ``X`` (lowercase hex, as Dovecot prints it), ``L``, ``U`` modifiers."""
-    values = {"u": str(uid), "v": str(uidvalidity), "f": base, "g": guid or base, "%": "%"}
-    longs = {"uid": "u", "uidvalidity": "v", "filename": "f", "guid": "g"}
-
-    def sub(m: re.Match[str]) -> str:
-        key = m.group(4) or longs.get(m.group(5) or "", "")
-        if not key:
-            raise ConfigurationError(f"pop3_uidl_format: unsupported variable {m.group(0)!r} "
-                                     "(supported: %u %v %f %g, %{uid} %{uidvalidity} ...)")
-        value = values[key]
-        for mod in m.group(3):
-            if mod == "X":
-                value = format(int(value) if value.isdigit() else 0, "x")
-            elif mod == "L":
-                value = value.lower()
-            elif mod == "U":
-                value = value.upper()
-        width = int(m.group(2) or 0)
-        if width and m.group(1):
-            value = value.rjust(width, "0")
-        elif width:
-            value = value[:width]
-        return value
-
-    return _UIDL_VAR.sub(sub, fmt)
-
-
-# --- the adapter ------------------------------------------------------------------------------
-
-def _validated(configspec: str, config: Mapping[str, Any], what: str) -> dict[str, Any]:
-    from .directory import validated
-
-    return validated(configspec, config, what)
 
 
 class MaildirAdapter(Adapter):
@@ -348,66 +140,54 @@ uidl_format = option("dovecot", "basename", default="dovecot")
 pop3_uidl_format = string(default="%08Xu%08Xv")
 deleted = option("unlink", "flag", default="unlink")
 measure_all = boolean(default=False)
-size_cache_dir = string(default="")
-size_cache_entries = integer(100, 10000000, default=100000)
 read_only = boolean(default=True)
 bcrypt_rounds = integer(4, 31, default=12)
 from_address = string(default="pop3sf <pop3sf@localhost>")
-"""
+""" + sizecache.CONFIGSPEC
 
     blocking = True
+    list_with_login = True
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
-        self.options = self._check(config)
         self.location = parse_location(self.options["mail_location"])
         self.passwd = PasswdFile(self.options["passwd_file"])
-        self.size_cache = SizeCache(self.options["size_cache_dir"] or None,
-                                    self.options["size_cache_entries"])
+        self.size_cache = sizecache.from_options(self.options)
         self.allows_read_only = bool(self.options["read_only"])
         self._warned: set[str] = set()
         self._warn_lock = threading.Lock()
         self._like_source: object = None
         self._like: str | None = None
 
-    def _check(self, config: Mapping[str, Any]) -> dict[str, Any]:
-        options = _validated(self.configspec, config, "[adapter] of MaildirAdapter")
+    def validate(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        options = super().validate(config)
         if not os.path.isabs(options["passwd_file"]):
-            raise ConfigurationError(f"passwd_file = {options['passwd_file']!r}: "
-                                     "must be an absolute path")
+            raise ConfigError(f"passwd_file = {options['passwd_file']!r}: "
+                              "must be an absolute path")
         if options["root"] and not os.path.isabs(options["root"]):
-            raise ConfigurationError(f"root = {options['root']!r}: must be an absolute path")
+            raise ConfigError(f"root = {options['root']!r}: must be an absolute path")
         if not is_valid_uidl(format_uidl(options["pop3_uidl_format"], 1, 1, "x", "")):
-            raise ConfigurationError("pop3_uidl_format gives no valid UIDL")
+            raise ConfigError("pop3_uidl_format gives no valid UIDL")
         return options
-
-    def start(self) -> None:
-        self.check()
 
     def check(self) -> None:
         try:
             self.passwd.entries()
         except OSError as exc:
-            raise ConfigurationError(f"passwd_file {self.passwd.path}: {exc.strerror}") from exc
+            raise ConfigError(f"passwd_file {self.passwd.path}: {exc.strerror}") from exc
         root = self.options["root"]
         if root and not os.path.isdir(root):
-            raise ConfigurationError(f"root = {root!r}: not an existing directory")
+            raise ConfigError(f"root = {root!r}: not an existing directory")
 
     def probe(self) -> None:
         if self.options["root"]:
             probe_directory(self.options["root"], "root")
 
-    def reload(self, config: Mapping[str, Any]) -> None:
-        options = self._check(config)
-        location = parse_location(options["mail_location"])
+    def apply(self, options: dict[str, Any]) -> None:
+        self.location = parse_location(options["mail_location"])
         if options["passwd_file"] != self.options["passwd_file"]:
             self.passwd = PasswdFile(options["passwd_file"])
-        if (options["size_cache_dir"], options["size_cache_entries"]) != \
-                (self.options["size_cache_dir"], self.options["size_cache_entries"]):
-            old, self.size_cache = self.size_cache, SizeCache(
-                options["size_cache_dir"] or None, options["size_cache_entries"])
-            old.close()
-        self.config, self.options, self.location = config, options, location
+        self.size_cache = sizecache.reconfigured(self.size_cache, self.options, options)
         self.allows_read_only = bool(options["read_only"])
 
     def close(self) -> None:
@@ -439,8 +219,8 @@ from_address = string(default="pop3sf <pop3sf@localhost>")
             self._like_source = entries
         return self._like
 
-    def authenticate(self, credentials: Credentials) -> PasswdEntry:
-        """The passwd-file entry of a verified login, or :class:`AuthenticationFailed`."""
+    def authenticate(self, credentials: Credentials) -> AuthResult[Place]:
+        """A verified login carrying where its Maildir is, or :class:`AuthenticationFailed`."""
         name = credentials.username
         password = credentials.password_bytes()
         if not is_valid_username(name):
@@ -466,16 +246,15 @@ from_address = string(default="pop3sf <pop3sf@localhost>")
             raise AuthenticationFailed("unknown password scheme") from None
         if not ok:
             raise AuthenticationFailed("wrong password")
-        return entry
+        return AuthResult(entry.user, self.maildir_of(entry))
 
     def session_for(self, entry: PasswdEntry) -> MaildirSession:
         """A read-only session on a user's Maildir without a password (for the admin tools)."""
         session = MaildirSession(self, Peer("local", 0, "admin"))
-        session.path, session._control = self.maildir_of(entry)
-        session.account, session.read_only = entry.user, True
+        session.login_succeeded(AuthResult(entry.user, self.maildir_of(entry)), True)
         return session
 
-    def maildir_of(self, entry: PasswdEntry) -> tuple[str, str | None]:
+    def maildir_of(self, entry: PasswdEntry) -> Place:
         """(Maildir path, control directory or None) of a user, checked against ``root``."""
         override = entry.extra.get("userdb_mail") or entry.extra.get("mail")
         location = parse_location(override) if override else self.location
@@ -488,7 +267,7 @@ from_address = string(default="pop3sf <pop3sf@localhost>")
         if root and not _inside(os.path.realpath(path), os.path.realpath(root)):
             log.warning("Maildir %s of %r is outside root %s; refused", path, entry.user, root)
             raise PermanentFailure("Maildir outside the configured root")
-        return path, control
+        return Place(path, control)
 
 
 def _inside(path: str, root: str) -> bool:
@@ -529,7 +308,7 @@ def _closing_maildir(method: _F) -> _F:
     return cast(_F, wrapper)
 
 
-class MaildirSession(MailboxSession):
+class MaildirSession(MailboxSession["Place"]):
     """One connection's view of one Maildir (held by an open directory descriptor)."""
 
     def __init__(self, adapter: MaildirAdapter, peer: Peer) -> None:
@@ -546,14 +325,13 @@ class MaildirSession(MailboxSession):
 
     # --- authentication ---------------------------------------------------------------------
 
-    def authenticate(self, credentials: Credentials) -> AuthResult:
-        entry = self.adapter.authenticate(credentials)
-        self.path, self._control = self.adapter.maildir_of(entry)
-        self.account = entry.user
-        return AuthResult(entry.user)
+    def authenticate(self, credentials: Credentials) -> AuthResult[Place]:
+        return self.adapter.authenticate(credentials)
 
-    def login_succeeded(self, account: AuthResult, read_only: bool) -> None:
-        self.read_only = read_only
+    def login_succeeded(self, account: AuthResult[Place], read_only: bool) -> None:
+        assert account.found is not None, "a maildir login always says where"
+        self.path, self._control = account.found
+        self.account, self.read_only = account.account_id, read_only
 
     def _open_maildir(self) -> int | None:
         """The Maildir's descriptor; None when it doesn't exist yet (no mail delivered)."""

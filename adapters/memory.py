@@ -60,6 +60,8 @@ class ListAdapter(Adapter):
     ``read_only`` — offer XPRO (default yes).
     """
 
+    list_with_login = True
+
     configspec = """
 users = force_list(default=list())
 messages = force_list(default=list())
@@ -68,8 +70,8 @@ read_only = boolean(default=True)
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
         self.mailboxes: dict[str, Mailbox] = {}
-        files = list(config.get("messages", ()))
-        for entry in config.get("users", ()):
+        files = list(self.options["messages"])
+        for entry in self.options["users"]:
             name, _, secret = entry.partition(":")
             self.mailboxes[name] = Mailbox(secret, [])
         for path in files:
@@ -77,7 +79,7 @@ read_only = boolean(default=True)
                 for box in self.mailboxes.values():
                     box.add(fh.read())
                     fh.seek(0)
-        self.allows_read_only = bool(config.get("read_only", True))
+        self.allows_read_only = bool(self.options["read_only"])
         self._set_blocking()
 
     def _set_blocking(self) -> None:

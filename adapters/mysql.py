@@ -1,4 +1,4 @@
-"""MySQL/MariaDB sources: messages in a table, one account or many (SPEC §A7).
+"""MySQL/MariaDB sources: messages in a table, one account or many (docs/mysql.md).
 
 The tables are the original pop3sf's, so existing databases keep working unchanged::
 
@@ -21,64 +21,55 @@ Deletions run at QUIT in one transaction, restricted to the logged-in user's row
 pop3sf instances on one database, a read-write session holds ``GET_LOCK`` on a connection of its
 own (never pooled: MySQL locks belong to connections and are re-entrant, so a pooled connection
 would hand one account's lock to a second session) and re-checks it holds it before deleting.
+
+This module holds the adapters (settings, pool, schema, authentication); a client's session is
+:mod:`.mysql_session`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hmac
 import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, BinaryIO, ClassVar
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, ClassVar
 
 from pop3sf import passwords
-from pop3sf.wire import measure
 
 from .base import (
     Adapter,
     AdapterError,
     AuthenticationFailed,
     AuthResult,
-    ConfigurationError,
+    ConfigError,
     Credentials,
-    DeleteResult,
-    MailboxSession,
-    MaildropInUse,
-    MessageGone,
-    MessageInfo,
     Peer,
     PermanentFailure,
     TemporaryFailure,
     normalize_secret,
 )
-from .directory import validated
-from .mysql_driver import CircuitBreaker, ConnectParams, Driver, Pool, read_password_file
+from .mysql_driver import (
+    CircuitBreaker,
+    ConnectParams,
+    Driver,
+    Pool,
+    close_quietly,
+    read_password_file,
+)
+from .mysql_session import MySQLSession
 from .mysql_sql import (
-    RowStream,
     check_identifier,
-    chunk_sql,
-    decode_row,
-    listing_sql,
-    lock_name,
-    message_info,
-    plaintext_subject,
     schema_sql,
-    to_bytes,
     to_text,
 )
-from .plaintext import PlaintextMessage
 
 log = logging.getLogger("pop3sf.adapters.mysql")
 
 #: Server errors that retrying won't fix: missing table or column, missing privilege.
 PERMANENT_ERRNOS = frozenset({1054, 1142, 1143, 1146, 1049})
-#: How many ids go into one ``DELETE ... IN (...)``.
-DELETE_BATCH = 500
 
 _COLUMN_TYPES = '"MEDIUMTEXT", "LONGTEXT", "MEDIUMBLOB", "LONGBLOB"'
 _COMMON_SPEC = f"""
@@ -182,14 +173,6 @@ _CONFIG_DOC = """
 """
 
 
-@dataclass(frozen=True)
-class _Row:
-    id: int
-    plaintext: bool
-    timestamp: int
-    length: int
-
-
 class _LRU:
     """A small thread-safe LRU (plain-text rows' wrapped sizes)."""
 
@@ -215,17 +198,17 @@ class _LRU:
                 self._data.popitem(last=False)
 
 
-class _MySQLAdapterBase(Adapter):
+class MySQLAdapterBase(Adapter):
     """What both MySQL adapters share: settings, pool, schema, the session class."""
 
     blocking = True
     allows_read_only = True
     fds_per_session = 1  # the dedicated GET_LOCK connection of a read-write session
+    list_with_login = True
     multi_user: ClassVar[bool] = False
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
-        self.options = self._check(config)
         self.driver = Driver.choose(self.options["driver"])
         self.params = self._params(self.options)
         self.pool = self._make_pool(self.options)
@@ -236,18 +219,18 @@ class _MySQLAdapterBase(Adapter):
 
     # --- settings --------------------------------------------------------------------------
 
-    def _check(self, config: Mapping[str, Any]) -> dict[str, Any]:
-        options = validated(self.configspec, config, f"[adapter] of {type(self).__name__}")
+    def validate(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        options = super().validate(config)
         options["messages_sql"] = check_identifier(options["messages_table"], "messages_table")
         if self.multi_user:
             options["users_sql"] = check_identifier(options["users_table"], "users_table")
         if options["password_file"]:
             options["password"] = read_password_file(options["password_file"])
         if options["chunk_size"] > options["max_chunk_size"]:
-            raise ConfigurationError("chunk_size must not exceed max_chunk_size")
+            raise ConfigError("chunk_size must not exceed max_chunk_size")
         for key in ("ssl_ca", "ssl_cert", "ssl_key"):
             if options[key] and not options["ssl"]:
-                raise ConfigurationError(f"{key} is set but ssl = no; set ssl = yes to use TLS")
+                raise ConfigError(f"{key} is set but ssl = no; set ssl = yes to use TLS")
         return options
 
     @staticmethod
@@ -272,31 +255,30 @@ class _MySQLAdapterBase(Adapter):
         for key in ("ssl_ca", "ssl_cert", "ssl_key"):
             path = self.options[key]
             if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
-                raise ConfigurationError(f"{key} = {path!r}: not a readable file")
+                raise ConfigError(f"{key} = {path!r}: not a readable file")
 
     def probe(self) -> None:
         """Log in with the configured account and run one query."""
         try:
             conn = self.driver.connect(self.params, autocommit=True)
         except Exception as exc:
-            raise ConfigurationError(f"cannot connect to {self.params.where()}: "
+            raise ConfigError(f"cannot connect to {self.params.where()}: "
                                      f"{str(exc).strip() or type(exc).__name__}") from exc
         try:
             self.fetch_all(conn, "SELECT 1")
         except Exception as exc:
-            raise ConfigurationError(f"query on {self.params.where()} failed: {exc}") from exc
+            raise ConfigError(f"query on {self.params.where()} failed: {exc}") from exc
         finally:
-            _close_quietly(conn)
+            close_quietly(conn)
 
     def start(self) -> None:
-        self.check()
+        super().start()
         try:
             self.ensure_schema()
         except TemporaryFailure as exc:  # the server runs; logins work once the database is up
             log.warning("mysql: tables not checked at start (%s); will retry at first login", exc)
 
-    def reload(self, config: Mapping[str, Any]) -> None:
-        options = self._check(config)
+    def apply(self, options: dict[str, Any]) -> None:
         driver = Driver.choose(options["driver"])
         old_pool = None
         if any(options[k] != self.options[k] for k in _CONNECT_KEYS) or \
@@ -311,7 +293,6 @@ class _MySQLAdapterBase(Adapter):
             self._schema_ready = False
         if old_pool is not None or options["sql_dialect"] != self.options["sql_dialect"]:
             self._dialect = None
-        self.config, self.options = config, options
         self.params = self._params(options)
         if old_pool is not None:
             old_pool.close()  # connections in use are closed when given back
@@ -325,7 +306,7 @@ class _MySQLAdapterBase(Adapter):
     def session_for(self, account: str, user_id: int | None) -> MySQLSession:
         """A read-only session on an account without a password (for the admin tools)."""
         session = MySQLSession(self, Peer("local", 0, "admin"))
-        session.account, session.user_id, session.read_only = account, user_id, True
+        session.login_succeeded(AuthResult(account, user_id), True)
         return session
 
     def report_too_large(self, row_id: int, length: int | None, outcome: str) -> None:
@@ -417,8 +398,9 @@ class _MySQLAdapterBase(Adapter):
 
     # --- accounts --------------------------------------------------------------------------
 
-    def authenticate(self, credentials: Credentials) -> tuple[str, int | None]:
-        """(canonical account id, user_id or None) or :class:`AuthenticationFailed`."""
+    def authenticate(self, credentials: Credentials) -> AuthResult[int]:
+        """The login (canonical account id; ``found``: user_id, None for the single-user table)
+        or :class:`AuthenticationFailed`."""
         raise NotImplementedError
 
     def chunk_for(self, length: int) -> int:
@@ -430,7 +412,7 @@ class _MySQLAdapterBase(Adapter):
         return template.replace("%u", account)
 
 
-class MySQLAdapter(_MySQLAdapterBase):
+class MySQLAdapter(MySQLAdapterBase):
     """One account whose messages are the rows of one table (the original's single-user table).
 
     Config keys (``[adapter]``, ``type = mysql``):
@@ -451,15 +433,15 @@ password_hash = string
 messages_table = string(default="pop3sf_singleuser_messages")
 """ + _COMMON_SPEC
 
-    def _check(self, config: Mapping[str, Any]) -> dict[str, Any]:
-        options = super()._check(config)
+    def validate(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        options = super().validate(config)
         try:
             passwords.scheme_of(options["password_hash"])
         except passwords.UnknownScheme as exc:
-            raise ConfigurationError(f"password_hash: unknown scheme {exc}") from exc
+            raise ConfigError(f"password_hash: unknown scheme {exc}") from exc
         return options
 
-    def authenticate(self, credentials: Credentials) -> tuple[str, int | None]:
+    def authenticate(self, credentials: Credentials) -> AuthResult[int]:
         stored: str = self.options["password_hash"]
         username = normalize_secret(self.options["username"])
         if not hmac.compare_digest(credentials.username.encode("utf-8", "surrogateescape"),
@@ -467,10 +449,10 @@ messages_table = string(default="pop3sf_singleuser_messages")
             passwords.dummy_verify(credentials.password_bytes(), like=stored)
             raise AuthenticationFailed("unknown user")
         passwords.verify_or_deny(stored, credentials.password_bytes())
-        return username, None
+        return AuthResult(username)
 
 
-class MultiUserMySQLAdapter(_MySQLAdapterBase):
+class MultiUserMySQLAdapter(MySQLAdapterBase):
     """Many accounts: a users table and one messages table with ``user_id`` (the original's).
 
     User names are matched by the users table's collation (case-insensitive by default); the
@@ -508,7 +490,7 @@ bcrypt_rounds = integer(4, 31, default=12)
             self._dummy = passwords.hash_bcrypt(b"pop3sf-dummy", rounds=rounds)
         return self._dummy
 
-    def authenticate(self, credentials: Credentials) -> tuple[str, int | None]:
+    def authenticate(self, credentials: Credentials) -> AuthResult[int]:
         password = credentials.password_bytes()
         name = credentials.username
         rows: list[Any] = []
@@ -525,7 +507,7 @@ bcrypt_rounds = integer(4, 31, default=12)
         user_id, stored_name, stored = rows[0]
         passwords.verify_or_deny(to_text(stored).strip(), password, like=self._dummy_hash(),
                                  account=to_text(stored_name))
-        return to_text(stored_name), int(user_id)
+        return AuthResult(to_text(stored_name), int(user_id))
 
 
 def _encodable(name: str) -> bool:
@@ -539,209 +521,3 @@ def _encodable(name: str) -> bool:
 
 MySQLAdapter.__doc__ = (MySQLAdapter.__doc__ or "") + _CONFIG_DOC
 MultiUserMySQLAdapter.__doc__ = (MultiUserMySQLAdapter.__doc__ or "") + _CONFIG_DOC
-
-
-class MySQLSession(MailboxSession):
-    """One client's view of the table; keeps the login snapshot and the lock connection."""
-
-    def __init__(self, adapter: _MySQLAdapterBase, peer: Peer) -> None:
-        self.adapter = adapter
-        self.peer = peer
-        self.account: str | None = None
-        self.user_id: int | None = None
-        self.read_only = False
-        self.rows: dict[str, _Row] = {}
-        self.lock_conn: Any = None
-        self.lock_name: str | None = None
-
-    # SQL fragments restricting statements to this account's rows.
-    def _owner(self) -> tuple[str, tuple[Any, ...]]:
-        if self.adapter.multi_user:
-            return " AND user_id = %s", (self.user_id,)
-        return "", ()
-
-    @property
-    def _table(self) -> str:
-        return str(self.adapter.options["messages_sql"])
-
-    def authenticate(self, credentials: Credentials) -> AuthResult:
-        account, user_id = self.adapter.authenticate(credentials)
-        self.account, self.user_id = account, user_id
-        return AuthResult(account)
-
-    def login_succeeded(self, account: AuthResult, read_only: bool) -> None:
-        self.read_only = read_only
-        if read_only or not self.adapter.options["cross_instance_lock"]:
-            return
-        o = self.adapter.options
-        name = lock_name(o["database"], o["messages_table"], account.account_id)
-        conn = self.adapter.pool.open_connection()
-        try:
-            with self.adapter.guard("taking the account lock"):
-                self.adapter.execute(conn, "SET SESSION wait_timeout = %s",
-                                     (int(o["lock_idle_timeout"]),))
-                try:
-                    got = self.adapter.fetch_all(conn, "SELECT GET_LOCK(%s, 0)", (name,))[0][0]
-                except self.adapter.driver.Error as exc:
-                    if self.adapter.driver.errno(exc) != 1235:
-                        raise
-                    log.error("mysql: the database refuses GET_LOCK (%s); on Galera set "
-                              "cross_instance_lock = no (docs/mysql.md)", exc)
-                    raise PermanentFailure("GET_LOCK not supported by the database") from exc
-        except BaseException:
-            _close_quietly(conn)
-            raise
-        if got is None or int(got) != 1:
-            _close_quietly(conn)
-            if got is None:
-                raise TemporaryFailure("GET_LOCK failed")
-            raise MaildropInUse("account in use by another session")
-        self.lock_conn, self.lock_name = conn, name
-
-    def list_messages(self) -> Sequence[MessageInfo]:
-        adapter = self.adapter
-        adapter.ensure_schema()
-        where, args = self._owner()
-        sql, sql_args, prefix = listing_sql(self._table, where, adapter.dialect())
-        with adapter.guard("listing messages"):
-            result = adapter.query(sql, (*sql_args, *args))
-        infos: list[MessageInfo] = []
-        rows: dict[str, _Row] = {}
-        for listed in map(decode_row, result):
-            if listed.too_large:  # never listed with a wrong size; kept in the table
-                adapter.report_too_large(listed.id, listed.length,
-                                         f"left out of the listing of {self.account}")
-                continue
-            row = _Row(listed.id, listed.plaintext, listed.timestamp, listed.length)
-            uid = str(row.id)
-            rows[uid] = row
-            if row.plaintext:
-                infos.append(self._plaintext_info(row, listed.crc))
-            elif listed.size is None:  # not countable in SQL (result over max_allowed_packet)
-                with self._open(row) as stream:
-                    found = measure(stream)
-                infos.append(MessageInfo(uid, *found))
-            else:
-                infos.append(message_info(uid, listed.size, row.length, listed.head, prefix))
-        self.rows = rows
-        return infos
-
-    def _plaintext_info(self, row: _Row, crc: int) -> MessageInfo:
-        o = self.adapter.options
-        key = (o["database"], o["messages_table"], row.id, row.length, crc, row.timestamp,
-               o["from_address"], o["to_address"], self.account)
-        found = self.adapter.plaintext_sizes.get(key)
-        if found is None:
-            with self._open(row) as stream:
-                found = measure(stream)
-            self.adapter.plaintext_sizes.put(key, found)
-        return MessageInfo(str(row.id), found.size, found.utf8_header, found.downgraded_size)
-
-    def open_message(self, uid: str) -> BinaryIO:
-        row = self.rows.get(uid)
-        if row is None:
-            raise MessageGone("no such message")
-        where, args = self._owner()
-        with self.adapter.guard("opening a message"):
-            found = self.adapter.query(
-                f"SELECT LENGTH(CAST(message AS BINARY)) FROM {self._table} "
-                f"WHERE id = %s{where}", (row.id, *args))
-        if not found:
-            raise MessageGone("message no longer exists")
-        if found[0][0] is None:
-            self.adapter.report_too_large(row.id, row.length, "not sent")
-            raise TemporaryFailure("message larger than the database's max_allowed_packet")
-        return self._open(row, int(found[0][0]))
-
-    def _open(self, row: _Row, length: int | None = None) -> BinaryIO:
-        adapter = self.adapter
-        where, args = self._owner()
-        sql = chunk_sql(self._table, where)
-
-        def fetch(pos: int, size: int) -> bytes | None:
-            with adapter.guard("reading a message"):
-                found = adapter.query(sql, (pos + 1, size, row.id, *args))
-            if found and found[0][0] is None:  # over max_allowed_packet: never send it cut
-                adapter.report_too_large(row.id, length, "its sending was stopped")
-                raise TemporaryFailure("message larger than the database's max_allowed_packet")
-            return to_bytes(found[0][0]) if found else None
-
-        length = row.length if length is None else length
-        stream = RowStream(fetch, length, adapter.chunk_for(length))
-        if not row.plaintext:
-            return stream  # type: ignore[return-value]
-        o = adapter.options
-        account = self.account or ""
-        date = datetime.datetime.fromtimestamp(row.timestamp, tz=datetime.UTC)
-        return PlaintextMessage(stream, uid=str(row.id),  # type: ignore[arg-type, return-value]
-                                name=plaintext_subject(row.id), date=date,
-                                from_addr=adapter.address(o["from_address"], account),
-                                to_addr=adapter.address(o["to_address"], account),
-                                chunk=min(o["chunk_size"], 256 * 1024))
-
-    def delete_messages(self, uids: Collection[str]) -> DeleteResult:
-        failed: dict[str, str] = {}
-        ids: list[int] = []
-        for uid in uids:
-            row = self.rows.get(uid)
-            if row is None:
-                failed[uid] = "not in this session's listing"
-            else:
-                ids.append(row.id)
-        if not ids:
-            return DeleteResult(failed)
-        if self.read_only:
-            raise PermanentFailure("read-only session")
-        if self.lock_conn is not None:
-            with self.adapter.guard("deleting messages"):
-                self._delete_on(self.lock_conn, ids, check_lock=True)
-        else:
-            committing: list[bool] = []
-
-            def run(conn: Any) -> None:
-                self._delete_on(conn, ids, check_lock=False, committing=committing)
-
-            with self.adapter.guard("deleting messages"):
-                self.adapter.pool.run(run, retry=True)
-        return DeleteResult(failed)
-
-    def _delete_on(self, conn: Any, ids: list[int], check_lock: bool,
-                   committing: list[bool] | None = None) -> None:
-        if committing:  # a COMMIT was sent on a connection that died: don't guess, give up
-            raise TemporaryFailure("connection lost while committing deletions")
-        adapter = self.adapter
-        where, args = self._owner()
-        adapter.execute(conn, "START TRANSACTION")
-        try:
-            if check_lock:
-                held = adapter.fetch_all(conn, "SELECT IS_USED_LOCK(%s) = CONNECTION_ID()",
-                                         (self.lock_name,))[0][0]
-                if held is None or int(held) != 1:
-                    log.error("mysql: account lock of %s lost before QUIT; nothing deleted",
-                              self.account)
-                    raise TemporaryFailure("account lock lost; nothing deleted")
-            for start in range(0, len(ids), DELETE_BATCH):
-                batch = ids[start:start + DELETE_BATCH]
-                marks = ", ".join(["%s"] * len(batch))
-                adapter.execute(conn, f"DELETE FROM {self._table} WHERE id IN ({marks}){where}",
-                                (*batch, *args))
-            if committing is not None:
-                committing.append(True)
-            conn.commit()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                conn.rollback()
-            raise
-
-    def connection_closed(self) -> None:
-        conn, self.lock_conn = self.lock_conn, None
-        if conn is None:
-            return
-        with contextlib.suppress(Exception):
-            self.adapter.fetch_all(conn, "SELECT RELEASE_LOCK(%s)", (self.lock_name,))
-        _close_quietly(conn)
-
-
-def _close_quietly(conn: Any) -> None:
-    with contextlib.suppress(Exception):
-        conn.close()

@@ -348,3 +348,9 @@ def _seconds(value: float) -> int:
 def _close_quietly(conn: Any) -> None:
     with contextlib.suppress(Exception):
         conn.close()
+
+
+def close_quietly(conn: Any) -> None:
+    """Close a connection that may already be broken; its errors don't matter any more."""
+    with contextlib.suppress(Exception):
+        conn.close()

@@ -1,4 +1,4 @@
-"""Dovecot-compatible passwd-files (SPEC §A6), reread when they change.
+"""Dovecot-compatible passwd-files (the maildir adapter's users), reread when they change.
 
 The format is Dovecot's: one user per line, ``user:password:uid:gid:gecos:home:shell:extra``,
 where every field after the password may be left out and ``extra`` (the rest of the line,

@@ -1,4 +1,4 @@
-"""Plain text files as RFC 5322 messages (SPEC §A5).
+"""Plain text files as RFC 5322 messages (docs/adapters.md#bundled).
 
 The wrapping is a pure function of the file's bytes and the given metadata, so the size a listing
 caches stays exact for as long as the file is unchanged. The body is sent as UTF-8: a file that

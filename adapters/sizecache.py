@@ -1,4 +1,4 @@
-"""Exact message sizes, measured once per file version (SPEC §A5, §P4).
+"""Exact message sizes, measured once per file version (docs/adapters.md#sessions, #bundled).
 
 A listing must give the exact RETR size (and, for internationalized headers, the downgraded size)
 without reading bodies, yet plain files carry no size but their raw length. So each file is
@@ -19,8 +19,8 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import BinaryIO, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, BinaryIO, NamedTuple
 
 from pop3sf.wire import Measure, measure
 
@@ -215,3 +215,26 @@ class SizeCache:
             if self._journal is not None:
                 os.close(self._journal)
             self._journal = None
+
+
+#: configspec lines of the two keys of adapters with a size cache.
+CONFIGSPEC = """
+size_cache_dir = string(default="")
+size_cache_entries = integer(100, 10000000, default=100000)
+"""
+_KEYS = ("size_cache_dir", "size_cache_entries")
+
+
+def from_options(options: Mapping[str, Any]) -> SizeCache:
+    """The cache configured by an adapter's ``size_cache_dir`` and ``size_cache_entries``."""
+    return SizeCache(options["size_cache_dir"] or None, options["size_cache_entries"])
+
+
+def reconfigured(cache: SizeCache, old: Mapping[str, Any], new: Mapping[str, Any]) -> SizeCache:
+    """The cache for the *new* options of a reload: *cache* itself while its keys are
+    unchanged (the sizes it learnt stay), else a new one, and *cache* is closed."""
+    if all(old[key] == new[key] for key in _KEYS):
+        return cache
+    cache.close()
+    return from_options(new)
+

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .sources import (
-    REGISTRY,
+    GROUP,
     BadMessage,
     BadName,
     MessageLike,
@@ -17,7 +17,7 @@ from .sources import (
 )
 
 __all__ = [
-    "REGISTRY",
+    "GROUP",
     "BadMessage",
     "BadName",
     "MessageLike",

@@ -24,12 +24,11 @@ from pop3sf.adapters.base import AdapterError, normalize_secret
 from pop3sf.adapters.directory import (
     PASSWORD_FILE,
     DirectoryAdapter,
+    DirectoryAdapterBase,
     MultiUserDirectoryAdapter,
-    _DirectoryAdapterBase,
     is_valid_username,
     kind_of,
     read_password_file,
-    validated,
 )
 from pop3sf.adapters.plaintext import subject_for
 
@@ -46,6 +45,7 @@ from .sources import (
     SourceError,
     UnknownUser,
     UserExists,
+    build_adapter,
     message_bytes,
     password_bytes,
     service_owner,
@@ -88,11 +88,17 @@ def _subject(dir_fd: int, name: str, kind: str) -> str:
 
 
 class _DirectorySourceBase(Source):
-    adapter_class: ClassVar[type[_DirectoryAdapterBase]]
+    adapter_class: ClassVar[type[DirectoryAdapterBase]]
 
     def __init__(self, config: Mapping[str, Any], service_user: str | None = None) -> None:
-        super().__init__(config, service_user)
+        # Sizes measured afresh, in memory: a cache file written here as root could lock out
+        # the service user.
+        self.adapter = build_adapter(self.adapter_class, {**config, "size_cache_dir": ""})
+        super().__init__(self.adapter.options, service_user)
         self.owner = service_owner(service_user)
+
+    def close(self) -> None:
+        self.adapter.close()
 
     def _open_dir(self, path: str) -> int:
         try:
@@ -109,9 +115,7 @@ class _DirectorySourceBase(Source):
     def _list_in(self, dir_fd: int, account: str) -> list[MessageSummary]:
         """What the server lists in the directory, with the sizes it serves (a ``.txt`` file is
         served wrapped, line ends as CRLF), measured by the adapter's own listing."""
-        # Measured afresh: a cache file written here as root could lock out the service user.
-        adapter = self.adapter_class({**self.config, "size_cache_dir": ""})
-        session = adapter.session_for(account, os.dup(dir_fd))
+        session = self.adapter.session_for(account, os.dup(dir_fd))
         try:
             try:
                 infos = session.list_messages()
@@ -132,7 +136,6 @@ class _DirectorySourceBase(Source):
             return found
         finally:
             session.connection_closed()
-            adapter.close()
 
 
 class DirectorySource(SingleUserSource, _DirectorySourceBase):
@@ -141,8 +144,7 @@ class DirectorySource(SingleUserSource, _DirectorySourceBase):
     adapter_class = DirectoryAdapter
 
     def __init__(self, config: Mapping[str, Any], service_user: str | None = None) -> None:
-        super().__init__(validated(DirectoryAdapter.configspec, config, "[adapter]"),
-                         service_user)
+        super().__init__(config, service_user)
         self.directory = os.path.abspath(self.config["directory"])
 
     def _check_user(self, user: str | None) -> None:
@@ -174,8 +176,7 @@ class MultiUserDirectorySource(_DirectorySourceBase):
     adapter_class = MultiUserDirectoryAdapter
 
     def __init__(self, config: Mapping[str, Any], service_user: str | None = None) -> None:
-        super().__init__(validated(MultiUserDirectoryAdapter.configspec, config, "[adapter]"),
-                         service_user)
+        super().__init__(config, service_user)
         self.root = os.path.abspath(self.config["root"])
         self.rounds: int = self.config["bcrypt_rounds"]
 

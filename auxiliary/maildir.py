@@ -27,9 +27,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from pop3sf.adapters.base import AdapterError, ConfigurationError
-from pop3sf.adapters.maildir import (
-    MaildirAdapter,
+from pop3sf.adapters.base import AdapterError
+from pop3sf.adapters.maildir import MaildirAdapter
+from pop3sf.adapters.maildir_names import (
     basename_uidl,
     delivery_key,
     is_valid_username,
@@ -51,6 +51,7 @@ from .sources import (
     SourceError,
     UnknownUser,
     UserExists,
+    build_adapter,
     fsync_directory,
     message_bytes,
     password_bytes,
@@ -104,10 +105,7 @@ class MaildirSource(Source):
     """Users of a Dovecot passwd-file and their Maildirs, as the ``maildir`` adapter reads them."""
 
     def __init__(self, config: Mapping[str, Any], service_user: str | None = None) -> None:
-        try:
-            self.adapter = MaildirAdapter(config)
-        except ConfigurationError as exc:
-            raise SourceError(str(exc)) from exc
+        self.adapter = build_adapter(MaildirAdapter, config)
         super().__init__(self.adapter.options, service_user)
         self.owner = service_owner(service_user)
         self.passwd_path = os.path.abspath(self.adapter.options["passwd_file"])

@@ -16,8 +16,8 @@ import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
-from pop3sf.adapters.base import AdapterError, ConfigurationError, normalize_secret
-from pop3sf.adapters.mysql import MultiUserMySQLAdapter, MySQLAdapter, _MySQLAdapterBase
+from pop3sf.adapters.base import AdapterError, normalize_secret
+from pop3sf.adapters.mysql import MultiUserMySQLAdapter, MySQLAdapter, MySQLAdapterBase
 from pop3sf.adapters.mysql_sql import plaintext_subject, to_bytes, to_text
 
 from pop3sf import passwords
@@ -32,6 +32,7 @@ from .sources import (
     SourceError,
     UnknownUser,
     UserExists,
+    build_adapter,
     message_bytes,
     password_bytes,
 )
@@ -94,7 +95,7 @@ class MySQLSource(Source):
     ``username`` (the single-user adapter's key), else a :class:`MultiUserMySQLSource`.
     """
 
-    adapter_class: ClassVar[type[_MySQLAdapterBase]] = MultiUserMySQLAdapter
+    adapter_class: ClassVar[type[MySQLAdapterBase]] = MultiUserMySQLAdapter
 
     def __new__(cls, config: Mapping[str, Any], service_user: str | None = None) -> MySQLSource:
         if cls is MySQLSource:
@@ -102,10 +103,7 @@ class MySQLSource(Source):
         return super().__new__(cls)
 
     def __init__(self, config: Mapping[str, Any], service_user: str | None = None) -> None:
-        try:
-            self.adapter = self.adapter_class(config)
-        except ConfigurationError as exc:
-            raise SourceError(f"[adapter]: {exc}") from exc
+        self.adapter = build_adapter(self.adapter_class, config)
         super().__init__(self.adapter.options, service_user)
         self.table: str = self.adapter.options["messages_sql"]
 

@@ -3,11 +3,14 @@
 Programs that produce mail for pop3sf (a report generator, a monitoring script) call
 :func:`open_source` with the ``[adapter]`` section of ``/etc/pop3sf.conf`` and then
 :meth:`Source.add_message`; ``pop3sf-admin`` is the same from the shell. Writes to files are
-atomic (a dot-prefixed temporary file, fsync, rename, fsync of the directory, SPEC §A5) and, when
-run as root, owned by the service user with mode 0640, so the server can read what root wrote.
+atomic (a dot-prefixed temporary file, fsync, rename, fsync of the directory) and, when run as
+root, owned by the service user with mode 0640, so the server can read what root wrote.
 
-A source class is built as ``cls(adapter_config, service_user=...)``; the registry maps adapter
-types to ``module:Class`` strings imported only when used (the MySQL module needs its driver).
+A source class is built as ``cls(adapter_config, service_user=...)``. Sources are registered
+like adapters, under the same name in the entry point group ``pop3sf.admin_sources`` (the
+bundled ones in setup.py), so a third-party adapter can bring its own ``pop3sf-admin`` support;
+a ``module:Class`` adapter type finds no source. Modules are imported only when used (the MySQL
+one needs its driver). See docs/adapters.md#admin.
 """
 
 from __future__ import annotations
@@ -15,25 +18,19 @@ from __future__ import annotations
 import abc
 import datetime
 import email.message
-import importlib
 import os
 import pwd
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
-from pop3sf.adapters.base import normalize_secret
+from pop3sf.adapters import load_object, registered
+from pop3sf.adapters.base import Adapter, ConfigError, normalize_secret
 
 #: A message to add: a parsed message, RFC 5322 bytes, or plain text to be wrapped.
 MessageLike = email.message.Message | bytes | str
 
-#: Adapter type -> the source class that writes to its data, imported lazily.
-REGISTRY: dict[str, str] = {
-    "directory": "pop3sf.auxiliary.directory:DirectorySource",
-    "directory_multi": "pop3sf.auxiliary.directory:MultiUserDirectorySource",
-    "maildir": "pop3sf.auxiliary.maildir:MaildirSource",
-    "mysql": "pop3sf.auxiliary.mysql:SingleUserMySQLSource",
-    "mysql_multi": "pop3sf.auxiliary.mysql:MultiUserMySQLSource",
-}
+#: The entry point group of sources: adapter type -> the source class writing to its data.
+GROUP = "pop3sf.admin_sources"
 
 FILE_MODE = 0o640
 DIR_MODE = 0o750
@@ -124,17 +121,29 @@ class Source(abc.ABC):
 def open_source(adapter_type: str, adapter_config: Mapping[str, Any],
                 service_user: str | None = None) -> Source:
     """The :class:`Source` writing to the data of the adapter ``adapter_type`` configured so."""
-    target = REGISTRY.get(adapter_type)
-    if target is None:
-        known = ", ".join(sorted(REGISTRY))
-        raise SourceError(f"no tool support for adapter type {adapter_type!r} (supported: {known})")
-    module_name, _, attr = target.partition(":")
+    known = registered(GROUP)
+    if adapter_type not in known:
+        raise SourceError(f"no tool support for adapter type {adapter_type!r} "
+                          f"(supported: {', '.join(sorted(known))})")
     try:
-        cls = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise SourceError(f"cannot load the {adapter_type} source ({target}): {exc}") from exc
+        cls = load_object(adapter_type, GROUP, "source")
+    except ConfigError as exc:
+        raise SourceError(str(exc)) from exc
     source: Source = cls(adapter_config, service_user=service_user)
     return source
+
+
+_A = TypeVar("_A", bound=Adapter)
+
+
+def build_adapter(adapter_class: type[_A], config: Mapping[str, Any]) -> _A:
+    """The adapter a source reads through, built from the same ``[adapter]`` section as the
+    server's (so the tools write where the server reads); a config problem is a
+    :class:`SourceError`."""
+    try:
+        return adapter_class(config)
+    except ConfigError as exc:
+        raise SourceError(f"[adapter]: {exc}") from exc
 
 
 # --- helpers for sources ------------------------------------------------------------------

@@ -21,13 +21,14 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pop3sf.adapters import ConfigurationError
+from pop3sf.adapters import Adapter
 
 from . import __version__, logs
 from .config import (
     ConfigError,
     ServiceAccount,
     Settings,
+    adapter_error,
     load_config,
     readable_secrets,
     service_account,
@@ -74,11 +75,8 @@ def check(settings: Settings, connect: bool = False) -> None:
         adapter.check()
         if connect:
             adapter.probe()
-    except ConfigError:
-        raise
-    except Exception as exc:
-        raise ConfigError(f"{settings.source}: [adapter] ({settings.adapter_type}): {exc}") \
-            from None
+    except Exception as exc:  # whatever the adapter found wrong is a configuration error here
+        raise adapter_error(settings.source, settings.adapter_type, exc) from None
     finally:
         if adapter is not None:
             try:
@@ -216,7 +214,8 @@ def _serve(settings: Settings, account: ServiceAccount | None, target: str,
         status = _drop_privileges(settings, account)
         if status:
             return status
-        server, status = _start_server(settings, listeners, lambda: Server(settings))
+        server, status = _start_server(settings, listeners,
+                                       lambda adapter: Server(settings, adapter))
         if server is None:
             return status
         server.on_tick.append(pipeline.handler.report_drops)
@@ -271,17 +270,23 @@ def _drop_privileges(settings: Settings, account: ServiceAccount | None) -> int:
 
 
 def _start_server(settings: Settings, listeners: list[ListeningSocket],
-                  make: Callable[[], Server]) -> tuple[Server | None, int]:
-    """Build the server (which builds the adapter) and start it: (server, 0) or (None, exit
-    status) with the reason logged."""
+                  make: Callable[[Adapter], Server]) -> tuple[Server | None, int]:
+    """Build the adapter and the server (``make(adapter)``) and start it: (server, 0), or
+    (None, exit status) with the reason logged. A :class:`ConfigError` of the adapter
+    (building it, or its ``start``, the only source of one in :meth:`Server.start`) says it
+    comes from ``[adapter]``."""
     try:
-        server = make()
-        server.start(listeners)
+        try:
+            adapter = settings.adapter_class(settings.adapter_config)
+        except ConfigError as exc:
+            raise adapter_error(settings.source, settings.adapter_type, exc) from None
+        server = make(adapter)
+        try:
+            server.start(listeners)
+        except ConfigError as exc:
+            raise adapter_error(settings.source, settings.adapter_type, exc) from None
     except ConfigError as exc:
         log.error("%s", exc)
-        return None, EX_CONFIG
-    except ConfigurationError as exc:
-        log.error("%s: [adapter] (%s): %s", settings.source, settings.adapter_type, exc)
         return None, EX_CONFIG
     except Exception as exc:
         log.error("cannot start: %s", exc)
@@ -317,7 +322,7 @@ def _supervise(settings: Settings, account: ServiceAccount | None, target: str,
             try:
                 own = _child_settings(settings, index)
                 server, status = _start_server(
-                    own, listeners, lambda: ChildServer(own, index, sock, shared))
+                    own, listeners, lambda adapter: ChildServer(own, index, sock, shared, adapter))
                 if server is None:
                     return status
                 assert isinstance(server, ChildServer)

@@ -21,15 +21,14 @@ from typing import Any
 from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_values
 from validate import Validator
 
-from pop3sf.adapters import Adapter, ConfigurationError, load_adapter_class
+from pop3sf.adapters import Adapter, load_adapter_class
+from pop3sf.adapters.base import ConfigError, validate_options
+
+__all__ = ["ConfigError", "Settings", "load_config", "settings_from", "settings_from_dict"]
 
 log = logging.getLogger("pop3sf.config")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-class ConfigError(Exception):
-    """The configuration can't be used; the message says where and why."""
 
 
 @dataclass(frozen=True)
@@ -152,14 +151,14 @@ def _spec(text: str) -> ConfigObj:
     return ConfigObj(text.splitlines(), list_values=False, _inspec=True)
 
 
-def _validate(cfg: ConfigObj, source: str, what: str = "") -> None:
+def _validate(cfg: ConfigObj, source: str) -> None:
     """Validate in place; raise ConfigError for the first bad, missing or unknown key."""
     result = cfg.validate(Validator(), preserve_errors=True, copy=True)
     if result is not True:
         for sections, key, error in flatten_errors(cfg, result):
             where = "[" + "][".join(sections) + "]" if sections else "top level"
             if key is None:
-                raise ConfigError(f"{source}: section {where} is missing{what}")
+                raise ConfigError(f"{source}: section {where} is missing")
             spec = cfg.configspec
             for s in sections:
                 spec = spec.get(s, spec.get("__many__", {}))
@@ -170,7 +169,7 @@ def _validate(cfg: ConfigObj, source: str, what: str = "") -> None:
     if extra:
         sections, name = extra[0]
         where = "[" + "][".join(sections) + "]" if sections else "top level"
-        raise ConfigError(f"{source}: {where} has an unknown key or section {name!r}{what}")
+        raise ConfigError(f"{source}: {where} has an unknown key or section {name!r}")
 
 
 def parse_address(text: str, source: str, listener: str) -> tuple[str, int]:
@@ -228,15 +227,20 @@ def resolve_adapter(adapter_type: str, keys: Mapping[str, Any],
     """Import the adapter class and validate its ``[adapter]`` keys against its configspec."""
     try:
         adapter_class = load_adapter_class(adapter_type)
-    except ConfigurationError as exc:
-        raise ConfigError(f"{source}: [adapter] type: {exc}") from None
-    section = ConfigObj(dict(keys), interpolation=False)
-    section.configspec = _spec("type = string(min=1)\n" + adapter_class.configspec)
-    try:
-        _validate(section, source, f" (adapter {adapter_type!r})")
     except ConfigError as exc:
-        raise ConfigError(str(exc).replace("top level", "[adapter]")) from None
-    return adapter_class, {k: v for k, v in section.items() if k != "type"}
+        raise ConfigError(f"{source}: [adapter] type: {exc}") from None
+    rest = {k: v for k, v in keys.items() if k != "type"}
+    try:
+        options = validate_options(adapter_class.configspec, rest, allow_unknown=False)
+    except ConfigError as exc:
+        raise adapter_error(source, adapter_type, exc) from None
+    return adapter_class, options
+
+
+def adapter_error(source: str, adapter_type: str, exc: BaseException) -> ConfigError:
+    """What an adapter said about its configuration, placed: file, section and adapter type
+    in front of the adapter's own message (which names the key)."""
+    return ConfigError(f"{source}: [adapter] ({adapter_type}): {exc}")
 
 
 def _build(cfg: ConfigObj, source: str, adapter_type: str,

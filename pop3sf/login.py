@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from pop3sf import sasl
 from pop3sf.adapters import (
@@ -211,14 +211,18 @@ class Login:
     def _verify(self, creds: Credentials) -> None:
         session = self.session
         session.blocked = CALL
-        session.calls.run("auth", _check_password, (session.adapter_session, creds),
-                          lambda r, e: self._verified(creds, r, e), AuthResult)
+        early = session.read_only if session.host.adapter.list_with_login else None
+        session.calls.run("auth", _check_password, (session.adapter_session, creds, early),
+                          lambda r, e: self._verified(creds, r, e), Checked)
 
-    def _verified(self, creds: Credentials, result: Any, error: BaseException | None) -> None:
+    def _verified(self, creds: Credentials, checked: Any, error: BaseException | None) -> None:
         session = self.session
         conn, host = session.conn, session.host
-        if error is None and not (isinstance(result.account_id, str) and result.account_id):
-            error = TemporaryFailure("authenticate() returned an AuthResult without account_id")
+        result: Any = checked.result if error is None else None
+        if error is None and not (isinstance(result, AuthResult) and
+                                  isinstance(result.account_id, str) and result.account_id):
+            error = TemporaryFailure(f"authenticate() returned {type(result).__name__}, not an "
+                                     "AuthResult with an account_id")
         if isinstance(error, AuthenticationFailed):
             # Recorded even when the client already left, before the next attempt may start.
             host.penalties.record_failure(host.penalty_group(conn.address),
@@ -250,8 +254,13 @@ class Login:
             session.end_login(problem)
             return
         session.account = account
-        session.calls.run("mail", _list_messages, (session.adapter_session, result,
-                                                   session.read_only), self._listed)
+        if checked.listing is None:
+            session.calls.run("mail", _list_messages, (session.adapter_session, result,
+                                                       session.read_only), self._listed)
+        elif isinstance(checked.listing, BaseException):
+            self._listed(None, checked.listing)
+        else:
+            self._listed(checked.listing, None)
 
     def _listed(self, listing: Any, error: BaseException | None) -> None:
         session = self.session
@@ -285,8 +294,23 @@ class Login:
 
 # The adapter's session is made here, on first use: new_session() may do I/O.
 
-def _check_password(adapter: Callable[[], MailboxSession], creds: Credentials) -> AuthResult:
-    return adapter().authenticate(creds)
+class Checked(NamedTuple):
+    result: Any  # an AuthResult, if the adapter keeps its contract
+    #: With Adapter.list_with_login: the listing, or what login_succeeded/list_messages raised.
+    listing: list[MessageInfo] | BaseException | None = None
+
+
+def _check_password(adapter: Callable[[], MailboxSession], creds: Credentials,
+                    early: bool | None) -> Checked:
+    """authenticate(); with ``early`` (the read-only flag) also log in and list right away."""
+    session = adapter()
+    result = session.authenticate(creds)
+    if early is None or not isinstance(result, AuthResult):
+        return Checked(result)
+    try:
+        return Checked(result, _list_messages(adapter, result, early))
+    except Exception as exc:  # reported like a failed listing, after the account claim
+        return Checked(result, exc)
 
 
 def _list_messages(adapter: Callable[[], MailboxSession], result: AuthResult,

@@ -258,13 +258,15 @@ def verify(stored: str, password: bytes) -> bool:
 #
 # An attempt must not show whether its name exists, nor whether that account is broken or has a
 # cheap hash. The rule: every attempt spends one verification of the adapter's *reference*
-# secret, the one unknown names are dummy-checked against (the most common slow kind of hash of
-# the source, or what ``pop3sf-admin`` writes). An account whose own hash costs the same (same
-# scheme and cost parameters) is verified alone; any other is verified and then the reference is
-# dummy-checked too, so a {PLAIN} or {SSHA512} account costs the reference plus microseconds.
-# Padding by a real hash, not a sleep, keeps it equal under load. What this can't hide: an
-# account whose hash is *slower* than the reference (bcrypt cost 14 among cost 12) - nothing
-# short of a slower reference would; such hashes stand out only to the admin who chose them.
+# secret, the one unknown names are dummy-checked against: the source's most common kind of
+# hash (its cost class; a tie goes to the slower kind), or what ``pop3sf-admin`` writes. An
+# account whose own hash costs the same (same scheme and cost parameters) is verified alone; any
+# other is verified and then the reference is dummy-checked too, so among bcrypt accounts a
+# {PLAIN} or {SSHA512} one costs the reference plus microseconds. Padding by a real hash, not a
+# sleep, keeps it equal under load. What this can't hide: an account whose hash is *slower* than
+# the reference (bcrypt among mostly {PLAIN} accounts, or cost 14 among cost 12) - nothing short
+# of padding the majority up to the minority would, which would make most logins pay for the
+# few; such hashes stand out only to the admin who chose them.
 
 
 def cost_class(stored: str) -> str:
@@ -286,21 +288,18 @@ def cost_class(stored: str) -> str:
 
 
 def reference(secrets: Iterable[str]) -> str | None:
-    """The secret a source's dummy checks imitate: one of its most common slow cost class
-    (cheap accounts are padded up to it); with no slow hash at all, any checkable one."""
+    """The secret a source's dummy checks imitate: one of its most common cost class (a tie
+    goes to a slow class); the accounts of other classes are padded up to it."""
     counts: Counter[str] = Counter()
     first: dict[str, str] = {}
-    cheap: str | None = None
     for stored in secrets:
-        if not is_supported(stored):
-            continue
-        kind = cost_class(stored)
-        if kind:
+        if is_supported(stored):
+            kind = cost_class(stored)
             counts[kind] += 1
             first.setdefault(kind, stored)
-        elif cheap is None:
-            cheap = stored
-    return first[counts.most_common(1)[0][0]] if counts else cheap
+    if not counts:
+        return None
+    return first[max(counts, key=lambda kind: (counts[kind], kind != ""))]
 
 
 @functools.cache

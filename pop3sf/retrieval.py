@@ -17,18 +17,19 @@ from pop3sf.adapters import MailboxSession, PermanentFailure
 from pop3sf.wire import CHUNK, HeaderTooLarge, WireEncoder
 
 from .calls import Calls
-from .commands import COMMANDS, RETRIEVAL, arguments_fit, parse
+from .commands import COMMANDS, RETRIEVAL, TRANSACTION, arguments_fit, parse
 from .connection import Connection
 from .host import Host
 from .maildrop import Maildrop
-from .replies import END, ERR_NEEDS_UTF8, MESSAGE_FOLLOWS, error_reply
+from .replies import END, ERR_NEEDS_UTF8, MESSAGE_FOLLOWS, OK, error_reply
 
 #: Pipelined RETR/TOP of messages up to this size are read in batches; also the cap on each
 #: message's output in a batch.
 BATCH_SMALL = 128 * 1024
 _BATCH_TOP = 1000  # TOP with at most this many lines counts as small
 _TOP_READ = 16 * 1024
-_BATCH_MAX = 64
+_BATCH_MAX = 64  # messages read in one batch
+_BATCH_ITEMS = 1024  # commands answered in one batch
 _BATCH_BYTES = 2 * 1024 * 1024
 
 
@@ -72,9 +73,9 @@ def retrieve(session: ReadingSession, n: int, top_lines: int | None) -> None:
         return
     session.blocked = RETRIEVAL
     if _batchable(session.drop, n, top_lines) and session.host.adapter.blocking:
-        jobs, ends = _pipelined(session, (n, top_lines))
-        if len(jobs) > 1:
-            _read_batch(session, jobs, ends)
+        items, ends = _pipelined(session, (n, top_lines))
+        if len(items) > 1:
+            _read_batch(session, items, ends)
             return
     _stream(session, n, top_lines)
 
@@ -94,40 +95,70 @@ def _batchable(drop: Maildrop, n: int, top_lines: int | None) -> bool:
     return drop.sizes[n] <= BATCH_SMALL if top_lines is None else top_lines <= _BATCH_TOP
 
 
-def _pipelined(session: ReadingSession, first: Job) -> tuple[list[Job], list[int]]:
-    """The RETR/TOP commands queued right behind the first, and where each one's line ends in
-    the input buffer."""
+def _pipelined(session: ReadingSession, first: Job) -> tuple[list[Job | bytes], list[int]]:
+    """The commands queued right behind the first that one batch can answer, and where each
+    one's line ends in the input buffer: RETR/TOP of small messages (read in the batch) and,
+    between them, commands answered from the snapshot (their answers, computed now: nothing
+    in a batch can change the snapshot)."""
     drop = session.drop
-    jobs, ends = [first], []
-    total = min(drop.sizes[first[0]], BATCH_SMALL)
+    items: list[Job | bytes] = [first]
+    ends: list[int] = []
+    reads, total = 1, min(drop.sizes[first[0]], BATCH_SMALL)
     for line, end in session.conn.lines_ahead():
         command, args = parse(line)
-        if command is None or not command.retrieves or not arguments_fit(command, args):
+        if command is None or TRANSACTION not in command.states or \
+                not arguments_fit(command, args):
             break
-        n = drop.index(args)
-        if isinstance(n, bytes) or n in drop.refuse:
-            break
-        top = None if command is COMMANDS[b"RETR"] else int(args[1])
-        if not _batchable(drop, n, top) or total > _BATCH_BYTES:
-            break
-        total += min(drop.sizes[n], BATCH_SMALL)
-        jobs.append((n, top))
+        if command.retrieves:
+            n = drop.index(args)
+            if isinstance(n, bytes) or n in drop.refuse:
+                break
+            top = None if command is COMMANDS[b"RETR"] else int(args[1])
+            if not _batchable(drop, n, top) or total > _BATCH_BYTES or reads >= _BATCH_MAX:
+                break
+            total += min(drop.sizes[n], BATCH_SMALL)
+            reads += 1
+            items.append((n, top))
+        else:
+            answer = _snapshot_answer(drop, command.verb, args)
+            if answer is None:
+                break
+            items.append(answer)
         ends.append(end)
-        if len(jobs) >= _BATCH_MAX:
+        if len(items) >= _BATCH_ITEMS:
             break
-    return jobs, ends
+    while isinstance(items[-1], bytes):  # answers after the last read need no batch
+        items.pop()
+        ends.pop()
+    return items, ends
 
 
-def _read_batch(session: ReadingSession, jobs: list[Job], ends: list[int]) -> None:
+def _snapshot_answer(drop: Maildrop, verb: bytes, args: list[bytes]) -> bytes | None:
+    """The answer of a command that only reads the snapshot, or None for any other."""
+    if verb == b"NOOP":
+        return OK
+    if verb == b"STAT":
+        return f"+OK {drop.live_count} {drop.live_size}\r\n".encode()
+    if verb in (b"LIST", b"UIDL") and args:
+        n = drop.index(args)
+        if isinstance(n, bytes):
+            return n
+        value = drop.sizes[n] if verb == b"LIST" else drop.uids[n]
+        return f"+OK {n + 1} {value}\r\n".encode()
+    return None
+
+
+def _read_batch(session: ReadingSession, items: list[Job | bytes], ends: list[int]) -> None:
     drop = session.drop
     work = [(drop.infos[n].uid, WireEncoder(top_lines=top, downgrade=n in drop.downgrade),
-             BATCH_SMALL if top is None else _TOP_READ) for n, top in jobs]
+             BATCH_SMALL if top is None else _TOP_READ)
+            for item in items if not isinstance(item, bytes) for n, top in [item]]
     session.calls.run("mail", _read_whole, (session.adapter_session, work),
-                      lambda r, e: _batch_read(session, jobs, ends, r, e))
+                      lambda r, e: _batch_read(session, items, ends, r, e))
 
 
-def _batch_read(session: ReadingSession, jobs: list[Job], ends: list[int], results: Any,
-                error: BaseException | None) -> None:
+def _batch_read(session: ReadingSession, items: list[Job | bytes], ends: list[int],
+                results: Any, error: BaseException | None) -> None:
     conn = session.conn
     if conn.closed:
         return
@@ -137,23 +168,32 @@ def _batch_read(session: ReadingSession, jobs: list[Job], ends: list[int], resul
         session.reply(error_reply(error))
         return  # the commands behind it are still in the input buffer
     out: list[bytes] = []
-    for result in results:
-        if isinstance(result, bytes):
-            out += (MESSAGE_FOLLOWS, result, END)
-        elif result is not None:
-            failure = _as_failure(result)
-            session.calls.log_failure("retrieving", failure)
-            out.append(error_reply(failure))
-    done = sum(1 for result in results if result is not None)
-    session.retrieved += sum(1 for i, result in enumerate(results)
-                             if jobs[i][1] is None and isinstance(result, bytes))
-    consumed = len(results) - 1  # commands answered (or started) after the first
-    if consumed:
-        conn.consume(ends[consumed - 1])
+    found = iter(results)
+    capped: Job | None = None
+    answered = 0  # items answered (or started) after the first
+    for i, item in enumerate(items):
+        if isinstance(item, bytes):
+            out.append(item)
+        else:
+            result = next(found, None)
+            if result is None:  # over the cap (or never read): stream this one
+                capped = item
+            elif isinstance(result, bytes):
+                out += (MESSAGE_FOLLOWS, result, END)
+                session.retrieved += item[1] is None
+            else:
+                failure = _as_failure(result)
+                session.calls.log_failure("retrieving", failure)
+                out.append(error_reply(failure))
+        answered = i
+        if capped is not None:
+            break
+    if answered:
+        conn.consume(ends[answered - 1])
     conn.write(b"".join(out))
-    if done < len(results):  # over the cap: stream this one
+    if capped is not None:
         session.blocked = RETRIEVAL
-        _stream(session, *jobs[done])
+        _stream(session, *capped)
 
 
 def next_chunk(session: ReadingSession) -> None:

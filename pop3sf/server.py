@@ -18,7 +18,7 @@ from typing import Any
 from pop3sf.adapters import Adapter
 
 from .accounts import Accounts
-from .config import ConfigError, Settings
+from .config import ConfigError, Settings, adapter_error
 from .connection import Connection
 from .control import ControlServer
 from .listeners import ListeningSocket
@@ -358,8 +358,8 @@ class Server:
             raise
         try:
             self.adapter.reload(settings.adapter_config)
-        except ConfigError:
-            raise
+        except ConfigError as exc:
+            raise adapter_error(settings.source, settings.adapter_type, exc) from None
         except Exception as exc:
             log.error("reload: adapter refused the new configuration, keeping the old: %s", exc)
             raise ConfigError(str(exc)) from exc

@@ -8,12 +8,13 @@ since one IPv6 client commonly holds a whole prefix.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import hmac
 import ipaddress
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from .config import Network
 from .loop import EventLoop, Timer
@@ -40,7 +41,9 @@ def address_group(address: str, v6_prefix: int) -> str:
         return address
 
 
-def in_networks(address: str, networks: Iterable[Network]) -> bool:
+@functools.lru_cache(maxsize=4096)
+def in_networks(address: str, networks: tuple[Network, ...]) -> bool:
+    """Cached: asked at every USER/PASS/AUTH and CAPA, for the few addresses that log in."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:

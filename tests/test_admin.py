@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
+from pop3sf.adapters import registered
 from pop3sf.adapters.base import AuthenticationFailed, AuthResult, Credentials, Peer
 from pop3sf.adapters.directory import PASSWORD_FILE, DirectoryAdapter, MultiUserDirectoryAdapter
 from pop3sf.auxiliary import (
-    REGISTRY,
+    GROUP,
     BadMessage,
     BadName,
     NotSupported,
@@ -420,7 +421,7 @@ def test_exit_statuses_and_sources_in_the_man_page() -> None:
     assert in_page == in_help == {0, 1, 64, 65, 66, 67, 69, 70, 73, 74, 75, 77, 78}
     assert "user del" in section.split(".B 65", 1)[1].split(".TP", 1)[0]
     described = page.split(".SH DESCRIPTION", 1)[1].split(".SH ", 1)[0]
-    for source in REGISTRY:
+    for source in registered(GROUP):
         assert re.search(rf"\b{source}\b", described), source
 
 
@@ -454,8 +455,9 @@ def test_library_all_message_kinds(root: Path) -> None:
             source.add_user("eve", "")
     adapter = MultiUserDirectoryAdapter({"root": str(root), "bcrypt_rounds": 4})
     s = adapter.new_session(Peer("127.0.0.1", 1))
-    assert s.authenticate(Credentials("alice", "pw")) == AuthResult("alice")
-    s.login_succeeded(AuthResult("alice"), False)
+    login = s.authenticate(Credentials("alice", "pw"))
+    assert login == AuthResult("alice")
+    s.login_succeeded(login, False)  # the very result, as the server hands it back
     listing = s.list_messages()
     assert len(listing) == 3
     for m in listing:

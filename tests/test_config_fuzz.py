@@ -1,6 +1,7 @@
 """Every configspec key given a bad value, sections missing, keys unknown, files unusable: the real
 ``pop3sf --check-config`` and plain start-up name the problem and exit non-zero, and nothing is
-left running or listening (pop3sf.conf(5); docs/protocol.md §1 for certificates).
+left running or listening (adapter keys: docs/adapters.md#options; certificates:
+docs/protocol.md §1).
 
 The cases are derived from the configspecs themselves (``pop3sf/configspec.ini`` and every
 bundled adapter's ``configspec``), so a key added later is covered without touching this file.
@@ -28,7 +29,7 @@ from typing import Any
 
 import pytest
 from configobj import ConfigObj
-from pop3sf.adapters import BUNDLED
+from pop3sf.adapters import registered
 from validate import Validator
 
 from pop3sf.cli import main
@@ -53,6 +54,9 @@ def _free_port() -> int:
 
 def _spec(text: str) -> ConfigObj:
     return ConfigObj(text.splitlines(), list_values=False, _inspec=True)
+
+
+BUNDLED = registered()
 
 
 def _adapter_class(kind: str) -> Any:

@@ -1,4 +1,4 @@
-"""Directory adapters on real files (docs/protocol.md §9, §11): formats, order, uids, safety."""
+"""Directory adapters on real files (docs/adapters.md#bundled): formats, order, uids, safety."""
 
 from __future__ import annotations
 
@@ -309,8 +309,9 @@ def test_single_user_adapter(tmp_path: Path) -> None:
     for user, password in [("reports", "nope"), ("other", "pw"), ("Reports", "pw")]:
         with pytest.raises(AuthenticationFailed):
             s.authenticate(Credentials(user, password))
-    assert s.authenticate(Credentials("reports", "pw")) == AuthResult("reports")
-    s.login_succeeded(AuthResult("reports"), False)
+    login = s.authenticate(Credentials("reports", "pw"))
+    assert login == AuthResult("reports")
+    s.login_succeeded(login, False)  # the very result, as the server hands it back
     (info,) = s.list_messages()
     assert info.uid == original_uid(d / "a.eml")
     assert read(s, info.uid) == b"Subject: a\n\na\n"

@@ -1,4 +1,4 @@
-"""The Maildir adapter (pop3sf.conf(5), maildir) on real Maildirs in temporary directories."""
+"""The Maildir adapter (docs/adapters.md#bundled) on real Maildirs in temporary directories."""
 
 from __future__ import annotations
 
@@ -30,9 +30,8 @@ from pop3sf.adapters.base import (
     Peer,
     PermanentFailure,
 )
-from pop3sf.adapters.maildir import (
-    MaildirAdapter,
-    MaildirSession,
+from pop3sf.adapters.maildir import MaildirAdapter, MaildirSession
+from pop3sf.adapters.maildir_names import (
     basename_uidl,
     delivery_key,
     format_uidl,

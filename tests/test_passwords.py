@@ -215,12 +215,14 @@ def test_cost_class_names_algorithm_and_cost() -> None:
     assert cost_class("{MD4}abcd") == cost_class("abQ6Ep3EYTHc.") == ""
 
 
-def test_reference_is_the_most_common_slow_hash() -> None:
+def test_reference_is_the_most_common_cost_class() -> None:
     b12, b10 = "$2b$12$" + "a" * 53, "{BLF-CRYPT}$2b$10$" + "b" * 53
     sha = "{SHA512-CRYPT}$6$salt$" + "c" * 86
     assert passwords.reference([sha, b12, "{PLAIN}x", b10, "{PLAIN}y", "{MD4}0", b10,
-                                "{SSHA256}AAAA"]) == b10
-    assert passwords.reference(["{PLAIN}x", sha, "{PLAIN}y", "{PLAIN}z"]) == sha
+                                "{SSHA256}AAAA"]) == "{PLAIN}x"  # three cheap ones
+    assert passwords.reference([sha, b12, "{PLAIN}x", b10, "{MD4}0", b10]) == b10
+    assert passwords.reference(["{PLAIN}x", sha, "{PLAIN}y", "{PLAIN}z"]) == "{PLAIN}x"
+    assert passwords.reference(["{PLAIN}x", sha]) == sha  # a tie goes to the slow class
     assert passwords.reference(["{MD4}0", "{PLAIN}x", "{SSHA256}AAAA"]) == "{PLAIN}x"
     assert passwords.reference(["{MD4}0"]) is None and passwords.reference([]) is None
 
