@@ -311,6 +311,7 @@ def _supervise(settings: Settings, account: ServiceAccount | None, target: str,
     logs.end_bootstrap()
     root.addHandler(handler)
     root.setLevel(conf.level.upper())
+    logs.replay_early()
     try:
         _warn_secrets(settings, account)
         status = _drop_privileges(settings, account)

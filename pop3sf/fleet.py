@@ -326,6 +326,7 @@ class Supervisor:
         if settings.server.processes != self.count:
             log.warning("reload: [server] processes changed; that needs a restart "
                         "(%d processes kept)", self.count)
+        logging.getLogger().setLevel(settings.logging.level.upper())
         auth = settings.auth
         self.penalties.initial, self.penalties.maximum = auth.penalty_initial, auth.penalty_max
         self.penalties.decay, self.penalties.size = auth.penalty_decay, auth.penalty_table_size
