@@ -40,7 +40,7 @@ class Fleet:
 
     def __init__(self, tmp: Path, extra: str = "", watchdog_usec: int = 0, processes: int = 2,
                  users: str = "alice:{PLAIN}secret, bob:{PLAIN}secret",
-                 server: str = "") -> None:
+                 server: str = "", adapter: str = "list", pythonpath: str = "") -> None:
         mail = tmp / "m.eml"
         mail.write_bytes(b"Subject: hi\r\n\r\nhello\r\n")
         self.config = tmp / "pop3sf.conf"
@@ -57,7 +57,7 @@ level = info
     [[pop3]]
     addresses = 127.0.0.1:0
 [adapter]
-type = list
+type = {adapter}
 users = {users}
 messages = {mail}
 {extra}
@@ -69,6 +69,8 @@ messages = {mail}
         env["NOTIFY_SOCKET"] = str(tmp / "notify")
         if watchdog_usec:
             env["WATCHDOG_USEC"] = str(watchdog_usec)
+        if pythonpath:
+            env["PYTHONPATH"] = pythonpath
         self.proc = subprocess.Popen([*POP3SF, "--config", str(self.config)], env=env,
                                      stderr=subprocess.PIPE, text=True)
         assert self.proc.stderr is not None
@@ -108,6 +110,17 @@ messages = {mail}
             if want in msg.split("\n"):
                 return seen
         raise AssertionError(f"no {want}: {seen}")
+
+    def drain(self) -> str:
+        """Every notification not read yet."""
+        self.notify.settimeout(0.2)
+        seen = []
+        try:
+            while True:
+                seen.append(self.notify.recv(4096).decode())
+        except (TimeoutError, OSError):
+            pass
+        return "\n".join(seen)
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -267,3 +280,29 @@ def test_admin_who_and_kick_see_every_process(tmp_path: Path) -> None:
     finally:
         assert f.stop() == 0
     assert not control.exists() and not Path(f"{control}.1").exists()
+
+
+FAILING_ADAPTER = """
+from pop3sf.adapters import ConfigError
+from pop3sf.adapters.memory import ListAdapter
+
+
+class FailStart(ListAdapter):
+    def start(self):
+        raise ConfigError("the data source refuses us")
+"""
+
+
+def test_a_child_that_cannot_start_ends_the_start_with_its_status(tmp_path: Path) -> None:
+    """An adapter whose start() fails (after --check-config's checks passed): the children
+    exit 78 (EX_CONFIG) before the fleet was ready, and so does the parent, without
+    restarting anything (RestartPreventExitStatus=78 then stops systemd too)."""
+    (tmp_path / "failstart.py").write_text(FAILING_ADAPTER)
+    f = Fleet(tmp_path, adapter="failstart:FailStart", pythonpath=str(tmp_path))
+    assert f.proc.wait(30) == 78
+    notified = f.drain()
+    f.stop()
+    log = "".join(f.lines)
+    assert "the data source refuses us" in log
+    assert "while starting; stopping" in log and "restarting" not in log
+    assert "READY=1" not in notified
