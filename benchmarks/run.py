@@ -664,8 +664,11 @@ def main(argv: list[str] | None = None) -> int:
                 warm_dovecot(ctx, variant)
         for sc in chosen:
             results[sc.name] = {s: [] for s in names}
-            for r in range(rounds):
-                ctx.round = r + 1
+        # Rounds outermost: scenarios compared with each other (session-2p against session)
+        # run under the same conditions of the machine, round by round.
+        for r in range(rounds):
+            ctx.round = r + 1
+            for sc in chosen:
                 for name in names:
                     if name not in sc.servers:
                         continue
