@@ -14,6 +14,7 @@ Parent → child: ``go ID``, ``no ID WHY``, ``reload``, ``scrape``.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import json
 import logging
@@ -24,7 +25,7 @@ from pop3sf.adapters import Adapter
 
 from .accounts import Accounts
 from .channel import Channel
-from .config import Settings
+from .config import ConfigError, Settings, load_config
 from .loop import EventLoop
 from .replies import ERR_IN_USE, ERR_TEMP
 from .server import Server
@@ -195,15 +196,15 @@ class ChildServer(Server):
         self.processes = shared.counts.processes
         self.channel = Channel(self.loop, sock, self._message, self._parent_lost)
         self.penalties = RemotePenalties(settings, shared.penalty_key, self.channel)
-        self.verifications = RemoteGate(self.penalties, self.loop, self._auth_refusal,
-                                        self.channel)
+        self.gate = RemoteGate(self.penalties, self.loop, self._auth_refusal, self.channel)
+        self.verifications = self.gate
         self.accounts = SharedAccounts(shared.locks)
         self.counts = shared.counts
         self.counts.row = index
         self.on_reload: Callable[[], None] = lambda: None
         self.on_tick.append(self._beat)
         self.on_message: dict[str, Callable[[list[str]], None]] = {
-            "go": self.verifications.answered, "no": self.verifications.answered,
+            "go": self.gate.answered, "no": self.gate.answered,
             "reload": lambda _w: self.on_reload()}
 
     @property
@@ -221,6 +222,14 @@ class ChildServer(Server):
     def group_changed(self, group: str, delta: int) -> None:
         super().group_changed(group, delta)
         self.counts.add(group, delta)
+
+    def reload_from(self, path: str) -> None:
+        """The parent passed on a SIGHUP: reload this process, then say so (either way)."""
+        try:
+            self.reload(child_settings(load_config(path), self.index))
+        except ConfigError as exc:
+            log.error("reload failed, old configuration kept: %s", exc)
+        self.channel.send("reloaded")
 
     def ready(self) -> None:
         self.channel.send("ready")
@@ -246,9 +255,17 @@ class ChildServer(Server):
     def _parent_lost(self) -> None:
         if not self.stopping:
             log.error("the supervising process is gone; shutting down")
-        self.verifications.parent_lost()  # type: ignore[attr-defined]
+        self.gate.parent_lost()
         self.shutdown()
 
     def close(self) -> None:
         self.channel.close()
         super().close()
+
+
+def child_settings(settings: Settings, index: int) -> Settings:
+    """Process *index*'s own settings: its control socket is ``PATH.index`` (0: ``PATH``)."""
+    if not index or not settings.server.control_socket:
+        return settings
+    return dataclasses.replace(settings, server=dataclasses.replace(
+        settings.server, control_socket=f"{settings.server.control_socket}.{index}"))

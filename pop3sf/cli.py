@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import dataclasses
 import logging
 import os
 import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from pop3sf.adapters import Adapter
 
@@ -219,7 +217,11 @@ def _serve(settings: Settings, account: ServiceAccount | None, target: str,
         if server is None:
             return status
         server.on_tick.append(pipeline.handler.report_drops)
-        exporter = _metrics_server(settings, server)
+        exporter = None
+        if settings.metrics.listen is not None:
+            from . import metrics
+
+            exporter = metrics.serve_for(server, settings.metrics.listen)
         _install_signals(server, path)
         notify = _systemd_notifier(server)
         log.info("pop3sf %s started (%s adapter, %s)", __version__,
@@ -235,23 +237,6 @@ def _serve(settings: Settings, account: ServiceAccount | None, target: str,
         return 0
     finally:
         pipeline.stop()
-
-
-def _metrics_server(settings: Settings, server: Server) -> Any:
-    """``[metrics] listen`` with one process: served on the server's loop."""
-    address = settings.metrics.listen
-    if address is None:
-        return None
-    from . import metrics
-
-    try:
-        exporter = metrics.MetricsServer(server.loop, address, lambda: metrics.of_server(server))
-    except OSError as exc:
-        log.error("[metrics] listen: cannot listen on %s:%d: %s; serving without metrics",
-                  address[0], address[1], exc.strerror or exc)
-        return None
-    server.on_tick.append(exporter.expire)
-    return exporter
 
 
 def _drop_privileges(settings: Settings, account: ServiceAccount | None) -> int:
@@ -302,7 +287,7 @@ def _supervise(settings: Settings, account: ServiceAccount | None, target: str,
     time, and it serves no client a slow log write could delay.
     """
     from . import fleet, systemd
-    from .child import ChildServer
+    from .child import ChildServer, child_settings
     from .shared import SharedState
 
     conf = settings.logging
@@ -321,7 +306,7 @@ def _supervise(settings: Settings, account: ServiceAccount | None, target: str,
         def child_main(index: int, sock: socket.socket, shared: SharedState) -> int:
             pipeline = logs.setup_logging(target, conf.level, conf.queue_size, conf.file)
             try:
-                own = _child_settings(settings, index)
+                own = child_settings(settings, index)
                 server, status = _start_server(
                     own, listeners, lambda adapter: ChildServer(own, index, sock, shared, adapter))
                 if server is None:
@@ -331,7 +316,7 @@ def _supervise(settings: Settings, account: ServiceAccount | None, target: str,
                 server.loop.add_signal_handler(signal.SIGTERM, server.shutdown)
                 server.loop.add_signal_handler(signal.SIGINT, server.shutdown)
                 server.loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the parent's
-                server.on_reload = lambda: _reload_child(server, path, index)
+                server.on_reload = lambda: server.reload_from(path)
                 server.ready()
                 server.serve_forever()
                 return 0
@@ -352,25 +337,6 @@ def _supervise(settings: Settings, account: ServiceAccount | None, target: str,
     finally:
         root.removeHandler(handler)
         handler.close()
-
-
-def _child_settings(settings: Settings, index: int) -> Settings:
-    """Process *index*'s own settings: its control socket is ``PATH.index`` (0: ``PATH``)."""
-    if not index or not settings.server.control_socket:
-        return settings
-    return dataclasses.replace(settings, server=dataclasses.replace(
-        settings.server, control_socket=f"{settings.server.control_socket}.{index}"))
-
-
-def _reload_child(server: Server, path: str, index: int) -> None:
-    from .child import ChildServer
-
-    try:
-        server.reload(_child_settings(load_config(path), index))
-    except ConfigError as exc:
-        log.error("reload failed, old configuration kept: %s", exc)
-    if isinstance(server, ChildServer):
-        server.channel.send("reloaded")
 
 
 def _install_signals(server: Server, path: str) -> None:

@@ -299,3 +299,16 @@ def _response(status: int, body: bytes, ctype: str) -> bytes:
     reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}[status]
     return (f"HTTP/1.0 {status} {reason}\r\nContent-Type: {ctype}\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+
+
+def serve_for(server: Any, address: tuple[str, int]) -> MetricsServer | None:
+    """``[metrics] listen`` with one process: served on the server's own loop (expired by its
+    tick), or None with the reason logged when the address can't be bound."""
+    try:
+        exporter = MetricsServer(server.loop, address, lambda: of_server(server))
+    except OSError as exc:
+        log.error("[metrics] listen: cannot listen on %s:%d: %s; serving without metrics",
+                  address[0], address[1], exc.strerror or exc)
+        return None
+    server.on_tick.append(exporter.expire)
+    return exporter
