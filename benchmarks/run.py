@@ -423,6 +423,9 @@ def overrides(sc: Scenario, ctx: Ctx) -> tuple[dict[str, dict[str, int]], str]:
     pop3sf: dict[str, dict[str, int]] = {}
     if sc.processes > 1:
         pop3sf["server"] = {"processes": sc.processes}
+    if sc.name in ("session-1p", "session-2p"):
+        # 48 clients log in at once from 127.0.0.1 (the default allows 16 in flight)
+        pop3sf["auth"] = {"max_auth_in_flight_per_address": 64}
     if not sc.many:
         return pop3sf, ""
     n = ctx.n(sc.many, min(sc.many, 400))

@@ -80,8 +80,10 @@ class RemoteGate(VerificationGate):
         """``go ID`` or ``no ID WHY...`` from the parent."""
         ident = int(words[1])
         entry = self._asked.pop(ident, None)
-        if entry is None:
-            return                      # cancelled meanwhile: the parent was told
+        if entry is None:               # cancelled meanwhile (the parent was told): should a
+            if words[0] == "go":        # "go" cross the "cancel", give the place back at once
+                self.channel.send("fin", str(ident))
+            return
         waiter, group = entry
         self._unqueue(waiter, group)
         if words[0] == "no":

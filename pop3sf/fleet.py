@@ -88,6 +88,9 @@ class Supervisor:
                                    auth.penalty_table_size)
         self.penalties._key = self.shared.penalty_key
         self.gate = VerificationGate(self.penalties, self.loop, self._refusal)
+        #: (pid, id) -> the one key object the gate knows it by (it compares keys by
+        #: identity), from ``req`` until ``fin``, ``cancel`` or ``no``.
+        self.keys: dict[tuple[int, str], tuple[int, str]] = {}
         self.children = [Child(i) for i in range(self.count)]
         self.stopping = False
         self.was_ready = False
@@ -178,12 +181,21 @@ class Supervisor:
                 key, group = (child.pid, words[1]), words[2]
                 channel = child.channel
                 assert channel is not None
-                self.gate.request(key, group, lambda: channel.send("go", key[1]),
-                                  lambda why: channel.send("no", key[1], why))
+                self.keys[key] = key
+
+                def refuse(why: str, key: tuple[int, str] = key) -> None:
+                    self.keys.pop(key, None)
+                    channel.send("no", key[1], why)
+
+                self.gate.request(key, group, lambda: channel.send("go", key[1]), refuse)
             elif kind == "fin":
-                self.gate.finished((child.pid, words[1]))
+                known = self.keys.pop((child.pid, words[1]), None)
+                if known is not None:
+                    self.gate.finished(known)
             elif kind == "cancel":
-                self.gate.cancel((child.pid, words[1]), words[2])
+                known = self.keys.pop((child.pid, words[1]), None)
+                if known is not None:
+                    self.gate.cancel(known, words[2])
             elif kind == "fail":
                 self.penalties.record_digest(words[1], bytes.fromhex(words[2]))
             elif kind == "beat":
@@ -242,6 +254,8 @@ class Supervisor:
                     self.gate.cancel(waiter.key, group)
         for key in [k for k in self.gate._holders if isinstance(k, tuple) and k[0] == pid]:
             self.gate.finished(key)
+        for key in [k for k in self.keys if k[0] == pid]:
+            del self.keys[key]
         child.channel = None
 
     def _reap(self) -> None:

@@ -306,3 +306,28 @@ def test_a_child_that_cannot_start_ends_the_start_with_its_status(tmp_path: Path
     assert "the data source refuses us" in log
     assert "while starting; stopping" in log and "restarting" not in log
     assert "READY=1" not in notified
+
+
+def test_a_client_leaving_while_its_attempt_waits_frees_the_turn(fleet: Fleet) -> None:
+    """An attempt queued behind the penalty whose client leaves is dropped from the parent's
+    queue: the group's next attempt is answered, not blocked behind a phantom."""
+    first = Raw.connect(fleet.port)
+    first.line()
+    first.cmd(b"USER alice")
+    assert first.cmd(b"PASS wrong1").startswith(b"-ERR [AUTH]")     # 0.4 s penalty now
+    quitter = Raw.connect(fleet.port)
+    quitter.line()
+    quitter.cmd(b"USER alice")
+    quitter.send(b"PASS wrong2\r\n")                   # waits for the penalty ...
+    quitter.sock.close()                                 # ... and its client leaves
+    time.sleep(1.0)
+    for i in range(3):                                   # later attempts still get turns
+        later = Raw.connect(fleet.port)
+        later.line()
+        later.cmd(b"USER alice")
+        later.sock.settimeout(15)
+        assert later.cmd(b"PASS wrong%d" % (i + 3)).startswith(b"-ERR [AUTH]")
+        later.sock.close()
+    pop = login(fleet.port)
+    pop.quit()
+    first.sock.close()
