@@ -18,6 +18,8 @@ import dataclasses
 import itertools
 import json
 import logging
+import select
+import selectors
 import socket
 from collections.abc import Callable
 
@@ -26,6 +28,7 @@ from pop3sf.adapters import Adapter
 from .accounts import Accounts
 from .channel import Channel
 from .config import ConfigError, Settings, load_config
+from .listeners import ListeningSocket
 from .loop import EventLoop
 from .replies import ERR_IN_USE, ERR_TEMP
 from .server import Server
@@ -209,6 +212,10 @@ class ChildServer(Server):
             "go": self.gate.answered, "no": self.gate.answered,
             "reload": lambda _w: self.on_reload()}
 
+    def start(self, listeners: list[ListeningSocket]) -> None:
+        super().start(listeners)
+        exclusive(self.loop, listeners)
+
     @property
     def max_connections(self) -> int:
         """A configured total is split between the processes; the fd-derived one is each's."""
@@ -271,3 +278,20 @@ def child_settings(settings: Settings, index: int) -> Settings:
         return settings
     return dataclasses.replace(settings, server=dataclasses.replace(
         settings.server, control_socket=f"{settings.server.control_socket}.{index}"))
+
+
+def exclusive(loop: EventLoop, listeners: list[ListeningSocket]) -> None:
+    """Wake only one waiting process per new connection (``EPOLLEXCLUSIVE``), not all N: the
+    others would each pay a wake-up and a failed ``accept()``. A busy process is not waiting,
+    so the connection goes to one that is. Without epoll (or the flag) every process wakes,
+    which is correct, only dearer."""
+    flag = getattr(select, "EPOLLEXCLUSIVE", 0)
+    epoll = getattr(loop.selector, "_selector", None)
+    if not flag or not isinstance(loop.selector, selectors.EpollSelector) or epoll is None:
+        return
+    for ls in listeners:
+        try:
+            epoll.unregister(ls.sock.fileno())
+            epoll.register(ls.sock.fileno(), select.EPOLLIN | flag)
+        except OSError:
+            epoll.register(ls.sock.fileno(), select.EPOLLIN)
