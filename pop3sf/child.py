@@ -41,14 +41,16 @@ log = logging.getLogger("pop3sf.server")
 class RemotePenalties(Penalties):
     """Failures go to the parent's table; this process keeps none of its own."""
 
-    def __init__(self, settings: Settings, key: bytes, channel: Channel) -> None:
+    def __init__(self, settings: Settings, shared: SharedState, channel: Channel) -> None:
         auth = settings.auth
         super().__init__(auth.penalty_initial, auth.penalty_max, auth.penalty_decay,
                          auth.penalty_table_size)
-        self._key = key
+        self._key = shared.penalty_key
+        self.marks = shared.marks
         self.channel = channel
 
     def record_digest(self, group: str, digest: bytes) -> None:
+        self.marks.mark(group)          # every process sends this group to the gate from now
         self.channel.send("fail", group, digest.hex())
 
 
@@ -56,14 +58,22 @@ class RemoteGate(VerificationGate):
     """The verification gate, asked of the parent: ``request`` sends ``req`` and waits for
     ``go`` or ``no`` without blocking; ``finished``/``cancel`` give the place back.
 
-    ``refusal`` is still checked here when the turn comes (stuck calls and shutdown are this
-    process's own business); the parent checks the caps that span processes.
+    A group without a penalty mark (:class:`~pop3sf.shared.PenaltyMarks`) and under the
+    in-flight caps, counted over every process, starts at once without asking: the parent's
+    queue matters only once the group has failed. ``refusal`` is checked here either way
+    (stuck calls and shutdown are this process's own business); the parent checks the caps
+    that span processes for what it gates.
     """
 
     def __init__(self, penalties: Penalties, loop: EventLoop,
-                 refusal: Callable[[str], str | None], channel: Channel) -> None:
+                 refusal: Callable[[str], str | None], channel: Channel,
+                 shared: SharedState, caps: Callable[[], tuple[int, int]]) -> None:
         super().__init__(penalties, loop, refusal)
         self.channel = channel
+        self.marks = shared.marks
+        self.verifying = shared.verifying
+        self.caps = caps                                      # (in flight, per address)
+        self._local: set[object] = set()                      # keys started without asking
         self._ids = itertools.count(1)
         self._asked: dict[int, tuple[_Waiter, str]] = {}     # id -> (waiter, group), waiting
         self._key_ids: dict[object, int] = {}                 # key -> id, waiting or running
@@ -72,6 +82,19 @@ class RemoteGate(VerificationGate):
                 refuse: Callable[[str], None]) -> None:
         if self.channel.closed:
             refuse("server shutting down")
+            return
+        total, per_address = self.caps()
+        if (not self.marks.marked(group) and self.verifying.total(group) < per_address
+                and self.verifying.grand_total() < total):
+            why = self.refusal(group)
+            if why is not None:
+                refuse(why)
+                return
+            self._local.add(key)
+            self.verifying.add(group, 1)
+            self.running[group] += 1
+            self._holders[key] = group
+            start()
             return
         ident = next(self._ids)
         self._asked[ident] = (_Waiter(key, start, refuse), group)
@@ -110,6 +133,10 @@ class RemoteGate(VerificationGate):
         self.running[group] -= 1
         if self.running[group] <= 0:
             del self.running[group]
+        if key in self._local:
+            self._local.discard(key)
+            self.verifying.add(group, -1)
+            return
         self.channel.send("fin", str(self._key_ids.pop(key)))
 
     def cancel(self, key: object, group: str) -> None:
@@ -130,8 +157,7 @@ class RemoteGate(VerificationGate):
             self._unqueue(waiter, group)
             waiter.refuse("server shutting down")
         for key in list(self._holders):
-            self.running[self._holders.pop(key)] -= 1
-            self._key_ids.pop(key, None)
+            self.finished(key)
         self.running.clear()
 
     def _unqueue(self, waiter: _Waiter, group: str) -> None:
@@ -200,12 +226,14 @@ class ChildServer(Server):
         self.index = index
         self.processes = shared.counts.processes
         self.channel = Channel(self.loop, sock, self._message, self._parent_lost)
-        self.penalties = RemotePenalties(settings, shared.penalty_key, self.channel)
-        self.gate = RemoteGate(self.penalties, self.loop, self._auth_refusal, self.channel)
+        self.penalties = RemotePenalties(settings, shared, self.channel)
+        self.gate = RemoteGate(self.penalties, self.loop, self._auth_refusal, self.channel,
+                               shared, self._caps)
         self.verifications = self.gate
         self.accounts = SharedAccounts(shared.locks)
         self.counts = shared.counts
         self.counts.row = index
+        shared.verifying.row = index
         self.on_reload: Callable[[], None] = lambda: None
         self.on_tick.append(self._beat)
         self.on_message: dict[str, Callable[[list[str]], None]] = {
@@ -215,6 +243,10 @@ class ChildServer(Server):
     def start(self, listeners: list[ListeningSocket]) -> None:
         super().start(listeners)
         exclusive(self.loop, listeners)
+
+    def _caps(self) -> tuple[int, int]:
+        auth = self.settings.auth
+        return auth.max_auth_in_flight, auth.max_auth_in_flight_per_address
 
     @property
     def max_connections(self) -> int:

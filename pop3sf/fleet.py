@@ -91,6 +91,8 @@ class Supervisor:
         #: (pid, id) -> the one key object the gate knows it by (it compares keys by
         #: identity), from ``req`` until ``fin``, ``cancel`` or ``no``.
         self.keys: dict[tuple[int, str], tuple[int, str]] = {}
+        #: Groups with a penalty mark -> their mark's slot (cleared once unpenalised).
+        self.marked: dict[str, int] = {}
         self.children = [Child(i) for i in range(self.count)]
         self.stopping = False
         self.was_ready = False
@@ -197,7 +199,11 @@ class Supervisor:
                 if known is not None:
                     self.gate.cancel(known, words[2])
             elif kind == "fail":
-                self.penalties.record_digest(words[1], bytes.fromhex(words[2]))
+                group = words[1]
+                self.penalties.record_digest(group, bytes.fromhex(words[2]))
+                marks = self.shared.marks
+                marks.mark(group)               # the child did already; a restart may not have
+                self.marked[group] = marks.slot(group)
             elif kind == "beat":
                 child.beat = time.monotonic()
                 child.stats = (int(words[1]), int(words[2]), int(words[3]))
@@ -219,11 +225,14 @@ class Supervisor:
                         " ".join(words))
 
     def _refusal(self, group: str) -> str | None:
-        """The caps that span processes; each child checks its own (stuck calls, stopping)."""
+        """The caps that span processes (what the gate runs and what children started without
+        it); each child checks its own (stuck calls, stopping)."""
         auth = self.settings.auth
-        if self.gate.total >= auth.max_auth_in_flight:
+        verifying = self.shared.verifying
+        if self.gate.total + verifying.grand_total() >= auth.max_auth_in_flight:
             return "too many authentications in flight"
-        if self.gate.running[group] >= auth.max_auth_in_flight_per_address:
+        if self.gate.running[group] + verifying.total(group) \
+                >= auth.max_auth_in_flight_per_address:
             return "too many authentications in flight from this address"
         return None
 
@@ -276,6 +285,7 @@ class Supervisor:
             self._lost(child)
         child.pid, child.ready, child.reloading = 0, False, False
         self.shared.counts.clear(child.index)
+        self.shared.verifying.clear(child.index)
         if child.snapshot is not None:
             from . import metrics
 
@@ -300,7 +310,19 @@ class Supervisor:
         child.restart = self.loop.call_later(delay, lambda: self._spawn(child))
 
     # -- periodic: watchdog, status, hung children ----------------------------------------
+    def _unmark(self) -> None:
+        """Clear the penalty marks of groups whose penalty decayed (a slot shared with a group
+        still penalised stays marked)."""
+        done = [g for g in self.marked if not self.penalties.penalized(g)]
+        if not done:
+            return
+        slots = {self.marked.pop(g) for g in done}
+        slots -= set(self.marked.values())
+        for slot in slots:
+            self.shared.marks.unmark(slot)
+
     def _tick(self) -> None:
+        self._unmark()
         now = time.monotonic()
         hang = max(HANG_AFTER, 2 * (self.watchdog or 0))
         for child in self.children:

@@ -32,34 +32,74 @@ ACCOUNT_SPAN = 1 << 17
 
 
 class GroupCounts:
-    """Connections per address group summed over every process (see the module docstring)."""
+    """Per address group counts summed over every process (see the module docstring): open
+    connections, or verifications running without the parent's gate. Each row ends with the
+    row's grand total."""
 
-    def __init__(self, processes: int) -> None:
+    def __init__(self, processes: int, slots: int = SLOTS) -> None:
         self.processes = processes
+        self.slots = slots
+        self._width = slots + 1
         self._key = os.urandom(16)
-        self._mem = mmap.mmap(-1, processes * SLOTS * 4)      # MAP_SHARED | MAP_ANONYMOUS
+        self._mem = mmap.mmap(-1, processes * self._width * 4)   # MAP_SHARED | MAP_ANONYMOUS
         self._counts = memoryview(self._mem).cast("i")
-        self.row = -1                                           # a child sets its own
+        self.row = -1                                              # a child sets its own
 
     def _slot(self, group: str) -> int:
         digest = hashlib.blake2b(group.encode(), key=self._key, digest_size=8).digest()
-        return int.from_bytes(digest, "little") % SLOTS
+        return int.from_bytes(digest, "little") % self.slots
 
     def total(self, group: str) -> int:
-        slot, counts = self._slot(group), self._counts
-        return sum(counts[row * SLOTS + slot] for row in range(self.processes))
+        slot, counts, width = self._slot(group), self._counts, self._width
+        return sum(counts[row * width + slot] for row in range(self.processes))
+
+    def grand_total(self) -> int:
+        counts, width = self._counts, self._width
+        return sum(counts[row * width + self.slots] for row in range(self.processes))
 
     def add(self, group: str, delta: int) -> None:
         """Only the owning child writes its row."""
-        index = self.row * SLOTS + self._slot(group)
+        base = self.row * self._width
+        index = base + self._slot(group)
         self._counts[index] = max(0, self._counts[index] + delta)
+        self._counts[base + self.slots] = max(0, self._counts[base + self.slots] + delta)
 
     def clear(self, row: int) -> None:
-        """A child is gone: its connections are closed (called by the parent)."""
-        self._mem[row * SLOTS * 4:(row + 1) * SLOTS * 4] = bytes(SLOTS * 4)
+        """A child is gone: what it counted is gone with it (called by the parent)."""
+        size = self._width * 4
+        self._mem[row * size:(row + 1) * size] = bytes(size)
 
     def close(self) -> None:
         self._counts.release()
+        self._mem.close()
+
+
+class PenaltyMarks:
+    """Which address groups have a penalty: one byte per slot of a keyed hash, shared. A child
+    sets its group's mark the moment it sees a wrong password (before the parent hears of it);
+    the parent clears a slot once no group in it is penalised any more. An unmarked group's
+    verification may start in the child without asking the parent (the caps still count every
+    process); a marked one, or a colliding one, goes through the parent's gate."""
+
+    def __init__(self, slots: int = 1 << 16) -> None:
+        self.slots = slots
+        self._key = os.urandom(16)
+        self._mem = mmap.mmap(-1, slots)
+
+    def slot(self, group: str) -> int:
+        digest = hashlib.blake2b(group.encode(), key=self._key, digest_size=8).digest()
+        return int.from_bytes(digest, "little") % self.slots
+
+    def marked(self, group: str) -> bool:
+        return self._mem[self.slot(group)] != 0
+
+    def mark(self, group: str) -> None:
+        self._mem[self.slot(group)] = 1
+
+    def unmark(self, slot: int) -> None:
+        self._mem[slot] = 0
+
+    def close(self) -> None:
         self._mem.close()
 
 
@@ -105,6 +145,9 @@ class SharedState:
 
     def __init__(self, processes: int) -> None:
         self.counts = GroupCounts(processes)
+        #: Verifications running that started without the parent (unpenalised groups).
+        self.verifying = GroupCounts(processes, 1 << 16)
+        self.marks = PenaltyMarks()
         self.locks = AccountLocks()
         #: The key the penalty table hashes (user, password) with: the parent's, so a child's
         #: digests match the parent's table.
@@ -112,4 +155,6 @@ class SharedState:
 
     def close(self) -> None:
         self.counts.close()
+        self.verifying.close()
+        self.marks.close()
         self.locks.close()

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 
-from pop3sf.shared import AccountLocks, GroupCounts, SharedState
+from pop3sf.shared import AccountLocks, GroupCounts, PenaltyMarks, SharedState
 
 HOLD = """
 import fcntl, os, sys, time
@@ -35,6 +35,7 @@ def test_group_counts_sum_the_rows_of_every_process() -> None:
             os._exit(0)
         assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
         assert counts.total("192.0.2.1") == 3
+        assert counts.grand_total() == 4
         counts.add("192.0.2.1", -1)
         assert counts.total("192.0.2.1") == 2
         counts.clear(1)                     # the other process died: its connections are gone
@@ -78,3 +79,20 @@ def test_shared_state_closes_everything() -> None:
     assert len(state.penalty_key) == 32
     state.close()
     assert set(os.listdir("/proc/self/fd")) <= before
+
+
+def test_penalty_marks_seen_by_every_process() -> None:
+    marks = PenaltyMarks()
+    try:
+        pid = os.fork()
+        if pid == 0:                        # a child saw a wrong password from this group
+            marks.mark("198.51.100.7")
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert marks.marked("198.51.100.7")
+        assert not marks.marked("198.51.100.8") or \
+            marks.slot("198.51.100.8") == marks.slot("198.51.100.7")
+        marks.unmark(marks.slot("198.51.100.7"))     # the parent, once the penalty decayed
+        assert not marks.marked("198.51.100.7")
+    finally:
+        marks.close()
