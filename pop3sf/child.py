@@ -6,6 +6,7 @@ tells it every failure, so N processes give an attacker no more guesses than one
 (docs/architecture.md §8). Connection caps and account locks go through
 :mod:`pop3sf.shared` instead, since they are decided synchronously.
 
+Verifications of a group without a penalty mark start here without asking (pop3sf.shared).
 Messages, child → parent: ``ready``, ``beat CONNS LOGGED STUCK``, ``reloaded``, ``req ID GROUP``,
 ``fin ID``, ``cancel ID GROUP``, ``fail GROUP HEXDIGEST``, ``metrics`` + text (pop3sf.metrics).
 Parent → child: ``go ID``, ``no ID WHY``, ``reload``, ``scrape``.

@@ -10,6 +10,8 @@ forks, never a round trip and never a wait (docs/architecture.md §8):
   land in slots by a keyed hash: two groups sharing a slot share a cap (stricter, never looser).
   Two processes admitting the same group's last allowed connection in the same microsecond may
   both succeed: the cap can be exceeded by at most N − 1.
+* :class:`PenaltyMarks`: which groups failed lately, so that only those go through the
+  parent's verification gate (pop3sf.child.RemoteGate).
 * :class:`AccountLocks`: the per-account read-write lock and ``max_sessions_per_user`` as POSIX
   record locks on bytes of one memfd, at offsets from a keyed hash of the account. Taken with
   ``F_SETLK`` (never waits), per process, and released by the kernel when a process dies, so a
