@@ -19,6 +19,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import os
 import select
 import selectors
 import socket
@@ -306,11 +307,17 @@ class ChildServer(Server):
 
 
 def child_settings(settings: Settings, index: int) -> Settings:
-    """Process *index*'s own settings: its control socket is ``PATH.index`` (0: ``PATH``)."""
-    if not index or not settings.server.control_socket:
-        return settings
-    return dataclasses.replace(settings, server=dataclasses.replace(
-        settings.server, control_socket=f"{settings.server.control_socket}.{index}"))
+    """Process *index*'s own settings (at start and at every reload, so a reload sees no
+    change): its control socket is ``PATH.index`` (0: ``PATH``), and pools left at 0
+    ("one thread per core") get their share of the cores, as one process would have them
+    all: more threads than cores only fight over the CPUs (bcrypt) and each GIL."""
+    server, workers = settings.server, settings.workers
+    if index and server.control_socket:
+        server = dataclasses.replace(server, control_socket=f"{server.control_socket}.{index}")
+    share = max(1, max(2, os.cpu_count() or 2) // server.processes)
+    workers = dataclasses.replace(workers, auth_threads=workers.auth_threads or share,
+                                  mailbox_threads=workers.mailbox_threads or share)
+    return dataclasses.replace(settings, server=server, workers=workers)
 
 
 def exclusive(loop: EventLoop, listeners: list[ListeningSocket]) -> None:
