@@ -33,6 +33,7 @@ setup(
             "maildir = pop3sf.adapters.maildir:MaildirAdapter",
             "mysql = pop3sf.adapters.mysql:MySQLAdapter",
             "mysql_multi = pop3sf.adapters.mysql:MultiUserMySQLAdapter",
+            "journal = pop3sf.adapters.journal:JournalAdapter",
         ],
         # pop3sf-admin's support of an adapter, under the adapter's name.
         "pop3sf.admin_sources": [
@@ -41,6 +42,7 @@ setup(
             "maildir = pop3sf.auxiliary.maildir:MaildirSource",
             "mysql = pop3sf.auxiliary.mysql:SingleUserMySQLSource",
             "mysql_multi = pop3sf.auxiliary.mysql:MultiUserMySQLSource",
+            "journal = pop3sf.auxiliary.journal:JournalSource",
         ],
     },
     classifiers=[

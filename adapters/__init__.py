@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import entry_points
 from typing import Any
 
 from .base import (
@@ -51,7 +50,21 @@ GROUP = "pop3sf.adapters"
 
 def registered(group: str = GROUP) -> dict[str, str]:
     """Registered name -> ``module:Class`` of every installed adapter (or of another group)."""
+    from importlib.metadata import entry_points  # reads every installed package's metadata
+
     return {ep.name: ep.value for ep in entry_points(group=group)}
+
+
+def _bundled(name: str, group: str) -> str | None:
+    """pop3sf's own registration of *name*: reading one package's metadata, not every
+    installed one's, keeps start-up short for the bundled adapters."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        found = distribution("pop3sf").entry_points.select(group=group, name=name)
+    except PackageNotFoundError:
+        return None
+    return next((ep.value for ep in found), None)
 
 
 def load_object(name: str, group: str, what: str = "adapter") -> Any:
@@ -59,11 +72,13 @@ def load_object(name: str, group: str, what: str = "adapter") -> Any:
 
     Raises :class:`ConfigError` for an unknown name or an import failure.
     """
-    known = registered(group)
-    target = known.get(name)
+    target = _bundled(name, group)
+    if target is None:
+        known = registered(group)
+        target = known.get(name)
     if target is None:
         if ":" not in name and "." not in name:
-            listed = ", ".join(sorted(known))
+            listed = ", ".join(sorted(registered(group)))
             raise ConfigError(f"unknown {what} {name!r} (known: {listed}; or module:Class)")
         target = name
     module_name, _, attr = target.partition(":") if ":" in target else target.rpartition(".")

@@ -261,6 +261,10 @@ class Adapter(abc.ABC):
     #: two; right for any session whose ``login_succeeded`` takes only what it can give back
     #: (see docs/adapters.md#login).
     list_with_login: bool = False
+    #: True: ``connection_closed`` never blocks (it closes local descriptors), so the server
+    #: calls it on its loop when that is all there is to do (a QUIT with nothing to delete, a
+    #: dropped connection): no worker round trip at logout.
+    closes_inline: bool = False
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         #: The section as given (without ``type``).
@@ -307,3 +311,12 @@ class Adapter(abc.ABC):
     @abc.abstractmethod
     def new_session(self, peer: Peer) -> MailboxSession[Any]:
         """A session object for one connection."""
+
+    def preview_session(self, account: str) -> MailboxSession[Any]:
+        """A read-only session of *account* without its password, for ``pop3sf-admin
+        preview`` (docs/adapters.md#admin): as if the account had logged in with
+        ``read_only=True`` (``login_succeeded`` done). The caller, on a started adapter, calls
+        ``list_messages()`` once, ``open_message(uid)`` for any listed uid, and always
+        ``connection_closed()``. Raise :class:`AuthenticationFailed` (its message is shown)
+        for an unknown account. Not overridden: the adapter can't preview."""
+        raise NotImplementedError(f"{type(self).__name__} has no preview_session")

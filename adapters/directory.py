@@ -121,6 +121,7 @@ class DirectoryAdapterBase(Adapter):
 
     blocking = True
     list_with_login = True
+    closes_inline = True
     allows_read_only = True
     fds_per_session = 1  # the user's directory, held open against swaps
 

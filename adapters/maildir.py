@@ -147,6 +147,7 @@ from_address = string(default="pop3sf <pop3sf@localhost>")
 
     blocking = True
     list_with_login = True
+    closes_inline = True
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)

@@ -61,6 +61,7 @@ class ListAdapter(Adapter):
     """
 
     list_with_login = True
+    closes_inline = True
 
     configspec = """
 users = force_list(default=list())

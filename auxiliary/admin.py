@@ -21,6 +21,22 @@ from pop3sf.adapters.plaintext import decode_text
 
 from pop3sf import control, passwords
 
+from .exits import (
+    EX_CANTCREAT,
+    EX_CONFIG,
+    EX_DATAERR,
+    EX_IOERR,
+    EX_NOINPUT,
+    EX_NOPERM,
+    EX_NOUSER,
+    EX_OK,
+    EX_SOFTWARE,
+    EX_TEMPFAIL,
+    EX_UNAVAILABLE,
+    EX_USAGE,
+    PROG,
+    Failure,
+)
 from .sources import (
     BadMessage,
     BadName,
@@ -36,21 +52,7 @@ from .sources import (
 if TYPE_CHECKING:
     from pop3sf.config import Settings
 
-PROG = "pop3sf-admin"
 DEFAULT_CONFIG = "/etc/pop3sf.conf"
-
-EX_OK = 0
-EX_USAGE = 64
-EX_DATAERR = 65  # bad user name, bad message, passwords differ
-EX_NOINPUT = 66  # an input file can't be read
-EX_NOUSER = 67  # unknown user
-EX_UNAVAILABLE = 69  # the source can't do that (users of a single-user source)
-EX_SOFTWARE = 70
-EX_CANTCREAT = 73  # user already exists
-EX_IOERR = 74
-EX_TEMPFAIL = 75  # who/kick: the server is busy or does not answer
-EX_NOPERM = 77
-EX_CONFIG = 78
 
 EPILOG = """\
 exit status: 0 success, 64 usage, 65 bad name/message/password, or a user to delete
@@ -59,12 +61,6 @@ still has messages (nothing deleted; --force deletes them too), 66 unreadable in
 77 permission denied, 78 bad configuration, 1 other source errors.
 who/kick: 69 server not running (or its control socket disabled), 67 kick matched nothing,
 75 server busy or not answering, 70 request refused by the server."""
-
-
-class Failure(Exception):
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class SourceSettings(NamedTuple):
@@ -208,6 +204,12 @@ def cmd_hash(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def cmd_preview(settings: SourceSettings, args: argparse.Namespace) -> int:
+    from .preview import preview  # the one command that needs no Source
+
+    return preview(settings.adapter_type, settings.adapter_config, args.account, args.message)
+
+
 # --- live sessions: who and kick, asked of the running server ----------------------------
 
 
@@ -337,6 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=12, choices=range(4, 32), metavar="4..31")
     p.set_defaults(func=None)
 
+    p = sub.add_parser("preview", help="what an account would be served (number, UIDL, "
+                       "size, date, subject), without its password")
+    p.add_argument("account")
+    p.add_argument("--message", type=int, metavar="N", help="print message N instead")
+    p.set_defaults(func=cmd_preview)
+
     p = sub.add_parser("who", help="list the running server's logged-in sessions")
     p.add_argument("--json", action="store_true", help="print them as JSON")
     p.set_defaults(func=cmd_who)
@@ -366,6 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_hash(args)
         if args.area in ("who", "kick"):
             return int(args.func(load_server_settings(args.config), args))
+        if args.area == "preview":
+            return cmd_preview(load_settings(args.config), args)
         settings = load_settings(args.config)
         source = open_source(settings.adapter_type, settings.adapter_config,
                              settings.service_user)

@@ -21,7 +21,7 @@ import email.message
 import os
 import pwd
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, NamedTuple, TypeVar
+from typing import Any, BinaryIO, ClassVar, NamedTuple, TypeVar
 
 from pop3sf.adapters import load_object, registered
 from pop3sf.adapters.base import Adapter, ConfigError, normalize_secret
@@ -147,6 +147,26 @@ def build_adapter(adapter_class: type[_A], config: Mapping[str, Any]) -> _A:
 
 
 # --- helpers for sources ------------------------------------------------------------------
+
+
+def summarize(uid: str, size: int, stream: BinaryIO) -> MessageSummary:
+    """A listed message as ``message list`` and ``preview`` show it: its Date and Subject read
+    from the header section of *stream* (closed after), the size as listed."""
+    import email.parser
+    import email.policy
+    import email.utils
+
+    try:
+        head = stream.read(256 * 1024).replace(b"\r\n", b"\n").split(b"\n\n", 1)[0]
+    finally:
+        stream.close()
+    msg = email.parser.BytesHeaderParser(policy=email.policy.default).parsebytes(head)
+    try:
+        date = email.utils.parsedate_to_datetime(str(msg.get("Date", "")))
+    except (TypeError, ValueError):
+        date = datetime.datetime.fromtimestamp(0, datetime.UTC)
+    subject = " ".join(str(msg.get("Subject", "")).split())
+    return MessageSummary(uid, size, date, subject)
 
 
 def password_bytes(password: str) -> bytes:

@@ -114,13 +114,17 @@ class Conn:
 
     async def oks(self, n: int) -> None:
         """``n`` single-line answers (pipelined commands), checked in one pass over the buffer."""
-        while True:
-            if self.buf.count(b"\r\n") >= n:
-                break
-            await self._more()
-        end = 0
-        for _ in range(n):
-            end = self.buf.index(b"\r\n", end) + 2
+        # Scan only what hasn't been scanned: the buffer may already hold many answers that
+        # follow (pipe-mixed), and counting them all again per call would cost the client more
+        # than the server.
+        end = found = 0
+        while found < n:
+            i = self.buf.find(b"\r\n", end)
+            if i < 0:
+                await self._more()
+                continue
+            end = i + 2
+            found += 1
         got = self.buf[:end]
         del self.buf[:end]
         if not got.startswith(b"+OK") or b"\r\n-ERR" in got:
@@ -357,10 +361,12 @@ class Worker:
                     c.close()
 
     async def pipeline_client(self, users: list[str]) -> None:
-        """``batches`` times (``batch`` pipelined commands in one write, then their answers)."""
+        """``batches`` times (``batch`` pipelined commands in one write, then their answers).
+        ``command`` is one template (``"LIST {n}"``, ``"TOP {n} 0"``) or a list of them used in
+        rotation (pipe-mixed); ``{n}`` runs over the maildrop's messages."""
         t = self.tally
-        template: str = self.spec["command"]  # e.g. "LIST {n}", "TOP {n} 0"
-        multi = template.startswith(("TOP", "RETR"))
+        command = self.spec["command"]
+        templates: list[str] = [command] if isinstance(command, str) else list(command)
         batch = self.spec.get("batch", 100)
         c = self.prepared.pop()
         try:
@@ -371,15 +377,24 @@ class Worker:
                     break
                 cmds = []
                 for _ in range(batch):
-                    cmds.append(template.format(n=k % count + 1))
+                    cmds.append(templates[k % len(templates)].format(n=k % count + 1))
                     k += 1
+                # answers in order: runs of single-line answers checked together
+                runs: list[int] = []  # > 0: that many single lines; 0: one multi-line answer
+                for cmd in cmds:
+                    if cmd.startswith(("TOP", "RETR")):
+                        runs.append(0)
+                    elif runs and runs[-1] > 0:
+                        runs[-1] += 1
+                    else:
+                        runs.append(1)
                 t0 = time.perf_counter()
                 c.send(("\r\n".join(cmds) + "\r\n").encode())
-                if multi:
-                    for _ in range(batch):
+                for run in runs:
+                    if run:
+                        await c.oks(run)
+                    else:
                         t.bytes += await c.multi()
-                else:
-                    await c.oks(batch)
                 t.ops += batch
                 t.lat.append(time.perf_counter() - t0)
             await c.cmd("QUIT")

@@ -1,12 +1,14 @@
-"""Run the benchmark: pop3sf against a private Dovecot, interleaved, and write a Markdown report.
+"""Run the benchmark: pop3sf against a private Dovecot and Twisted's POP3 server, interleaved,
+and write a Markdown report.
 
     python benchmarks/run.py                 # full data, three rounds (make bench)
     python benchmarks/run.py --quick         # small data, one round (smoke test)
-    python benchmarks/run.py --only session,login-plain --servers dovecot
+    python benchmarks/run.py --only session,login-plain --servers pop3sf,twisted
 
-Each scenario runs, per round, on a fresh pop3sf and then a fresh Dovecot (A B A B ...), both
-serving the same seeded Maildirs (benchmarks/README.md). Figures are medians over the rounds with
-min/max and the ratio pop3sf/Dovecot, next to the targets in benchmarks/README.md.
+Each scenario runs, per round, on a fresh pop3sf, then a fresh Dovecot, then a fresh Twisted
+(A B C A B C ...), all serving the same seeded Maildirs (benchmarks/README.md). Figures are
+medians over the rounds with min/max and the ratios pop3sf ÷ Dovecot and pop3sf ÷ Twisted, next
+to the targets in benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ LABELS: dict[str, tuple[str, str]] = {
     "open_s": ("time to open and log in all (s)", "{:.2f}"),
     "pss_kb_per_conn": ("server PSS per connection (KB)", "{:.1f}"),
     "rss_kb_per_conn": ("server RSS per connection (KB)", "{:.1f}"),
-    "cpu_ms_per_conn": ("server CPU per connection opened (ms)", "{:.3f}"),
+    "cpu_ms_per_conn": ("server CPU per connection opened and logged in (ms)", "{:.3f}"),
     "fresh_login_p50_ms": ("fresh login while held, p50 (ms)", "{:.2f}"),
     "fresh_login_max_ms": ("fresh login while held, max (ms)", "{:.2f}"),
     "noop_p50_ms": ("NOOP round trip p50 (ms)", "{:.3f}"),
@@ -72,21 +74,28 @@ LABELS: dict[str, tuple[str, str]] = {
     "client_server_cpu": ("client CPU ÷ server CPU", "{:.2f}"),
     "errors": ("client errors", "{:.0f}"),
     "round_trips_per_session": ("worker round trips per session", "{:.1f}"),
+    "listen_ms": ("exec to listening, wall (ms)", "{:.0f}"),
+    "greeting_ms": ("exec to first greeting, wall (ms)", "{:.0f}"),
     "startup_cpu_ms": ("start-up CPU (ms)", "{:.0f}"),
     "startup_rss_mb": ("start-up RSS (MB)", "{:.1f}"),
 }
 
+#: How the report names the servers.
+DISPLAY = {"pop3sf": "pop3sf", "dovecot": "Dovecot", "twisted": "Twisted"}
+
 
 @dataclass
 class Target:
-    """``figure`` of pop3sf (or its ratio to Dovecot if ``relative``) ``op`` ``value``."""
+    """``figure`` of pop3sf (or its ratio to the reference ``ref`` if ``relative``) ``op``
+    ``value``."""
 
     figure: str
     op: str  # "<=" or ">="
     value: float
     relative: bool
     text: str
-    #: Relative to pop3sf in this other scenario instead of to Dovecot (processes = 1 vs 2).
+    ref: str = "dovecot"
+    #: Relative to pop3sf in this other scenario instead of to ``ref`` (processes = 1 vs 2).
     against: str = ""
 
     def check(self, med: dict[str, Figures],
@@ -100,7 +109,7 @@ class Target:
                 other = (med_all or {}).get(self.against, {})
                 b = other.get("pop3sf", {}).get(self.figure)
             else:
-                b = med.get("dovecot", {}).get(self.figure)
+                b = med.get(self.ref, {}).get(self.figure)
             if not b:
                 return None, "n/a"
             x = a / b
@@ -117,6 +126,7 @@ class Ctx:
     cert: Path
     key: Path
     python: str
+    twisted_python: str | None = None
     notes: list[str] = field(default_factory=list)
     pyspy_dir: Path | None = None
     source: Path | None = None  # snapshot of the committed server (None: the work tree)
@@ -148,12 +158,13 @@ class Ctx:
 class Scenario:
     name: str
     title: str
-    fn: Callable[[Ctx, servers.Server], Figures]
+    fn: Callable[[Ctx, Any], Figures]
     targets: list[Target]
     variant: str = "full"
     many: int = 0  # connections from one address the servers must accept (caps lifted)
+    na: dict[str, str] = field(default_factory=dict)  # server -> why it can't run this
+    own_start: bool = False  # fn(ctx, make_server) starts (and stops) servers itself
     processes: int = 1  # pop3sf's [server] processes
-    servers: tuple[str, ...] = ("pop3sf", "dovecot")  # who runs it
 
 
 # --- measuring ---------------------------------------------------------------------------------
@@ -225,10 +236,12 @@ def retr_big(n_sessions: int, tls: bool) -> Callable[[Ctx, servers.Server], Figu
 
 def login_storm(kind: str) -> Callable[[Ctx, servers.Server], Figures]:
     def run(ctx: Ctx, srv: servers.Server) -> Figures:
-        group = "bcrypt" if kind == "bcrypt" else "small"
+        group = {"bcrypt": "bcrypt", "sha512": "sha512"}.get(kind, "small")
         clients = clients_for(ctx.ds.groups[group], 16)
         if kind == "bcrypt":
             per, deadline = 10_000, ctx.n(8, 2)
+        elif kind == "sha512":
+            per, deadline = ctx.n(24, 6), 90
         else:
             per, deadline = ctx.n(64 if kind == "plain" else 40, 10), 90
         specs = [spec(srv, "login", kind == "tls", clients=part, per_client=per,
@@ -246,11 +259,12 @@ def login_storm(kind: str) -> Callable[[Ctx, servers.Server], Figures]:
     return run
 
 
-def pipelined(command: str, batches: int) -> Callable[[Ctx, servers.Server], Figures]:
+def pipelined(command: str | list[str], batches: int,
+              batch: int = 100) -> Callable[[Ctx, servers.Server], Figures]:
     def run(ctx: Ctx, srv: servers.Server) -> Figures:
         users = ctx.ds.groups["session"][:4]
         specs = [spec(srv, "pipeline", clients=[[u] for u in users], command=command,
-                      batch=100, batches=ctx.n(batches, 5), deadline=90)]
+                      batch=batch, batches=ctx.n(batches, 5), deadline=90)]
         res, cpu = measured(srv, specs, 150)
         ops = max(res["ops"], 1)
         return {"cpu_us_per_cmd": cpu * 1e6 / ops, "cmds_s": res["ops"] / res["wall"],
@@ -334,6 +348,31 @@ def isolation(kind: str) -> Callable[[Ctx, servers.Server], Figures]:
     return run
 
 
+def startup(ctx: Ctx, make: Callable[[], servers.Server]) -> Figures:
+    """Fresh starts, each timed from just before exec (servers.Server.start_timed): one start
+    measures the CPU of the process tree from exec to listening, the next the wall time from
+    exec to the first greeting's +OK (connecting as soon as the port accepts); medians of
+    ``repeat`` pairs. pop3sf runs etc/pop3sf.conf as shipped, adapted to the bench data."""
+    cpu, listen, greet, rss = [], [], [], []
+    for _ in range(ctx.n(5, 2)):
+        for greeting in (False, True):
+            srv = make()
+            try:
+                out = srv.start_timed(greeting)
+                if greeting:
+                    greet.append(out["greeting_ms"])
+                else:
+                    cpu.append(out["cpu_ms"])
+                    listen.append(out["listen_ms"])
+                    time.sleep(0.2)
+                    rss.append(procstat.snapshot(srv.pid, with_pss=False).rss_kb / 1024)
+            finally:
+                srv.stop()
+                srv.cleanup()
+    return {"startup_cpu_ms": statistics.median(cpu), "listen_ms": statistics.median(listen),
+            "greeting_ms": statistics.median(greet), "startup_rss_mb": statistics.median(rss)}
+
+
 def memory(ctx: Ctx, srv: servers.Server) -> Figures:
     user = ctx.ds.groups["huge"][0]
     specs = [spec(srv, "retr", clients=[[user]], repeat=1, deadline=120)]
@@ -361,34 +400,52 @@ def ab(fig: str, op: str, v: float, text: str) -> Target:
     return Target(fig, op, v, False, text)
 
 
+def tw(fig: str, op: str, v: float, text: str) -> Target:
+    return Target(fig, op, v, True, text, ref="twisted")
+
+
+#: Twisted's server here serves plain POP3 only (twisted_pop3.py).
+NO_TLS = {"twisted": "no TLS listener in the Twisted reference"}
+#: pop3sf's processes = 1 against 2: nothing to compare the others with.
+POP3SF_ONLY = {"dovecot": "pop3sf's own processes comparison",
+               "twisted": "pop3sf's own processes comparison"}
+
+
 SCENARIOS = [
     Scenario("session", "16 clients: login, STAT, UIDL, LIST, RETR all, QUIT", sessions,
-             [rel("cpu_ms_per_session", "<=", 0.5, "CPU/session ≤ 0.5 × Dovecot")]),
+             [rel("cpu_ms_per_session", "<=", 0.35, "CPU/session ≤ 0.35 × Dovecot"),
+              tw("cpu_ms_per_session", "<=", 0.6, "CPU/session ≤ 0.6 × Twisted")]),
     # processes = 1 against 2 (docs/architecture.md §8), rounds interleaved: 48 clients, so
     # that one process is CPU-bound rather than bound by the 16 clients' round trips.
     Scenario("session-1p", "48 clients' sessions, [server] processes = 1",
-             lambda ctx, srv: sessions(ctx, srv, 48, 4), [], servers=("pop3sf",)),
+             lambda ctx, srv: sessions(ctx, srv, 48, 4), [], na=POP3SF_ONLY),
     Scenario("session-2p", "48 clients' sessions, [server] processes = 2",
              lambda ctx, srv: sessions(ctx, srv, 48, 4),
              [Target("sessions_s", ">=", 1.5, True, "sessions/s ≥ 1.5 × processes = 1",
-                     "session-1p"),
+                     against="session-1p"),
               Target("cpu_ms_per_session", "<=", 1.1, True,
-                     "CPU/session ≤ 1.1 × processes = 1", "session-1p")],
-             processes=2, servers=("pop3sf",)),
+                     "CPU/session ≤ 1.1 × processes = 1", against="session-1p")],
+             processes=2, na=POP3SF_ONLY),
     Scenario("session-nowsize", "the same on Maildir names with ,W= stripped", sessions,
              [rel("cpu_ms_per_session", "<=", 0.5, "CPU/session ≤ 0.5 × Dovecot")],
              variant="nowsize"),
     Scenario("retr-big-1", "RETR of a 20 MB message, 1 session, plain", retr_big(1, False),
-             [rel("cpu_s_per_gb", "<=", 0.8, "CPU/GB ≤ 0.8 × Dovecot"),
+             [rel("cpu_s_per_gb", "<=", 0.4, "CPU/GB ≤ 0.4 × Dovecot"),
               rel("mb_s", ">=", 1.0, "MB/s ≥ Dovecot")]),
     Scenario("retr-big-4", "RETR of a 20 MB message, 4 sessions, plain", retr_big(4, False),
-             [rel("cpu_s_per_gb", "<=", 0.8, "CPU/GB ≤ 0.8 × Dovecot")]),
+             [rel("cpu_s_per_gb", "<=", 0.4, "CPU/GB ≤ 0.4 × Dovecot")]),
     Scenario("retr-big-tls", "RETR of a 20 MB message over implicit TLS, 1 session",
-             retr_big(1, True), [rel("cpu_s_per_gb", "<=", 1.0, "CPU/GB ≤ 1.0 × Dovecot")]),
+             retr_big(1, True), [rel("cpu_s_per_gb", "<=", 1.0, "CPU/GB ≤ 1.0 × Dovecot")],
+             na=NO_TLS),
     Scenario("login-plain", "login storm, 16 concurrent, {PLAIN}", login_storm("plain"),
-             [rel("cpu_ms_per_login", "<=", 0.1, "CPU/login ≤ 0.1 × Dovecot")]),
+             [rel("cpu_ms_per_login", "<=", 0.1, "CPU/login ≤ 0.1 × Dovecot"),
+              tw("cpu_ms_per_login", "<=", 1.0, "CPU/login ≤ 1.0 × Twisted")]),
+    Scenario("login-sha512", "login storm, 16 concurrent, {SHA512-CRYPT} (5,000 rounds)",
+             login_storm("sha512"),
+             [tw("cpu_ms_per_login", "<=", 1.1, "CPU/login ≤ 1.1 × Twisted")]),
     Scenario("login-tls", "login storm, 16 concurrent, {PLAIN}, TLS handshake per login",
-             login_storm("tls"), [rel("cpu_ms_per_login", "<=", 0.5, "CPU/login ≤ 0.5 × Dovecot")]),
+             login_storm("tls"), [rel("cpu_ms_per_login", "<=", 0.5, "CPU/login ≤ 0.5 × Dovecot")],
+             na=NO_TLS),
     Scenario("login-bcrypt", "login storm, 16 concurrent, bcrypt", login_storm("bcrypt"),
              [ab("x_one_core", ">=", 1.6, "logins/s ≥ 1.6 × one core's hash rate")]),
     Scenario("pipe-list", "pipelined LIST n (batches of 100)", pipelined("LIST {n}", 1000),
@@ -396,23 +453,31 @@ SCENARIOS = [
     Scenario("pipe-uidl", "pipelined UIDL n (batches of 100)", pipelined("UIDL {n}", 1000),
              [rel("cpu_us_per_cmd", "<=", 1.5, "CPU/command ≤ 1.5 × Dovecot")]),
     Scenario("pipe-top", "pipelined TOP n 0 (batches of 100)", pipelined("TOP {n} 0", 250),
-             [rel("cpu_us_per_cmd", "<=", 3.0, "CPU/command ≤ 3 × Dovecot")]),
+             [rel("cpu_us_per_cmd", "<=", 2.0, "CPU/command ≤ 2 × Dovecot")]),
+    Scenario("pipe-mixed", "pipelined LIST n, UIDL n, TOP n 0 in rotation, 1,000 per write",
+             pipelined(["LIST {n}", "UIDL {n}", "TOP {n} 0"], 50, batch=1000),
+             [rel("cpu_us_per_cmd", "<=", 1.5, "CPU/command ≤ 1.5 × Dovecot")]),
     Scenario("idle-plain", "10,000 logged-in connections held, plain", idle(False),
-             [ab("pss_kb_per_conn", "<=", 4, "PSS ≤ 4 KB per connection"),
+             [ab("pss_kb_per_conn", "<=", 3, "PSS ≤ 3 KB per connection"),
               ab("open_s", "<=", 3, "all opened and logged in within 3 s"),
+              tw("cpu_ms_per_conn", "<=", 1.0, "CPU/connection (open + login) ≤ 1.0 × Twisted"),
               ab("fresh_login_max_ms", "<=", 5, "a fresh login answers within 5 ms")],
              many=10_000),
     Scenario("idle-tls", "10,000 logged-in connections held, implicit TLS (Dovecot: "
              f"{DOVECOT_IDLE_TLS:,})", idle(True),
              [ab("pss_kb_per_conn", "<=", 24, "PSS ≤ 24 KB per TLS connection"),
               ab("fresh_login_max_ms", "<=", 5, "a fresh login answers within 5 ms")],
-             many=10_000),
+             many=10_000, na=NO_TLS),
     Scenario("iso-tls", "NOOP round trips while 1,000 clients sit silent in TLS handshakes",
-             isolation("tls"), [ab("noop_p99_ms", "<=", 5, "NOOP p99 ≤ 5 ms")], many=1_000),
+             isolation("tls"), [ab("noop_p99_ms", "<=", 5, "NOOP p99 ≤ 5 ms")], many=1_000,
+             na=NO_TLS),
     Scenario("iso-bcrypt", "NOOP round trips while 16 bcrypt logins are in flight",
              isolation("bcrypt"), [ab("noop_p99_ms", "<=", 10, "NOOP p99 ≤ 10 ms")]),
     Scenario("memory", "RETR of a 100 MB message", memory,
              [ab("rss_growth_mb", "<=", 4, "server RSS grows ≤ 4 MB")]),
+    Scenario("startup", "start-up: CPU from exec to listening, time to the first greeting "
+             "(pop3sf: etc/pop3sf.conf as shipped, adapted to the bench data)", startup,
+             [ab("startup_cpu_ms", "<=", 100, "start-up CPU ≤ 100 ms")], own_start=True),
 ]
 
 
@@ -438,11 +503,31 @@ def overrides(sc: Scenario, ctx: Ctx) -> tuple[dict[str, dict[str, int]], str]:
     return pop3sf, extra
 
 
+def shipped_conf(ctx: Ctx) -> Path:
+    """etc/pop3sf.conf of the server under test: the committed one (like the snapshot of the
+    code) unless the run is on the work tree."""
+    path = ctx.work / "shipped-pop3sf.conf"
+    if not path.exists():
+        text = None
+        if ctx.source is not None:
+            got = subprocess.run(["git", "-C", str(PROJECT), "show", "HEAD:etc/pop3sf.conf"],
+                                 capture_output=True, text=True)
+            text = got.stdout if got.returncode == 0 else None
+        path.write_text(text if text is not None else
+                        (PROJECT / "etc" / "pop3sf.conf").read_text())
+    return path
+
+
 def make_server(name: str, sc: Scenario, ctx: Ctx) -> servers.Server:
     pop3sf, extra = overrides(sc, ctx)
     if name == "pop3sf":
         return servers.Pop3sf(ctx.work, ctx.ds.passwd(sc.variant), ctx.cert, ctx.key,
-                              ctx.python, pop3sf, ctx.source)
+                              ctx.python, pop3sf, ctx.source,
+                              shipped_conf(ctx) if sc.name == "startup" else None)
+    if name == "twisted":
+        if ctx.twisted_python is None:
+            raise RuntimeError("no Twisted venv")
+        return servers.Twisted(ctx.work, ctx.ds.passwd(sc.variant), ctx.twisted_python)
     return dovecot.Dovecot(ctx.work, ctx.ds, ctx.cert, ctx.key, sc.variant, extra)
 
 
@@ -468,6 +553,8 @@ def warm_dovecot(ctx: Ctx, variant: str) -> None:
 
 
 def run_one(name: str, sc: Scenario, ctx: Ctx) -> Figures:
+    if sc.own_start:
+        return sc.fn(ctx, lambda: make_server(name, sc, ctx))
     srv = make_server(name, sc, ctx)
     srv.start()
     rec = None
@@ -530,21 +617,32 @@ def fmt(key: str, v: tuple[float, float, float] | None, rounds: int) -> str:
     return f"{f.format(v[0])} ({f.format(v[1])}–{f.format(v[2])})"
 
 
+def ratio_refs(names: list[str]) -> list[str]:
+    """The references pop3sf is divided by in the report: every other server run."""
+    return [n for n in names if n != "pop3sf"] if "pop3sf" in names else []
+
+
 def report(ctx: Ctx, results: dict[str, dict[str, list[Figures]]], rounds: int,
            names: list[str], elapsed: float) -> str:
-    lines = [f"# pop3sf vs Dovecot — {ctx.ds.profile.name} data, {rounds} round(s)", ""]
+    refs = ratio_refs(names)
+    title = " and ".join(DISPLAY.get(r, r) for r in refs) or "nothing"
+    lines = [f"# pop3sf vs {title} — {ctx.ds.profile.name} data, {rounds} round(s)", ""]
+    versions = [dovecot_version()] if "dovecot" in names else []
+    if "twisted" in names:
+        versions.append(f"Twisted {servers.TWISTED_VERSION} (benchmarks/twisted_pop3.py)")
     lines += [f"- {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
               f"{os.cpu_count()} cores, Linux {platform.release()}, Python "
-              f"{platform.python_version()}, {dovecot_version()}, pop3sf "
+              f"{platform.python_version()}, " + ", ".join(versions) + ", pop3sf "
               + (f"{ctx.rev} (committed)" if ctx.source else f"{ctx.rev} + work tree"),
               f"- data: {ctx.ds.root}; total run time {elapsed / 60:.1f} min",
-              "- figures: median (min–max) over rounds; ratio = pop3sf ÷ Dovecot; server CPU is "
-              "utime+stime of the whole server process tree from /proc",
+              "- figures: median (min–max) over rounds; ratios = pop3sf ÷ each reference; "
+              "server CPU is utime+stime of the whole server process tree from /proc",
               "- overrides: pop3sf `[limits] max_connections_per_address` raised to N+200 for "
               "idle-* and iso-tls, `[auth] max_auth_in_flight_per_address = 256` for idle-*; "
               "Dovecot `default_process_limit`, `default_client_limit`, "
-              "`service pop3/pop3-login process_limit` raised for idle-* only; both servers run "
-              "as `nobody` (the data's owner) when started as root", ""]
+              "`service pop3/pop3-login process_limit` raised for idle-* only; Twisted has no "
+              "caps to lift (listen backlog 1024 like pop3sf); every server runs as `nobody` "
+              "(the data's owner) when started as root", ""]
     med_all: dict[str, dict[str, Figures]] = {}
     for sc_name, per in results.items():
         med_all[sc_name] = {s: {k: v[0] for k, v in summarise(runs).items()}
@@ -567,19 +665,24 @@ def report(ctx: Ctx, results: dict[str, dict[str, list[Figures]]], rounds: int,
         summ = {s: summarise(per.get(s, [])) for s in names}
         keys = [k for k in LABELS if any(k in summ[s] for s in names)]
         lines += [f"## {sc.name}: {sc.title}", ""]
-        head = "| figure | " + " | ".join(names) + (" | ratio |" if len(names) == 2 else " |")
-        lines += [head, "| --- " * (len(names) + 1 + (len(names) == 2)) + "|"]
+        head = ("| figure | " + " | ".join(DISPLAY.get(s, s) for s in names) + " |"
+                + "".join(f" pop3sf ÷ {DISPLAY.get(r, r)} |" for r in refs))
+        lines += [head, "| --- " * (len(names) + 1 + len(refs)) + "|"]
         for k in keys:
             cells = [fmt(k, summ[s].get(k), rounds) for s in names]
-            ratio = ""
-            if len(names) == 2:
-                a, b = summ[names[0]].get(k), summ[names[1]].get(k)
-                ratio = f" {a[0] / b[0]:.2f} |" if a and b and b[0] else " n/a |"
-            lines.append(f"| {LABELS[k][0]} | " + " | ".join(cells) + " |" + ratio)
+            ratios = ""
+            for r in refs:
+                a, b = summ["pop3sf"].get(k), summ[r].get(k)
+                ratios += f" {a[0] / b[0]:.2f} |" if a and b and b[0] else " n/a |"
+            lines.append(f"| {LABELS[k][0]} | " + " | ".join(cells) + " |" + ratios)
         if "pop3sf" in names and "round_trips_per_session" not in summ["pop3sf"] \
                 and sc.name.startswith("session"):
+            others = ["n/a (forks)" if s == "dovecot" else "n/a" for s in names if s != "pop3sf"]
             lines.append("| worker round trips per session | n/a (not exposed by the server) | "
-                         "n/a (forks) |" + (" |" if len(names) == 2 else ""))
+                         + " | ".join(others) + " |" + " |" * len(refs))
+        for s in names:
+            if s in sc.na:
+                lines.append(f"\n{DISPLAY.get(s, s)}: n/a ({sc.na[s]}).")
         lines.append("")
     if ctx.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in ctx.notes] + [""]
@@ -608,13 +711,16 @@ def pop3sf_available(python: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="pop3sf vs Dovecot benchmark")
+    ap = argparse.ArgumentParser(description="pop3sf vs Dovecot and Twisted benchmark")
     ap.add_argument("--quick", action="store_true", help="small data, one round")
     ap.add_argument("--profile", choices=sorted(seed.PROFILES),
                     help="dataset size (default full; quick with --quick)")
     ap.add_argument("--rounds", type=int, help="rounds (default 3, or 1 with --quick)")
     ap.add_argument("--only", help="comma-separated scenario names")
-    ap.add_argument("--servers", default="pop3sf,dovecot")
+    ap.add_argument("--servers", default="pop3sf,dovecot,twisted",
+                    help="comma-separated, run in this order per round (default: all three)")
+    ap.add_argument("--twisted-venv", type=Path, default=servers.TWISTED_VENV,
+                    help="the benchmark-only venv with Twisted (created on first use)")
     ap.add_argument("--data-dir", type=Path, default=seed.DEFAULT_ROOT)
     ap.add_argument("--python", default=DEFAULT_PYTHON, help="the Python that runs pop3sf")
     ap.add_argument("--output", type=Path, help="Markdown report (default benchmarks/results/"
@@ -634,6 +740,10 @@ def main(argv: list[str] | None = None) -> int:
     args.python = os.path.abspath(args.python)  # servers run in their own directories
     rounds = args.rounds or (1 if args.quick else 3)
     names = [s for s in args.servers.split(",") if s]
+    unknown = set(names) - set(DISPLAY)
+    if unknown:
+        ap.error(f"unknown server(s) {', '.join(sorted(unknown))}; choose from "
+                 + ", ".join(DISPLAY))
     if "pop3sf" in names and not pop3sf_available(args.python):
         print("pop3sf (pop3sf.cli with the maildir adapter) not importable with "
               f"{args.python}: running Dovecot alone", file=sys.stderr)
@@ -650,6 +760,13 @@ def main(argv: list[str] | None = None) -> int:
     os.chmod(work, 0o755)
     cert, key = servers.make_cert(work)
     ctx = Ctx(ds, profile.name != "full", work, cert, key, args.python)
+    if "twisted" in names:
+        ctx.twisted_python = servers.twisted_python(args.twisted_venv)
+        if ctx.twisted_python is None:
+            print("no Twisted venv: running without Twisted", file=sys.stderr)
+            names.remove("twisted")
+            if not names:
+                ap.error("nothing to run")
     if "pop3sf" in names and not args.worktree:
         try:
             ctx.source = servers.snapshot_source(PROJECT, work / "pop3sf-src")
@@ -676,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
             ctx.round = r + 1
             for sc in chosen:
                 for name in names:
-                    if name not in sc.servers:
+                    if name in sc.na:
                         continue
                     t1 = time.monotonic()
                     try:

@@ -24,7 +24,10 @@ from pathlib import Path
 
 import bcrypt
 
-VERSION = "bench-data-v1"
+#: v2: the {SHA512-CRYPT} users (``x000``…) for login-sha512, fewer than the bcrypt users: pop3sf
+#: pads cheaper logins with a dummy check of the passwd-file's most common slow hash class, which
+#: must stay what it was in v1 (bcrypt at the profile's cost) so login figures stay comparable.
+VERSION = "bench-data-v2"
 DEFAULT_ROOT = Path(os.environ.get("POP3SF_BENCH_DATA", "/var/tmp/pop3sf-bench"))
 #: Unprivileged owner of the data when seeding as root, so Dovecot's mail processes (which refuse
 #: uid 0) and pop3sf running as that user can read it.
@@ -47,20 +50,22 @@ class Profile:
     bcrypt_users: int
     bcrypt_rounds: int
     huge_size: int
+    sha512_users: int = 0
 
 
 FULL = Profile("full", session_users=100, session_messages=20, session_min=1024,
                session_max=100 * 1024, big_users=4, big_size=20 * 1024 * 1024,
                small_users=10_000, small_size=1024, bcrypt_users=64, bcrypt_rounds=10,
-               huge_size=100 * 1024 * 1024)
+               huge_size=100 * 1024 * 1024, sha512_users=48)
 QUICK = Profile("quick", session_users=8, session_messages=5, session_min=1024,
                 session_max=20 * 1024, big_users=2, big_size=2 * 1024 * 1024,
                 small_users=200, small_size=1024, bcrypt_users=8, bcrypt_rounds=6,
-                huge_size=8 * 1024 * 1024)
+                huge_size=8 * 1024 * 1024, sha512_users=6)
 #: For the test suite's smoke test: seconds, not minutes.
 TINY = Profile("tiny", session_users=3, session_messages=3, session_min=1024,
                session_max=8 * 1024, big_users=1, big_size=256 * 1024, small_users=20,
-               small_size=1024, bcrypt_users=2, bcrypt_rounds=4, huge_size=1024 * 1024)
+               small_size=1024, bcrypt_users=2, bcrypt_rounds=4, huge_size=1024 * 1024,
+               sha512_users=1)
 PROFILES = {p.name: p for p in (FULL, QUICK, TINY)}
 
 
@@ -180,6 +185,26 @@ def _bcrypt_hash(user: str, rounds: int, rng: random.Random) -> str:
     return "{BLF-CRYPT}" + bcrypt.hashpw(password(user).encode(), full).decode("ascii")
 
 
+_libcrypt = None
+
+
+def _sha512_crypt_hash(user: str, rng: random.Random) -> str:
+    """``{SHA512-CRYPT}$6$salt$...`` at the default 5,000 rounds (what ``doveadm pw -s
+    SHA512-CRYPT`` stores), through libcrypt with a salt from the seeded RNG."""
+    global _libcrypt
+    if _libcrypt is None:
+        import ctypes
+        import ctypes.util
+        _libcrypt = ctypes.CDLL(ctypes.util.find_library("crypt") or "libcrypt.so.1")
+        _libcrypt.crypt.restype = ctypes.c_char_p
+        _libcrypt.crypt.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    salt = "".join(rng.choice(_BCRYPT_ALPHABET) for _ in range(16))
+    out = _libcrypt.crypt(password(user).encode(), f"$6${salt}".encode())
+    if not out or not out.startswith(b"$6$"):
+        raise RuntimeError("libcrypt has no SHA512-CRYPT")
+    return "{SHA512-CRYPT}" + out.decode("ascii")
+
+
 def seed(profile: Profile, data_root: Path = DEFAULT_ROOT, log: bool = True) -> Dataset:
     """Create the dataset if it isn't cached yet; return it."""
     root = data_root / f"{VERSION}-{profile.name}"
@@ -198,7 +223,7 @@ def seed(profile: Profile, data_root: Path = DEFAULT_ROOT, log: bool = True) -> 
     passwd: list[str] = []
     w = _Writer(full, passwd)
     groups: dict[str, list[str]] = {"session": [], "big": [], "small": [], "bcrypt": [],
-                                    "huge": []}
+                                    "huge": [], "sha512": []}
 
     for k in range(profile.session_users):
         name = f"s{k:03d}"
@@ -223,6 +248,11 @@ def seed(profile: Profile, data_root: Path = DEFAULT_ROOT, log: bool = True) -> 
         w.user(name, _bcrypt_hash(name, profile.bcrypt_rounds, rng),
                [_message(name, 0, profile.small_size, rng, pool)])
         groups["bcrypt"].append(name)
+    for k in range(profile.sha512_users):
+        name = f"x{k:03d}"
+        w.user(name, _sha512_crypt_hash(name, rng),
+               [_message(name, 0, profile.small_size, rng, pool)])
+        groups["sha512"].append(name)
     (full / "passwd").write_text("".join(passwd))
 
     # The ,W=-stripped variant: same files (hard links, not converted copies) for the session users.

@@ -28,7 +28,7 @@ from .workers import CallTimeout
 log = logging.getLogger("pop3sf.session")
 
 Done = Callable[[Any, BaseException | None], None]
-Submit = Callable[[str, Callable[..., Any], tuple[Any, ...], Done], None]
+Submit = Callable[[str, Callable[..., Any], tuple[Any, ...], Done, bool], None]
 
 
 class CallOwner(Protocol):
@@ -55,8 +55,9 @@ class Calls:
         self.count = 0  # calls that went to a worker: reported at logout
 
     def run(self, pool: str, func: Callable[..., Any], args: tuple[Any, ...], done: Done,
-            expect: type | None = None) -> None:
-        """Run ``func(*args)`` on a worker of ``pool``; ``done(result, error)`` on the loop.
+            expect: type | None = None, inline: bool = False) -> None:
+        """Run ``func(*args)`` on a worker of ``pool`` (``inline``: on the loop, for a call
+        that can't block); ``done(result, error)`` on the loop.
 
         With ``expect``, a result of another type becomes a TemporaryFailure naming ``func``.
         """
@@ -74,7 +75,7 @@ class Calls:
             done(result, error)
             self.owner.call_settled()
 
-        self.submit(pool, func, args, returned)
+        self.submit(pool, func, args, returned, inline)
 
     def log_failure(self, what: str, error: BaseException) -> None:
         """Log an adapter's failure once: expected ones in a line, bugs with their traceback."""

@@ -303,9 +303,11 @@ class Server:
 
     # -- adapter calls --------------------------------------------------------------------------
     def call_adapter(self, pool: str, func: Callable[..., Any], args: tuple[Any, ...],
-                     done: Callable[[Any, BaseException | None], None]) -> None:
+                     done: Callable[[Any, BaseException | None], None],
+                     inline: bool = False) -> None:
+        """On a worker of ``pool``, or on the loop for a call that can't block."""
         self.stats["adapter_calls"] += 1
-        if self.adapter.blocking:
+        if self.adapter.blocking and not inline:
             self.pools[pool].submit(func, args, done)
         else:
             run_inline(func, args, done)

@@ -204,7 +204,8 @@ class Session:
             if adapter is not None:
                 adapter.connection_closed()
 
-        self.host.call_adapter("mail", cleanup, (), lambda _r, e: self._released(e))
+        inline = self.host.adapter.closes_inline and (reading is None or reading.stream is None)
+        self.host.call_adapter("mail", cleanup, (), lambda _r, e: self._released(e), inline)
 
     def _released(self, error: BaseException | None) -> None:
         if isinstance(error, CallTimeout):

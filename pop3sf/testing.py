@@ -202,20 +202,7 @@ class AdapterConformance:
         return raw
 
     def _login(self, srv: RunningServer) -> poplib.POP3:
-        """Log in; a session dropped just before may hold the account for a moment longer
-        (its end is told to the adapter on a worker thread)."""
-        deadline = time.monotonic() + 5
-        while True:
-            pop = srv.pop3()
-            pop.user(self.user)
-            try:
-                pop.pass_(self.password)
-                return pop
-            except poplib.error_proto as exc:
-                pop.close()
-                if b"[IN-USE]" not in exc.args[0] or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        return login_when_free(srv, self.user, self.password)
 
     def test_conformance_stat_list_sizes_match_retr(self, tmp_path: Any) -> None:
         with self._server(tmp_path) as srv:
@@ -367,3 +354,21 @@ def session_in_memory(adapter: Adapter, **sections: Mapping[str, Any]
         conn.close("test over")
         _run_ready(server.loop)
         server.loop.close()
+
+
+def login_when_free(srv: RunningServer, user: str, password: str,
+                    wait: float = 5.0) -> poplib.POP3:
+    """Log in; a session dropped just before may hold the account a moment longer (its end
+    is told to the adapter on a worker thread), so [IN-USE] is retried for ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        pop = srv.pop3()
+        pop.user(user)
+        try:
+            pop.pass_(password)
+            return pop
+        except poplib.error_proto as exc:
+            pop.close()
+            if b"[IN-USE]" not in exc.args[0] or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)

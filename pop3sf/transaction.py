@@ -146,7 +146,8 @@ def commit(session: TransactionSession) -> None:
     session.blocked = COMMIT
     session.host.commit_started()
     session.calls.run("mail", _delete_and_close, (session.detach_adapter(), uids),
-                      lambda r, e: _committed(session, len(uids), r, e), DeleteResult)
+                      lambda r, e: _committed(session, len(uids), r, e), DeleteResult,
+                      inline=not uids and session.host.adapter.closes_inline)
 
 
 def _committed(session: TransactionSession, count: int, result: Any,

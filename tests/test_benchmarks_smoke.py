@@ -1,7 +1,8 @@
 """Smoke test of the benchmark harness (benchmarks/README.md): the pieces work, not how fast.
 
-Seeds a tiny dataset, serves it with pop3sf and (when installed) a private Dovecot, drives both
-with the load generator over loopback and checks what comes back. Targets are not tested here.
+Seeds a tiny dataset, serves it with pop3sf, (when installed) a private Dovecot and (when its
+benchmark-only venv can be built from PyPI) Twisted's POP3 server, drives them with the load
+generator over loopback and checks what comes back. Targets are not tested here.
 """
 
 from __future__ import annotations
@@ -64,6 +65,13 @@ def test_seed_names_carry_exact_sizes_and_are_deterministic(workdir: Path,
     lines = dataset.passwd().read_text().splitlines()
     assert lines[0].startswith("s000:{PLAIN}pw-s000:")
     assert any(":{BLF-CRYPT}$2b$04$" in ln for ln in lines)
+    sha = [ln for ln in lines if ":{SHA512-CRYPT}$6$" in ln]
+    assert len(sha) == seed.TINY.sha512_users == len(dataset.groups["sha512"])
+    stored = sha[0].split(":")[1].removeprefix("{SHA512-CRYPT}")
+    user = sha[0].split(":")[0]
+    lib = seed._libcrypt
+    assert lib is not None and lib.crypt(seed.password(user).encode(), stored.encode()) == \
+        stored.encode()
     again = seed.seed(seed.TINY, workdir / "again", log=False)
     assert again.passwd().read_text().replace(str(again.root), "") == \
         dataset.passwd().read_text().replace(str(dataset.root), "")
@@ -142,3 +150,57 @@ def test_target_check_uses_the_ratio_to_dovecot() -> None:
                     "dovecot": {"cpu_ms_per_session": 4.0}})[0] is False
     assert run.pct([5, 1, 4, 2, 3], 50) == 3
     assert run.pct(list(range(1, 101)), 99) == 99
+
+
+def test_target_check_against_twisted() -> None:
+    t = run.Target("cpu_ms_per_login", "<=", 1.0, True, "", ref="twisted")
+    med = {"pop3sf": {"cpu_ms_per_login": 0.5}, "dovecot": {"cpu_ms_per_login": 10.0},
+           "twisted": {"cpu_ms_per_login": 0.4}}
+    assert t.check(med) == (False, "1.25×")
+    assert t.check({"pop3sf": {"cpu_ms_per_login": 0.5}}) == (None, "n/a")
+
+
+def test_pipe_mixed_and_startup_with_the_shipped_config(ctx: run.Ctx) -> None:
+    sc = next(s for s in run.SCENARIOS if s.name == "pipe-mixed")
+    figs = run.run_one("pop3sf", sc, ctx)
+    assert figs["errors"] == 0
+    assert figs["cmds_s"] > 0 and figs["cpu_us_per_cmd"] >= 0
+    start = next(s for s in run.SCENARIOS if s.name == "startup")
+    srv = run.make_server("pop3sf", start, ctx)
+    assert isinstance(srv, servers.Pop3sf)
+    try:
+        out = srv.start_timed(greeting=True)
+        text = srv.conf.read_text()
+    finally:
+        srv.stop()
+        srv.cleanup()
+    assert out["greeting_ms"] > 0
+    assert f"passwd_file = {ctx.ds.passwd()}" in text and "type = directory_multi" not in text
+    assert "max_auth_in_flight = 256" in text  # the rest as shipped
+
+
+@pytest.fixture(scope="module")
+def twisted_python() -> str:
+    python = servers.twisted_python()  # built once from PyPI, then cached under /var/tmp
+    if python is None:
+        pytest.skip("the Twisted venv can't be built (no network?)")
+    return python
+
+
+@pytest.mark.timeout(600)  # the first build downloads Twisted
+def test_twisted_serves_the_same_bytes_and_the_scenarios_run(ctx: run.Ctx,
+                                                             twisted_python: str) -> None:
+    ctx.twisted_python = twisted_python
+    srv = servers.Twisted(ctx.work, ctx.ds.passwd(), twisted_python)
+    with srv:
+        assert list(srv.ports) == ["pop3"]
+        res, cpu = _retr_bytes(ctx, srv)
+        assert cpu >= 0
+    srv.cleanup()
+    assert res["errors"] == 0, res["err"]
+    assert res["bytes"] == _expected_retr(ctx)  # binary reads, LF -> CRLF on the wire
+    for name in ("pipe-mixed", "login-sha512"):
+        sc = next(s for s in run.SCENARIOS if s.name == name)
+        figs = run.run_one("twisted", sc, ctx)
+        assert figs["errors"] == 0, name
+    assert all("twisted" in sc.na for sc in run.SCENARIOS if "tls" in sc.name)

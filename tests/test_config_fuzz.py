@@ -102,6 +102,11 @@ class Env:
             "maildir": {"passwd_file": str(base / "maildir-passwd")},
             "mysql": {"username": "alice", "password_hash": "{PLAIN}pw"},
             "mysql_multi": {},
+            "journal": {"state_directory": str(base / "journal-state")},
+        }
+        #: Lines after an adapter's keys: the subsections (accounts) it needs.
+        self.subsections: dict[str, list[str]] = {
+            "journal": ["    [[ops]]", "    password_hash = {PLAIN}pw"],
         }
 
     def text(self, adapter: str = "list", server: dict[str, dict[str, str]] | None = None,
@@ -128,6 +133,7 @@ class Env:
             out += ["[adapter]", f"type = {adapter}"]
             values = {**self.adapters[adapter], **(adapter_extra or {})}
             out += [f"{k} = {v}" for k, v in values.items()]
+            out += self.subsections.get(adapter, [])
         return "\n".join(out) + "\n" + extra
 
 
@@ -218,6 +224,8 @@ def adapter_cases(env: Env) -> Iterator[Case]:
     for kind in BUNDLED:
         spec = _spec(_adapter_class(kind).configspec)
         for key, check in spec.items():
+            if not isinstance(check, str):  # a subsection's spec ([__many__]: accounts)
+                continue
             for value in bad_values(check):
                 yield Case(f"{kind}: {key} = {value}",
                            env.text(kind, adapter_extra={key: value}), ("[adapter]", key),
@@ -238,6 +246,7 @@ def adapter_cases(env: Env) -> Iterator[Case]:
         ("mysql", {"messages_table": "x; DROP TABLE y"}, "messages_table"),
         ("mysql", {"password_hash": "{NOSUCH}x"}, "password_hash"),
         ("mysql_multi", {"users_table": "a b"}, "users_table"),
+        ("journal", {"state_directory": "relative"}, "state_directory"),
         ("mysql_multi", {"ssl_ca": "/etc/ssl/ca.pem"}, "ssl_ca"),
         ("mysql_multi", {"password_file": str(env.base / "no-such-password")},
          "password_file"),

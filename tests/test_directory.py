@@ -35,7 +35,7 @@ from pop3sf.adapters.directory import (
 from pop3sf.adapters.sizecache import JOURNAL, FileChanged, SizeCache, key_for
 
 from pop3sf.passwords import hash_bcrypt
-from pop3sf.testing import AdapterConformance, RunningServer, running_server
+from pop3sf.testing import AdapterConformance, RunningServer, login_when_free, running_server
 from pop3sf.wire import Measure, WireEncoder, wire_bytes
 
 PEER = Peer("127.0.0.1", 40000)
@@ -541,19 +541,7 @@ def test_size_cache_directory_unusable_falls_back(tmp_path: Path) -> None:
 
 
 def pop_login(srv: RunningServer, user: str = "alice", password: str = "secret") -> poplib.POP3:
-    """Log in; a dropped session's lock may take the server a moment to release."""
-    deadline = time.monotonic() + 5
-    while True:
-        pop = srv.pop3()
-        pop.user(user)
-        try:
-            pop.pass_(password)
-            return pop
-        except poplib.error_proto as exc:
-            pop.close()
-            if b"[IN-USE]" not in exc.args[0] or time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+    return login_when_free(srv, user, password)
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ from pop3sf.adapters.mysql_sql import check_identifier, lock_name, to_text
 from pop3sf.adapters.plaintext import PlaintextMessage
 
 from pop3sf import passwords
-from pop3sf.testing import AdapterConformance, RunningServer, running_server
+from pop3sf.testing import AdapterConformance, RunningServer, login_when_free, running_server
 from pop3sf.wire import measure, wire_bytes
 
 DRIVERS = ["pymysql", pytest.param("mysql-connector", marks=pytest.mark.skipif(
@@ -797,19 +797,7 @@ def test_driver_choice(mariadb: MariaDBServer) -> None:  # noqa: F811
 
 
 def pop_login(srv: RunningServer, user: str, password: str) -> poplib.POP3:
-    """Log in; a dropped session's lock may take the server a moment to release."""
-    deadline = time.monotonic() + 5
-    while True:
-        pop = srv.pop3()
-        pop.user(user)
-        try:
-            pop.pass_(password)
-            return pop
-        except poplib.error_proto as exc:
-            pop.close()
-            if b"[IN-USE]" not in exc.args[0] or time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+    return login_when_free(srv, user, password)
 
 
 class _MySQLConformance(AdapterConformance):
