@@ -2,11 +2,12 @@
 
 The parent binds (or inherits) the listeners, drops privileges, and forks N children that
 each run a full :class:`~pop3sf.child.ChildServer` on the shared listening sockets: the kernel
-spreads the accepts. The parent itself never imports the adapter, never starts a thread (so a
-fork at any time is safe: no lock can be held by a thread that does not exist in the child)
+spreads the accepts. The parent itself never starts the adapter or a thread (so a fork at
+any time is safe: no lock can be held by a thread that does not exist in the child)
 and logs synchronously, since it has no client to delay. On its own small event loop it:
 
-* holds the authoritative penalty table and verification gate, which the children ask over
+* holds the authoritative penalty table and verification gate (:mod:`pop3sf.gatekeeper`),
+  which the children tell every failure and ask for a penalised group's turn over
   their channels, so N processes give an attacker no more guesses than one;
 * restarts a child that died, after a backoff that grows while it keeps dying;
 * reports ``READY=1`` once every child listens, forwards reloads and reports ``READY=1`` once
@@ -32,10 +33,10 @@ from typing import Any
 
 from .channel import Channel, channel_pair
 from .config import ConfigError, Settings, load_config
+from .gatekeeper import Gatekeeper
 from .listeners import ListeningSocket
 from .loop import EventLoop, Timer
 from .shared import SharedState
-from .throttle import Penalties, VerificationGate
 
 log = logging.getLogger("pop3sf.fleet")
 
@@ -83,16 +84,7 @@ class Supervisor:
         self.count = settings.server.processes
         self.loop = EventLoop()
         self.shared = SharedState(self.count)
-        auth = settings.auth
-        self.penalties = Penalties(auth.penalty_initial, auth.penalty_max, auth.penalty_decay,
-                                   auth.penalty_table_size)
-        self.penalties._key = self.shared.penalty_key
-        self.gate = VerificationGate(self.penalties, self.loop, self._refusal)
-        #: (pid, id) -> the one key object the gate knows it by (it compares keys by
-        #: identity), from ``req`` until ``fin``, ``cancel`` or ``no``.
-        self.keys: dict[tuple[int, str], tuple[int, str]] = {}
-        #: Groups with a penalty mark -> their mark's slot (cleared once unpenalised).
-        self.marked: dict[str, int] = {}
+        self.gatekeeper = Gatekeeper(settings.auth, self.loop, self.shared)
         self.children = [Child(i) for i in range(self.count)]
         self.stopping = False
         self.was_ready = False
@@ -179,31 +171,9 @@ class Supervisor:
     def _message(self, child: Child, words: list[str]) -> None:
         kind = words[0]
         try:
-            if kind == "req":
-                key, group = (child.pid, words[1]), words[2]
-                channel = child.channel
-                assert channel is not None
-                self.keys[key] = key
-
-                def refuse(why: str, key: tuple[int, str] = key) -> None:
-                    self.keys.pop(key, None)
-                    channel.send("no", key[1], why)
-
-                self.gate.request(key, group, lambda: channel.send("go", key[1]), refuse)
-            elif kind == "fin":
-                known = self.keys.pop((child.pid, words[1]), None)
-                if known is not None:
-                    self.gate.finished(known)
-            elif kind == "cancel":
-                known = self.keys.pop((child.pid, words[1]), None)
-                if known is not None:
-                    self.gate.cancel(known, words[2])
-            elif kind == "fail":
-                group = words[1]
-                self.penalties.record_digest(group, bytes.fromhex(words[2]))
-                marks = self.shared.marks
-                marks.mark(group)               # the child did already; a restart may not have
-                self.marked[group] = marks.slot(group)
+            if child.channel is not None and self.gatekeeper.handle(child.pid, child.channel,
+                                                                    words):
+                pass
             elif kind == "beat":
                 child.beat = time.monotonic()
                 child.stats = (int(words[1]), int(words[2]), int(words[3]))
@@ -223,18 +193,6 @@ class Supervisor:
         except (IndexError, ValueError):
             log.warning("process %d sent a malformed message %.80r", child.index,
                         " ".join(words))
-
-    def _refusal(self, group: str) -> str | None:
-        """The caps that span processes (what the gate runs and what children started without
-        it); each child checks its own (stuck calls, stopping)."""
-        auth = self.settings.auth
-        verifying = self.shared.verifying
-        if self.gate.total + verifying.grand_total() >= auth.max_auth_in_flight:
-            return "too many authentications in flight"
-        if self.gate.running[group] + verifying.total(group) \
-                >= auth.max_auth_in_flight_per_address:
-            return "too many authentications in flight from this address"
-        return None
 
     def _maybe_ready(self) -> None:
         if all(c.ready and not c.reloading for c in self.children):
@@ -256,15 +214,7 @@ class Supervisor:
     def _lost(self, child: Child) -> None:
         """The child's channel closed (it exited or is exiting): give back its places at the
         gate, so its verifications in flight don't hold the group's turn forever."""
-        pid = child.pid
-        for group, queue in list(self.gate.waiting.items()):
-            for waiter in list(queue):
-                if isinstance(waiter.key, tuple) and waiter.key[0] == pid:
-                    self.gate.cancel(waiter.key, group)
-        for key in [k for k in self.gate._holders if isinstance(k, tuple) and k[0] == pid]:
-            self.gate.finished(key)
-        for key in [k for k in self.keys if k[0] == pid]:
-            del self.keys[key]
+        self.gatekeeper.forget(child.pid)
         child.channel = None
 
     def _reap(self) -> None:
@@ -310,19 +260,8 @@ class Supervisor:
         child.restart = self.loop.call_later(delay, lambda: self._spawn(child))
 
     # -- periodic: watchdog, status, hung children ----------------------------------------
-    def _unmark(self) -> None:
-        """Clear the penalty marks of groups whose penalty decayed (a slot shared with a group
-        still penalised stays marked)."""
-        done = [g for g in self.marked if not self.penalties.penalized(g)]
-        if not done:
-            return
-        slots = {self.marked.pop(g) for g in done}
-        slots -= set(self.marked.values())
-        for slot in slots:
-            self.shared.marks.unmark(slot)
-
     def _tick(self) -> None:
-        self._unmark()
+        self.gatekeeper.unmark()
         now = time.monotonic()
         hang = max(HANG_AFTER, 2 * (self.watchdog or 0))
         for child in self.children:
@@ -363,9 +302,7 @@ class Supervisor:
             log.warning("reload: [server] processes changed; that needs a restart "
                         "(%d processes kept)", self.count)
         logging.getLogger().setLevel(settings.logging.level.upper())
-        auth = settings.auth
-        self.penalties.initial, self.penalties.maximum = auth.penalty_initial, auth.penalty_max
-        self.penalties.decay, self.penalties.size = auth.penalty_decay, auth.penalty_table_size
+        self.gatekeeper.reload(settings.auth)
         self.settings = dataclasses.replace(self.settings, auth=settings.auth)
         for child in self.children:
             if child.channel is not None and child.ready:
@@ -408,20 +345,17 @@ class Supervisor:
     def _open_metrics(self) -> None:
         from . import metrics
 
-        address = self.settings.metrics.listen
-        assert address is not None
-        try:
-            self.metrics = metrics.MetricsServer(self.loop, address, self.metrics_snapshot)
-        except OSError as exc:
-            log.error("[metrics] listen: cannot listen on %s:%d: %s; serving without metrics",
-                      address[0], address[1], exc.strerror or exc)
+        assert self.settings.metrics.listen is not None
+        self.metrics = metrics.endpoint(self.loop, self.settings.metrics.listen,
+                                        self.metrics_snapshot)
 
     def metrics_snapshot(self) -> dict[str, Any]:
         """Every child's last snapshot (at most a second old), what dead ones had counted,
         and the parent's own gate and penalties: a scrape never waits for a child."""
         from . import metrics
 
-        own = metrics.snapshot({}, {}, 0, 0, {}, self.gate, self.penalties)
+        own = metrics.snapshot({}, {}, 0, 0, {}, self.gatekeeper.gate,
+                               self.gatekeeper.penalties)
         own["processes"] = sum(1 for c in self.children if c.pid)
         own["restarts"] = self.restarts
         live = [c.snapshot for c in self.children if c.pid and c.snapshot is not None]

@@ -301,14 +301,22 @@ def _response(status: int, body: bytes, ctype: str) -> bytes:
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
 
 
-def serve_for(server: Any, address: tuple[str, int]) -> MetricsServer | None:
-    """``[metrics] listen`` with one process: served on the server's own loop (expired by its
-    tick), or None with the reason logged when the address can't be bound."""
+def endpoint(loop: EventLoop, address: tuple[str, int],
+             source: Callable[[], Snapshot]) -> MetricsServer | None:
+    """The endpoint, or None with the reason logged when the address can't be bound (the
+    server serves mail without it)."""
     try:
-        exporter = MetricsServer(server.loop, address, lambda: of_server(server))
+        return MetricsServer(loop, address, source)
     except OSError as exc:
         log.error("[metrics] listen: cannot listen on %s:%d: %s; serving without metrics",
                   address[0], address[1], exc.strerror or exc)
         return None
-    server.on_tick.append(exporter.expire)
+
+
+def serve_for(server: Any, address: tuple[str, int]) -> MetricsServer | None:
+    """``[metrics] listen`` with one process: served on the server's own loop (expired by its
+    tick)."""
+    exporter = endpoint(server.loop, address, lambda: of_server(server))
+    if exporter is not None:
+        server.on_tick.append(exporter.expire)
     return exporter
