@@ -15,7 +15,7 @@ setup(
     packages=["pop3sf", "pop3sf.adapters", "pop3sf.auxiliary"],
     package_dir={"pop3sf.adapters": "adapters", "pop3sf.auxiliary": "auxiliary"},
     package_data={"pop3sf": ["configspec.ini", "py.typed"]},
-    install_requires=["configobj", "python-daemon", "bcrypt"],
+    install_requires=["configobj", "python-daemon", "bcrypt", "prometheus-client"],
     extras_require={
         "mysql": ["mysql-connector-python"],
         "pymysql": ["PyMySQL"],

@@ -214,8 +214,23 @@ def cmd_preview(settings: SourceSettings, args: argparse.Namespace) -> int:
 
 
 def ask_server(settings: Settings, request: dict[str, Any]) -> dict[str, Any]:
-    """The running server's reply over its control socket, or a Failure saying why not."""
-    path = settings.server.control_socket
+    """The running server's reply over its control socket, or a Failure saying why not.
+
+    With ``[server] processes = N`` every serving process has its own socket (``PATH``,
+    ``PATH.1`` ... ``PATH.N-1``): all are asked and their sessions put together; one that
+    does not answer (a process being restarted) is left out.
+    """
+    reply = _ask_one(settings, settings.server.control_socket, request)
+    for index in range(1, settings.server.processes):
+        try:
+            more = _ask_one(settings, f"{settings.server.control_socket}.{index}", request)
+        except Failure:
+            continue
+        reply["sessions"] = [*reply.get("sessions", []), *more.get("sessions", [])]
+    return reply
+
+
+def _ask_one(settings: Settings, path: str, request: dict[str, Any]) -> dict[str, Any]:
     if not path:
         raise Failure(f"the control socket is disabled ([server] control_socket is empty in "
                       f"{settings.source}); set it and restart pop3sf", EX_UNAVAILABLE)

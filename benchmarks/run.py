@@ -95,14 +95,21 @@ class Target:
     relative: bool
     text: str
     ref: str = "dovecot"
+    #: Relative to pop3sf in this other scenario instead of to ``ref`` (processes = 1 vs 2).
+    against: str = ""
 
-    def check(self, med: dict[str, Figures]) -> tuple[bool | None, str]:
+    def check(self, med: dict[str, Figures],
+              med_all: dict[str, dict[str, Figures]] | None = None) -> tuple[bool | None, str]:
         a = med.get("pop3sf", {}).get(self.figure)
         if a is None:
             return None, "n/a"
         x = a
         if self.relative:
-            b = med.get(self.ref, {}).get(self.figure)
+            if self.against:
+                other = (med_all or {}).get(self.against, {})
+                b = other.get("pop3sf", {}).get(self.figure)
+            else:
+                b = med.get(self.ref, {}).get(self.figure)
             if not b:
                 return None, "n/a"
             x = a / b
@@ -157,6 +164,7 @@ class Scenario:
     many: int = 0  # connections from one address the servers must accept (caps lifted)
     na: dict[str, str] = field(default_factory=dict)  # server -> why it can't run this
     own_start: bool = False  # fn(ctx, make_server) starts (and stops) servers itself
+    processes: int = 1  # pop3sf's [server] processes
 
 
 # --- measuring ---------------------------------------------------------------------------------
@@ -200,10 +208,10 @@ def clients_for(users: list[str], n: int) -> list[list[str]]:
 
 # --- scenarios ---------------------------------------------------------------------------------
 
-def sessions(ctx: Ctx, srv: servers.Server) -> Figures:
+def sessions(ctx: Ctx, srv: servers.Server, n_clients: int = 16, passes: int = 2) -> Figures:
     """16 clients: login, STAT, UIDL, LIST, RETR all, QUIT; two passes over the 100 users."""
-    clients = clients_for(ctx.ds.groups["session"], 16)
-    per = 2 * max(len(c) for c in clients)
+    clients = clients_for(ctx.ds.groups["session"], n_clients)
+    per = passes * max(len(c) for c in clients)
     specs = [spec(srv, "session", clients=part, per_client=per, deadline=90)
              for part in loadgen.split(clients, 2) if part]
     res, cpu = measured(srv, specs, 150)
@@ -398,12 +406,26 @@ def tw(fig: str, op: str, v: float, text: str) -> Target:
 
 #: Twisted's server here serves plain POP3 only (twisted_pop3.py).
 NO_TLS = {"twisted": "no TLS listener in the Twisted reference"}
+#: pop3sf's processes = 1 against 2: nothing to compare the others with.
+POP3SF_ONLY = {"dovecot": "pop3sf's own processes comparison",
+               "twisted": "pop3sf's own processes comparison"}
 
 
 SCENARIOS = [
     Scenario("session", "16 clients: login, STAT, UIDL, LIST, RETR all, QUIT", sessions,
              [rel("cpu_ms_per_session", "<=", 0.35, "CPU/session ≤ 0.35 × Dovecot"),
               tw("cpu_ms_per_session", "<=", 0.6, "CPU/session ≤ 0.6 × Twisted")]),
+    # processes = 1 against 2 (docs/architecture.md §8), rounds interleaved: 48 clients, so
+    # that one process is CPU-bound rather than bound by the 16 clients' round trips.
+    Scenario("session-1p", "48 clients' sessions, [server] processes = 1",
+             lambda ctx, srv: sessions(ctx, srv, 48, 4), [], na=POP3SF_ONLY),
+    Scenario("session-2p", "48 clients' sessions, [server] processes = 2",
+             lambda ctx, srv: sessions(ctx, srv, 48, 4),
+             [Target("sessions_s", ">=", 1.5, True, "sessions/s ≥ 1.5 × processes = 1",
+                     against="session-1p"),
+              Target("cpu_ms_per_session", "<=", 1.1, True,
+                     "CPU/session ≤ 1.1 × processes = 1", against="session-1p")],
+             processes=2, na=POP3SF_ONLY),
     Scenario("session-nowsize", "the same on Maildir names with ,W= stripped", sessions,
              [rel("cpu_ms_per_session", "<=", 0.5, "CPU/session ≤ 0.5 × Dovecot")],
              variant="nowsize"),
@@ -463,10 +485,16 @@ SCENARIOS = [
 
 def overrides(sc: Scenario, ctx: Ctx) -> tuple[dict[str, dict[str, int]], str]:
     """Caps lifted for the scenarios that hold many connections from one address (reported)."""
+    pop3sf: dict[str, dict[str, int]] = {}
+    if sc.processes > 1:
+        pop3sf["server"] = {"processes": sc.processes}
+    if sc.name in ("session-1p", "session-2p"):
+        # 48 clients log in at once from 127.0.0.1 (the default allows 16 in flight)
+        pop3sf["auth"] = {"max_auth_in_flight_per_address": 64}
     if not sc.many:
-        return {}, ""
+        return pop3sf, ""
     n = ctx.n(sc.many, min(sc.many, 400))
-    pop3sf: dict[str, dict[str, int]] = {"limits": {"max_connections_per_address": n + 200}}
+    pop3sf["limits"] = {"max_connections_per_address": n + 200}
     extra = ""
     if sc.name.startswith("idle"):
         # 200 logins in flight from 127.0.0.1 (100 per client process) to open 10,000 fast
@@ -625,7 +653,7 @@ def report(ctx: Ctx, results: dict[str, dict[str, list[Figures]]], rounds: int,
         if sc.name not in results:
             continue
         for t in sc.targets:
-            ok, shown = t.check(med_all[sc.name])
+            ok, shown = t.check(med_all[sc.name], med_all)
             verdict = "n/a" if ok is None else ("met" if ok else "**not met**")
             lines.append(f"| {sc.name} | {t.text} | {shown} | {verdict} |")
     lines.append("")
@@ -759,8 +787,11 @@ def main(argv: list[str] | None = None) -> int:
                 warm_dovecot(ctx, variant)
         for sc in chosen:
             results[sc.name] = {s: [] for s in names}
-            for r in range(rounds):
-                ctx.round = r + 1
+        # Rounds outermost: scenarios compared with each other (session-2p against session)
+        # run under the same conditions of the machine, round by round.
+        for r in range(rounds):
+            ctx.round = r + 1
+            for sc in chosen:
                 for name in names:
                     if name in sc.na:
                         continue

@@ -225,12 +225,13 @@ class Pop3sf(Server):
             return shipped_config(self.shipped.read_text(), self)
         user = self.run_as()
         extra = "".join(f"\n[{section}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items())
-                        for section, keys in self.overrides.items())
+                        for section, keys in self.overrides.items() if section != "server")
+        server = "".join(f"{k} = {v}\n" for k, v in self.overrides.get("server", {}).items())
         return f"""# written by pop3sf benchmarks/servers.py
 [server]
 user = {user}
 pidfile = {self.dir}/pop3sf.pid
-
+{server}
 [logging]
 target = stderr
 

@@ -34,12 +34,17 @@ class Admission:
 
     def __init__(self, settings: Callable[[], Settings], connections: Mapping[Connection, Any],
                  capacity: Callable[[], int], verifying: Callable[[Connection], bool],
-                 stats: collections.Counter[str]) -> None:
+                 stats: collections.Counter[str], count_from: Callable[[str], int],
+                 changed: Callable[[str, int], None]) -> None:
         self.settings = settings  # read anew each time: a reload replaces them
         self.connections = connections
         self.capacity = capacity
         self.verifying = verifying
         self.stats = stats
+        #: Connections open from a group, and the hook told of every change: with processes
+        #: > 1 the server counts them across processes (pop3sf.child).
+        self.count_from = count_from
+        self.changed = changed
         self.by_group: dict[str, dict[Connection, None]] = {}
 
     def admit(self, ls_name: str, tls: bool, sock: socket.socket, addr: Any) -> Entry | None:
@@ -58,8 +63,7 @@ class Admission:
             # Filed apart until its header names the client (then proxied() re-files it):
             # a cap per proxy would lump every client together.
             group = f"via {address}"
-        elif len(self.by_group.get(group, ())) >= \
-                self.settings().limits.max_connections_per_address:
+        elif self.count_from(group) >= self.settings().limits.max_connections_per_address:
             self._refuse(sock, tls, address, "too many connections from this address")
             return None
         if len(self.connections) >= self.capacity() and not self._shed():
@@ -69,11 +73,13 @@ class Admission:
 
     def file(self, conn: Connection) -> None:
         self.by_group.setdefault(conn.group, {})[conn] = None
+        self.changed(conn.group, 1)
 
     def unfile(self, conn: Connection) -> None:
         members = self.by_group.get(conn.group)
-        if members is not None:
-            members.pop(conn, None)
+        if members is not None and conn in members:
+            del members[conn]
+            self.changed(conn.group, -1)
             if not members:
                 del self.by_group[conn.group]
 
@@ -100,7 +106,7 @@ class Admission:
         conn.group = address_group(conn.address, 64)
         self.file(conn)
         extra = {"POP3SF_CLIENT": conn.address, "POP3SF_PROXY": proxy_address}
-        if len(self.by_group[conn.group]) > self.settings().limits.max_connections_per_address:
+        if self.count_from(conn.group) > self.settings().limits.max_connections_per_address:
             self.stats["refused"] += 1
             log.warning("refused %s (via %s): too many connections from this address",
                         conn.address, proxy_address, extra={**extra, "POP3SF_EVENT": "refused"})

@@ -15,8 +15,11 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Sequence
+
+from pop3sf.adapters import Adapter
 
 from . import __version__, logs
 from .config import (
@@ -200,34 +203,35 @@ def _warn_secrets(settings: Settings, account: ServiceAccount | None) -> None:
 def _serve(settings: Settings, account: ServiceAccount | None, target: str,
            listeners: list[ListeningSocket], path: str) -> int:
     limit_malloc_arenas()
+    if settings.server.processes > 1:
+        return _supervise(settings, account, target, listeners, path)
     conf = settings.logging
     pipeline = logs.setup_logging(target, conf.level, conf.queue_size, conf.file)
     try:
         _warn_secrets(settings, account)
-        if os.geteuid() == 0 and account is not None:
-            from . import control, daemon
-
-            control.prepare_directory(settings.server.control_socket, account.uid, account.gid)
-            try:
-                daemon.drop_privileges(account.name, settings.server.group or None)
-            except daemon.DaemonError as exc:
-                log.error("cannot start: %s", exc)
-                return EX_CONFIG
-        try:
-            server = _start_server(settings, listeners)
-        except ConfigError as exc:
-            log.error("%s", exc)
-            return EX_CONFIG
-        except Exception as exc:
-            log.error("cannot start: %s", exc)
-            return 1
+        status = _drop_privileges(settings, account)
+        if status:
+            return status
+        server, status = _start_server(settings, listeners,
+                                       lambda adapter: Server(settings, adapter))
+        if server is None:
+            return status
         server.on_tick.append(pipeline.handler.report_drops)
+        exporter = None
+        if settings.metrics.listen is not None:
+            from . import metrics
+
+            exporter = metrics.serve_for(server, settings.metrics.listen)
         _install_signals(server, path)
         notify = _systemd_notifier(server)
         log.info("pop3sf %s started (%s adapter, %s)", __version__,
                  settings.adapter_type, logs.counted(len(listeners), "listener"))
         notify("READY=1\nSTATUS=" + server.status())
-        server.serve_forever()
+        try:
+            server.serve_forever()
+        finally:
+            if exporter is not None:
+                exporter.close()
         notify("STOPPING=1")
         log.info("pop3sf stopped")
         return 0
@@ -235,19 +239,104 @@ def _serve(settings: Settings, account: ServiceAccount | None, target: str,
         pipeline.stop()
 
 
-def _start_server(settings: Settings, listeners: list[ListeningSocket]) -> Server:
-    """A started server; a :class:`ConfigError` of the adapter (building it, or its ``start``,
-    the only source of one in :meth:`Server.start`) says it comes from ``[adapter]``."""
+def _drop_privileges(settings: Settings, account: ServiceAccount | None) -> int:
+    """As root: prepare the control socket's directory and become the service user; 0 or the
+    exit status."""
+    if os.geteuid() == 0 and account is not None:
+        from . import control, daemon
+
+        control.prepare_directory(settings.server.control_socket, account.uid, account.gid)
+        try:
+            daemon.drop_privileges(account.name, settings.server.group or None)
+        except daemon.DaemonError as exc:
+            log.error("cannot start: %s", exc)
+            return EX_CONFIG
+    return 0
+
+
+def _start_server(settings: Settings, listeners: list[ListeningSocket],
+                  make: Callable[[Adapter], Server]) -> tuple[Server | None, int]:
+    """Build the adapter and the server (``make(adapter)``) and start it: (server, 0), or
+    (None, exit status) with the reason logged. A :class:`ConfigError` of the adapter
+    (building it, or its ``start``, the only source of one in :meth:`Server.start`) says it
+    comes from ``[adapter]``."""
     try:
-        adapter = settings.adapter_class(settings.adapter_config)
+        try:
+            adapter = settings.adapter_class(settings.adapter_config)
+        except ConfigError as exc:
+            raise adapter_error(settings.source, settings.adapter_type, exc) from None
+        server = make(adapter)
+        try:
+            server.start(listeners)
+        except ConfigError as exc:
+            raise adapter_error(settings.source, settings.adapter_type, exc) from None
     except ConfigError as exc:
-        raise adapter_error(settings.source, settings.adapter_type, exc) from None
-    server = Server(settings, adapter)
+        log.error("%s", exc)
+        return None, EX_CONFIG
+    except Exception as exc:
+        log.error("cannot start: %s", exc)
+        return None, 1
+    return server, 0
+
+
+def _supervise(settings: Settings, account: ServiceAccount | None, target: str,
+               listeners: list[ListeningSocket], path: str) -> int:
+    """``[server] processes = N``: this process supervises N serving children (pop3sf.fleet).
+
+    The parent logs without a queue thread: it must stay thread-free to fork children at any
+    time, and it serves no client a slow log write could delay.
+    """
+    from . import fleet, systemd
+    from .child import ChildServer, child_settings
+    from .shared import SharedState
+
+    conf = settings.logging
+    handler = logs.output_handler(target, conf.file)
+    root = logging.getLogger()
+    logs.end_bootstrap()
+    root.addHandler(handler)
+    root.setLevel(conf.level.upper())
+    logs.replay_early()
     try:
-        server.start(listeners)
-    except ConfigError as exc:
-        raise adapter_error(settings.source, settings.adapter_type, exc) from None
-    return server
+        _warn_secrets(settings, account)
+        status = _drop_privileges(settings, account)
+        if status:
+            return status
+
+        def child_main(index: int, sock: socket.socket, shared: SharedState) -> int:
+            pipeline = logs.setup_logging(target, conf.level, conf.queue_size, conf.file)
+            try:
+                own = child_settings(settings, index)
+                server, status = _start_server(
+                    own, listeners, lambda adapter: ChildServer(own, index, sock, shared, adapter))
+                if server is None:
+                    return status
+                assert isinstance(server, ChildServer)
+                server.on_tick.append(pipeline.handler.report_drops)
+                server.loop.add_signal_handler(signal.SIGTERM, server.shutdown)
+                server.loop.add_signal_handler(signal.SIGINT, server.shutdown)
+                server.loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the parent's
+                server.on_reload = lambda: server.reload_from(path)
+                server.ready()
+                server.serve_forever()
+                return 0
+            finally:
+                pipeline.stop()
+
+        notify: Callable[[str], None] = lambda _state: None  # noqa: E731
+        watchdog = None
+        if os.environ.get("NOTIFY_SOCKET"):
+            notify, watchdog = systemd.notify, systemd.watchdog_interval()
+        supervisor = fleet.Supervisor(settings, path, listeners, child_main, notify, watchdog)
+        log.info("pop3sf %s starting %d processes (%s adapter, %s)", __version__,
+                 settings.server.processes, settings.adapter_type,
+                 logs.counted(len(listeners), "listener"))
+        status = supervisor.run()
+        log.info("pop3sf stopped")
+        return status
+    finally:
+        root.removeHandler(handler)
+        handler.close()
 
 
 def _install_signals(server: Server, path: str) -> None:

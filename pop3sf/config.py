@@ -38,6 +38,14 @@ class ServerSection:
     pidfile: str
     shutdown_grace: float
     control_socket: str
+    #: Serving processes (``auto``: one per core); 1 = no supervising parent (pop3sf.fleet).
+    processes: int = 1
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    #: (host, port) of the OpenMetrics endpoint, or None (off).
+    listen: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +134,7 @@ class Settings:
     adapter_type: str
     adapter_keys: dict[str, Any] = field(repr=False)
     raw: ConfigObj = field(repr=False, compare=False)
+    metrics: MetricsSection = MetricsSection()
 
     @property
     def service_user(self) -> str:
@@ -293,7 +302,15 @@ def _build(cfg: ConfigObj, source: str, adapter_type: str,
     if limits.idle_timeout < 600:
         log.warning("%s: [limits] idle_timeout %s s is below RFC 1939's 10-minute autologout "
                     "floor", source, limits.idle_timeout)
-    server = ServerSection(**cfg["server"])
+    server_keys = dict(cfg["server"])
+    server = ServerSection(processes=parse_processes(server_keys.pop("processes"), source),
+                           **server_keys)
+    listen = cfg["metrics"]["listen"].strip()
+    try:
+        metrics = MetricsSection(parse_address(listen, source, "") if listen else None)
+    except ConfigError:
+        raise ConfigError(f"{source}: [metrics] listen: {listen!r} is not IP:PORT (e.g. "
+                          "127.0.0.1:9110)") from None
     if server.control_socket and not server.control_socket.startswith("/"):
         raise ConfigError(f"{source}: [server] control_socket must be an absolute path")
     return Settings(
@@ -309,7 +326,19 @@ def _build(cfg: ConfigObj, source: str, adapter_type: str,
         adapter_type=adapter_type,
         adapter_keys=adapter_keys,
         raw=cfg,
+        metrics=metrics,
     )
+
+
+def parse_processes(text: str, source: str) -> int:
+    """``auto`` (one per core) or a count from 1 to 256."""
+    value = str(text).strip().lower()
+    if value == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    if value.isdigit() and 1 <= int(value) <= 256:
+        return int(value)
+    raise ConfigError(f"{source}: [server] processes is invalid: {text!r} (allowed: auto or "
+                      "a number from 1 to 256)")
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ class Host(Protocol):
     penalties: Penalties
     accounts: Accounts
     stats: collections.Counter[str]
+    commands: collections.Counter[bytes]
     debug: bool  # log every command (decided once: the check costs even when filtered out)
 
     def call_adapter(self, pool: str, func: Callable[..., Any], args: tuple[Any, ...],

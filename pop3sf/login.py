@@ -229,6 +229,7 @@ class Login:
                                           creds.username.encode("utf-8", "replace"),
                                           creds.password_bytes())
             host.verifications.finished(conn)
+            host.stats["login_failed " + creds.mechanism] += 1
             log.info("%s: login failed for %s (%s)", conn.address, _printable(creds.username),
                      creds.mechanism,
                      extra={"POP3SF_CLIENT": conn.address, "POP3SF_EVENT": "auth-failed"})

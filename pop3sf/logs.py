@@ -184,10 +184,16 @@ def setup_logging(target: str, level: str, queue_size: int, file: str = "") -> L
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper()))
     listener.start()
-    while _early:  # what was said before logging existed comes first in its log
+    replay_early()
+    return Logging(handler, listener)
+
+
+def replay_early() -> None:
+    """What was said before logging existed comes first in its log, once (with processes = N
+    the parent replays it before forking, so no child repeats it)."""
+    while _early:
         record = _early.pop(0)
         logging.getLogger(record.name).handle(record)
-    return Logging(handler, listener)
 
 
 #: Records logged before detaching, replayed into the log once it is set up (see log_early).

@@ -95,7 +95,10 @@ class Server:
         self.stats = collections.Counter[str]()
         self.admission = Admission(lambda: self.settings, self.connections,
                                    lambda: self.max_connections, self.verifications.is_running,
-                                   self.stats)
+                                   self.stats, self.connections_from,
+                                   self.group_changed)
+        #: Commands by verb (b"?" for unknown ones), for pop3sf.metrics.
+        self.commands = collections.Counter[bytes]()
         self.on_tick: list[Callable[[], None]] = []
         self.control: ControlServer | None = None  # pop3sf-admin who/kick
         #: Per-command debug logging costs even when filtered out; decided once.
@@ -244,6 +247,7 @@ class Server:
                           entry.proxy_versions)
         session = self.connections[conn] = Session(self, conn)
         self.admission.file(conn)
+        self.stats["connections"] += 1
         self.sessions_alive += 1
         if not entry.proxy_versions:
             log.info("connect %s:%d on %s", entry.address, entry.port, ls.name,
@@ -256,6 +260,14 @@ class Server:
     def connection_closed(self, conn: Connection) -> None:
         self.connections.pop(conn, None)
         self.admission.unfile(conn)
+
+    # With [server] processes > 1 these count across processes (pop3sf.child.ChildServer).
+    def connections_from(self, group: str) -> int:
+        """Connections open from an address group, for max_connections_per_address."""
+        return len(self.admission.by_group.get(group, ()))
+
+    def group_changed(self, group: str, delta: int) -> None:
+        """A connection from *group* was filed (+1) or unfiled (-1)."""
 
     # -- adapter calls --------------------------------------------------------------------------
     def call_adapter(self, pool: str, func: Callable[..., Any], args: tuple[Any, ...],
@@ -324,6 +336,7 @@ class Server:
         running = dataclasses.replace(
             settings,
             listeners=old.listeners,
+            metrics=old.metrics,
             server=dataclasses.replace(old.server, shutdown_grace=settings.server.shutdown_grace),
             logging=dataclasses.replace(old.logging, level=settings.logging.level),
             workers=dataclasses.replace(old.workers,
@@ -331,7 +344,9 @@ class Server:
         )
         kept = [name for name, new, now in (
             ("[listeners]", settings.listeners, old.listeners),
-            ("[server] user/group/pidfile/control_socket", settings.server, running.server),
+            ("[metrics]", settings.metrics, old.metrics),
+            ("[server] user/group/pidfile/control_socket/processes", settings.server,
+             running.server),
             ("[logging] target/file/queue_size", settings.logging, running.logging),
             ("[workers] auth_threads/mailbox_threads/call_timeout", settings.workers,
              running.workers)) if new != now]

@@ -180,6 +180,7 @@ class Session:
                       extra=extra)
         self.producer = None
         host = self.host
+        host.stats["bytes_out"] += conn.bytes_out
         host.verifications.cancel(conn, host.penalty_group(conn.address))
         if self.blocked != COMMIT:
             # The client is gone: its account is free now, not when the adapter's cleanup
@@ -282,6 +283,7 @@ class Session:
             return
         self.line = line
         command, args = parse(line)
+        self.host.commands[command.verb if command is not None else b"?"] += 1
         problem = self._refusal(command, args)
         if problem is not None:
             conn.write(problem)
@@ -359,6 +361,7 @@ class Session:
         self.state = TRANSACTION
         self.logged_in_at = time.time()
         self.host.stats["logins"] += 1
+        self.host.stats["login " + self.mechanism] += 1
         mode = " (read-only)" if self.read_only else ""
         self.reply(f"+OK Logged in{mode}, {maildrop.summary()}\r\n".encode())
 

@@ -74,6 +74,8 @@ class Penalties:
         self.initial, self.maximum, self.decay, self.size = initial, maximum, decay, size
         self._table: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
         self._key = os.urandom(32)
+        #: Failures recorded (a repeated wrong password counts once), for pop3sf.metrics.
+        self.recorded = 0
 
     def _current(self, entry: _Entry, now: float) -> float:
         return max(0.0, entry.failures - (now - entry.last) // self.decay)
@@ -96,12 +98,20 @@ class Penalties:
         return max(0.0, entry.last + wait - now)
 
     def record_failure(self, group: str, user: bytes, password: bytes) -> None:
+        self.record_digest(group, self.digest(user, password))
+
+    def digest(self, user: bytes, password: bytes) -> bytes:
+        """What identifies a (user, password) attempt in the table: an HMAC, never the secret."""
+        return hmac.new(self._key, user + b"\0" + password, hashlib.sha256).digest()
+
+    def record_digest(self, group: str, digest: bytes) -> None:
+        """Count a failure identified by :meth:`digest` (a child process sends only that)."""
         now = time.monotonic()
         entry = self._table.pop(group, None) or _Entry()
         self._table[group] = entry  # most recent last: the LRU end
-        digest = hmac.new(self._key, user + b"\0" + password, hashlib.sha256).digest()
         if digest in entry.recent:
             return
+        self.recorded += 1
         entry.recent.append(digest)
         entry.failures = self._current(entry, now) + 1
         entry.last = now

@@ -66,6 +66,7 @@ def answer_run(session: TransactionSession) -> bool:
         return False
     session.conn.consume(end)
     session.conn.write(b"".join(out))
+    session.host.commands[b"(pipelined)"] += len(out)
     return True
 
 

@@ -11,6 +11,7 @@ call held. The pool replaces an abandoned thread only while the total stays with
 
 from __future__ import annotations
 
+import bisect
 import functools
 import logging
 import os
@@ -28,6 +29,28 @@ Done = Callable[[Any, BaseException | None], None]
 #: Workers run this much nicer than the loop: a pool busy hashing passwords (which releases
 #: the GIL) must not make the loop wait for a core to greet a client or answer a NOOP.
 WORKER_NICE = 5
+
+
+#: Upper bounds (seconds) of the adapter-call latency histogram (pop3sf.metrics).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0, 60.0)
+
+
+class Latency:
+    """Adapter-call durations as histogram buckets: plain ints on the loop thread, read by the
+    metrics endpoint; one bisect per call."""
+
+    __slots__ = ("buckets", "total", "count")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)     # the last one is +Inf
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        self.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.total += seconds
+        self.count += 1
 
 
 class CallTimeout(Exception):
@@ -71,6 +94,8 @@ class WorkerPool:
         self.stuck = 0
         #: Calls submitted and not yet answered, oldest first (abandoned ones leave it).
         self.in_flight: dict[Call, None] = {}
+        #: Durations of calls answered in time, counted from when a worker picked them up.
+        self.latency = Latency()
         self._timer: Timer | None = None
         self._lock = threading.Lock()  # replaced vs returned: one thread per free slot
         self.nice: int | None = None
@@ -159,6 +184,7 @@ class WorkerPool:
                         self.stuck)
         else:
             del self.in_flight[call]
+            self.latency.observe(time.monotonic() - call.started)
         call.done(result, error)
 
     def shutdown(self) -> None:

@@ -725,3 +725,53 @@ def test_box_who_and_kick_under_systemd(installed_box: Box) -> None:
     assert box.run("test", "-e", "/run/pop3sf/control").returncode != 0
     gone = box.run("pop3sf-admin", "who")
     assert gone.returncode == 69, (gone.returncode, gone.stderr)
+
+
+PROCESSES_CONFIG = r"""sed -i -e 's/^# processes = 1$/processes = 2/' \
+    -e 's/^# listen = 127.0.0.1:9110$/listen = 127.0.0.1:9110/' /etc/pop3sf.conf"""
+SCRAPE = ("import urllib.request; print(urllib.request.urlopen("
+          "'http://127.0.0.1:9110/metrics', timeout=10).read().decode())")
+
+
+def test_box_two_processes_under_socket_activation(installed_box: Box) -> None:
+    """``processes = 2`` in the real unit: socket activation starts a parent with two children
+    sharing the sockets, READY only once both listen, a killed child is replaced without the
+    unit noticing, reload reaches both, metrics are summed, stop leaves nothing behind."""
+    box = installed_box
+    _add_alice(box, "fleet message one")
+    assert box.sh(PROCESSES_CONFIG).returncode == 0
+    assert "processes = 2" in box.out("grep", "^processes", "/etc/pop3sf.conf")
+    assert "fleet message one" in _mail_text(box.pop("tls", 995))    # activates the service
+    assert box.show("ActiveState") == "active", _status(box)
+    main = box.show("MainPID")
+
+    def kids() -> list[str]:
+        return box.out("pgrep", "-P", main).split()
+
+    assert _wait_until(lambda: len(kids()) == 2), (kids(), _status(box))
+    assert _wait_until(lambda: "2/2 processes" in box.show("StatusText")), _status(box)
+    for _ in range(6):                                   # both ports, whichever child accepts
+        assert "fleet message one" in _mail_text(box.pop("stls", 110))
+        assert "fleet message one" in _mail_text(box.pop("tls", 995))
+    # A child killed: replaced, the unit stays active with the same main process.
+    victim = kids()[0]
+    box.run("kill", "-9", victim)
+    assert _wait_until(lambda: len(kids()) == 2 and victim not in kids(), 15), _status(box)
+    assert box.show("MainPID") == main and box.show("NRestarts") == "0"
+    assert "fleet message one" in _mail_text(box.pop("tls", 995))
+    # Reload reaches both children.
+    assert box.run("systemctl", "reload", "pop3sf.service").returncode == 0
+    assert _wait_until(lambda: sum("configuration reloaded" in e.get("MESSAGE", "")
+                                   for e in box.journal("-u", "pop3sf.service")) >= 2)
+    # Metrics summed over both children (and the one that died).
+    scraped = box.run("/usr/bin/python3", "-c", SCRAPE)
+    assert scraped.returncode == 0, scraped.stderr
+    assert "pop3sf_processes 2.0" in scraped.stdout
+    assert "pop3sf_process_restarts_total 1.0" in scraped.stdout
+    logins = re.search(r'pop3sf_logins_total\{mechanism="USER"\} (\S+)', scraped.stdout)
+    assert logins and float(logins.group(1)) >= 12, scraped.stdout
+    # Stop: every process gone, a clean result.
+    assert box.run("systemctl", "stop", "pop3sf.service").returncode == 0
+    assert box.show("ActiveState") == "inactive" and box.show("Result") == "success"
+    assert box.run("pgrep", "-u", "pop3sf").returncode == 1
+    assert {110, 995} <= box.listening()                 # the sockets wait for the next client
