@@ -52,8 +52,9 @@ def lock_maildrop(dir_fd: int, name: str, where: str) -> int | None:
     it, and :class:`TemporaryFailure` when the file can't be opened or is not a regular file.
     """
     try:
-        # Read-write where possible: NFS implements an exclusive flock as a write lock.
-        fd = os.open(name, os.O_RDWR | os.O_CREAT | _FLAGS, 0o660, dir_fd=dir_fd)
+        # Read-only: a descriptor open for writing would stop the filesystem from being
+        # remounted read-only under a session. (NFS wants write access: see _flock.)
+        fd = os.open(name, os.O_RDONLY | os.O_CREAT | _FLAGS, 0o660, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
             raise TemporaryFailure(_why(where, name, exc)) from exc
@@ -67,7 +68,7 @@ def lock_maildrop(dir_fd: int, name: str, where: str) -> int | None:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise TemporaryFailure(f"lock file {where}/{name} is not a regular file")
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = _flock(fd, name, dir_fd)
     except BlockingIOError:
         os.close(fd)
         raise MaildropInUse("maildrop locked by another pop3sf session") from None
@@ -78,6 +79,25 @@ def lock_maildrop(dir_fd: int, name: str, where: str) -> int | None:
         os.close(fd)
         raise
     return fd
+
+
+def _flock(fd: int, name: str, dir_fd: int) -> int:
+    """Lock ``fd`` exclusively; over NFS, which implements that as a write lock and refuses it
+    on a read-only descriptor (EBADF), through a read-write one instead."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except OSError as exc:
+        if exc.errno != errno.EBADF:
+            raise
+    writable = os.open(name, os.O_RDWR | _FLAGS, dir_fd=dir_fd)
+    try:
+        fcntl.flock(writable, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(writable)
+        raise  # the caller closes fd
+    os.close(fd)
+    return writable
 
 
 def unlock_maildrop(fd: int | None) -> None:
