@@ -189,12 +189,16 @@ def make_maildir_source(root: Path) -> tuple[str, dict[str, dict[str, bytes]]]:
             f"mail_location = {root}/%u/Maildir\nuidl_format = basename\n"), boxes
 
 
+#: The cross-process account locks (adapters/accountlock.py): empty, kept on purpose.
+LOCK_FILES = (".pop3sf.lock", "pop3sf.lock")
+
+
 def stored_messages(root: Path, user: str) -> tuple[dict[str, bytes], list[Path]]:
     """What the source holds now: X-Id -> bytes of every message file, and any other file."""
     found: dict[str, bytes] = {}
     other: list[Path] = []
     for path in sorted((root / user).rglob("*")):
-        if path.is_dir() or path.name in (".pop3sf_password_bcrypt",) or \
+        if path.is_dir() or path.name in (".pop3sf_password_bcrypt", *LOCK_FILES) or \
                 path.name.startswith("dovecot"):
             continue
         is_message = path.suffix == ".eml" or path.parent.name in ("new", "cur")
