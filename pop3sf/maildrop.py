@@ -128,6 +128,8 @@ class Maildrop:
 
 def _valid_uid(uid: str) -> str:
     """An adapter's UID as a UIDL may show it: printable ASCII of 1-70 octets, else its hash."""
+    if 0 < len(uid) <= 70 and uid.isascii() and uid.isprintable() and " " not in uid:
+        return uid  # the usual case, with C-speed string methods
     raw = uid.encode("utf-8", "surrogateescape")
     return uid if _UID_OK.match(raw) else hashlib.sha1(raw).hexdigest()
 
