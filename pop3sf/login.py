@@ -22,10 +22,9 @@ from pop3sf.adapters import (
     TemporaryFailure,
 )
 
-from .calls import Calls
+from . import calls
 from .commands import CALL, TLS, VERIFICATION
 from .connection import Connection
-from .host import Host
 from .logs import counted
 from .maildrop import Maildrop
 from .replies import ERR_AUTH, ERR_IN_USE, ERR_PLAINTEXT, ERR_SYNTAX, ERR_TEMP, error_reply
@@ -33,12 +32,10 @@ from .replies import ERR_AUTH, ERR_IN_USE, ERR_PLAINTEXT, ERR_SYNTAX, ERR_TEMP, 
 log = logging.getLogger("pop3sf.session")
 
 
-class LoginSession(Protocol):
+class LoginSession(calls.CallOwner, Protocol):
     """What the login flow needs of its session."""
 
-    host: Host
     conn: Connection
-    calls: Calls
     utf8: bool
     read_only: bool
     account: str | None
@@ -212,7 +209,7 @@ class Login:
         session = self.session
         session.blocked = CALL
         early = session.read_only if session.host.adapter.list_with_login else None
-        session.calls.run("auth", _check_password, (session.adapter_session, creds, early),
+        calls.run(session, "auth", _check_password, (session.adapter_session, creds, early),
                           lambda r, e: self._verified(creds, r, e), Checked)
 
     def _verified(self, creds: Credentials, checked: Any, error: BaseException | None) -> None:
@@ -255,7 +252,7 @@ class Login:
             return
         session.account = account
         if checked.listing is None:
-            session.calls.run("mail", _list_messages, (session.adapter_session, result,
+            calls.run(session, "mail", _list_messages, (session.adapter_session, result,
                                                        session.read_only), self._listed)
         elif isinstance(checked.listing, BaseException):
             self._listed(None, checked.listing)
@@ -275,7 +272,7 @@ class Login:
                 error = TemporaryFailure(f"list_messages() returned garbage: {exc}")
         if error is not None or maildrop is None:
             assert error is not None
-            session.calls.log_failure("login", error)
+            calls.log_failure(session, "login", error)
             session.host.accounts.release(session)
             session.account = None  # never logged in
             session.end_login(error_reply(error))

@@ -16,10 +16,9 @@ from typing import Any, Protocol
 from pop3sf.adapters import MailboxSession, PermanentFailure
 from pop3sf.wire import CHUNK, HeaderTooLarge, WireEncoder
 
-from .calls import Calls
+from . import calls
 from .commands import COMMANDS, RETRIEVAL, TRANSACTION, arguments_fit, parse
 from .connection import Connection
-from .host import Host
 from .maildrop import Maildrop
 from .replies import END, ERR_NEEDS_UTF8, MESSAGE_FOLLOWS, OK, error_reply
 
@@ -33,12 +32,10 @@ _BATCH_ITEMS = 1024  # commands answered in one batch
 _BATCH_BYTES = 2 * 1024 * 1024
 
 
-class ReadingSession(Protocol):
+class ReadingSession(calls.CallOwner, Protocol):
     """What a retrieval needs of its session."""
 
-    host: Host
     conn: Connection
-    calls: Calls
     blocked: str | None
     retrieval: Retrieval | None
     retrieved: int
@@ -153,7 +150,7 @@ def _read_batch(session: ReadingSession, items: list[Job | bytes], ends: list[in
     work = [(drop.infos[n].uid, WireEncoder(top_lines=top, downgrade=n in drop.downgrade),
              BATCH_SMALL if top is None else _TOP_READ)
             for item in items if not isinstance(item, bytes) for n, top in [item]]
-    session.calls.run("mail", _read_whole, (session.adapter_session, work),
+    calls.run(session, "mail", _read_whole, (session.adapter_session, work),
                       lambda r, e: _batch_read(session, items, ends, r, e))
 
 
@@ -164,7 +161,7 @@ def _batch_read(session: ReadingSession, items: list[Job | bytes], ends: list[in
         return
     session.blocked = None
     if error is not None:
-        session.calls.log_failure("retrieving", error)
+        calls.log_failure(session, "retrieving", error)
         session.reply(error_reply(error))
         return  # the commands behind it are still in the input buffer
     out: list[bytes] = []
@@ -183,7 +180,7 @@ def _batch_read(session: ReadingSession, items: list[Job | bytes], ends: list[in
                 session.retrieved += item[1] is None
             else:
                 failure = _as_failure(result)
-                session.calls.log_failure("retrieving", failure)
+                calls.log_failure(session, "retrieving", failure)
                 out.append(error_reply(failure))
         answered = i
         if capped is not None:
@@ -199,7 +196,7 @@ def _batch_read(session: ReadingSession, items: list[Job | bytes], ends: list[in
 def next_chunk(session: ReadingSession) -> None:
     reading = session.retrieval
     assert reading is not None
-    session.calls.run("mail", _read_chunk, (session.adapter_session, reading),
+    calls.run(session, "mail", _read_chunk, (session.adapter_session, reading),
                       lambda out, error: _chunk_read(session, out, error), bytes)
 
 
@@ -211,7 +208,7 @@ def _chunk_read(session: ReadingSession, out: Any, error: BaseException | None) 
         session.retrieval = None
         session.blocked = None
         error = _as_failure(error)
-        session.calls.log_failure(f"retrieving {reading.uid}", error)
+        calls.log_failure(session, f"retrieving {reading.uid}", error)
         if reading.started:  # the +OK and part of the message are out: only closing is honest
             session.close_reason = "retrieval failed mid-message"
             conn.close(session.close_reason)

@@ -21,8 +21,7 @@ from typing import Any
 from pop3sf import __version__
 from pop3sf.adapters import MailboxSession, Peer
 
-from . import login, retrieval, transaction
-from .calls import Calls
+from . import calls, login, retrieval, transaction
 from .commands import (
     AUTHORIZATION,
     CLOSING,
@@ -64,7 +63,7 @@ class Session:
     """One client's POP3 session, from greeting to commit.
 
     The connection calls the ``on_*`` hooks on the loop thread; the session answers through
-    ``conn.write`` and hands adapter work to :attr:`calls`. It holds the state transitions
+    ``conn.write`` and hands adapter work to :func:`.calls.run`. It holds the state transitions
     (AUTHORIZATION, TRANSACTION, UPDATE) and delegates the rest to its parts.
     """
 
@@ -72,7 +71,7 @@ class Session:
         "host", "conn", "adapter", "state", "utf8", "read_only", "blocked", "login", "account",
         "maildrop", "producer", "retrieval", "bad_commands", "processing", "close_reason",
         "finished", "started_greeting", "retrieved", "deleted_count", "mechanism",
-        "finalize_pending", "drain_scheduled", "line", "calls", "logged_in_at",
+        "finalize_pending", "drain_scheduled", "line", "in_flight", "call_count", "logged_in_at",
     )
 
     def __init__(self, host: Host, conn: Connection) -> None:
@@ -99,7 +98,8 @@ class Session:
         self.finalize_pending = False
         self.drain_scheduled = False
         self.line = b""
-        self.calls = Calls(host.call_adapter, self)
+        self.in_flight = False  # an adapter call has not returned (see calls.run)
+        self.call_count = 0  # adapter calls made: reported at logout
         self.logged_in_at = 0.0  # wall-clock time of the login, for pop3sf-admin who
 
     @property
@@ -140,7 +140,7 @@ class Session:
 
     def busy(self) -> bool:
         """Work in progress that the idle timer must not cut (a call, a retrieval, output)."""
-        return self.calls.in_flight or self.blocked == RETRIEVAL or self.conn.backlog() > 0
+        return self.in_flight or self.blocked == RETRIEVAL or self.conn.backlog() > 0
 
     def on_input(self) -> None:
         if self.conn.eof and self.blocked == VERIFICATION:
@@ -154,7 +154,7 @@ class Session:
         self.drain_scheduled = False
         if self.conn.closed or self.conn.backlog() >= self.host.settings.protocol.output_backlog:
             return
-        if self.retrieval is not None and not self.calls.in_flight:
+        if self.retrieval is not None and not self.in_flight:
             retrieval.next_chunk(self)
         if self.producer is not None:
             transaction.pump(self)
@@ -173,7 +173,7 @@ class Session:
                          extra=extra)
             log.info("logout %s %s: retrieved=%d deleted=%d bytes=%d calls=%d%s", conn.address,
                      self.account, self.retrieved, self.deleted_count, conn.bytes_out,
-                     self.calls.count, f" ({reason})" if reason else "",
+                     self.call_count, f" ({reason})" if reason else "",
                      extra={**extra, "POP3SF_BYTES": conn.bytes_out})
         else:
             log.debug("disconnect %s%s", conn.address, f" ({reason})" if reason else "",
@@ -186,7 +186,7 @@ class Session:
             # The client is gone: its account is free now, not when the adapter's cleanup
             # ends, so an immediate reconnect is not refused with [IN-USE].
             host.accounts.release(self)
-        if self.calls.in_flight:
+        if self.in_flight:
             self.finalize_pending = True
         else:
             self._finalize()
@@ -217,7 +217,7 @@ class Session:
 
     # -- adapter call outcomes (calls.CallOwner) ------------------------------------------------
     def call_settled(self) -> None:
-        if self.finalize_pending and not self.calls.in_flight:
+        if self.finalize_pending and not self.in_flight:
             self.finalize_pending = False
             self._finalize()
         elif not self.conn.closed:
@@ -264,7 +264,7 @@ class Session:
         finally:
             self.processing = False
         conn.flush()
-        if ((self.blocked in (RETRIEVAL, LISTING) or held_back) and not self.calls.in_flight
+        if ((self.blocked in (RETRIEVAL, LISTING) or held_back) and not self.in_flight
                 and not self.drain_scheduled and not conn.closed
                 and not conn.events & WRITE and conn.backlog() < threshold):
             # Everything went out at once, so no write event will come to continue.
@@ -382,7 +382,7 @@ class Session:
         if adapter is None:
             answer(None, None)
         else:
-            self.calls.run("mail", adapter.connection_closed, (), answer)
+            calls.run(self, "mail", adapter.connection_closed, (), answer)
 
     # -- TRANSACTION and UPDATE: see transaction.py -------------------------------------------
     @property

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from pop3sf.adapters import DeleteResult, MailboxSession
 
-from . import retrieval
+from . import calls, retrieval
 from .commands import COMMIT, LISTING, UPDATE
 from .logs import counted
 from .replies import OK
@@ -145,7 +145,7 @@ def commit(session: TransactionSession) -> None:
     uids = [] if session.read_only else session.drop.marked_uids()
     session.blocked = COMMIT
     session.host.commit_started()
-    session.calls.run("mail", _delete_and_close, (session.detach_adapter(), uids),
+    calls.run(session, "mail", _delete_and_close, (session.detach_adapter(), uids),
                       lambda r, e: _committed(session, len(uids), r, e), DeleteResult,
                       inline=not uids and session.host.adapter.closes_inline)
 
@@ -155,7 +155,7 @@ def _committed(session: TransactionSession, count: int, result: Any,
     host = session.host
     host.commit_finished()
     if error is not None:
-        session.calls.log_failure("deleting", error)
+        calls.log_failure(session, "deleting", error)
         reply = b"-ERR [SYS/TEMP] Some deleted messages not removed\r\n"
     elif result.failed:
         log.warning("%s: %d of %d deletions failed: %s", session.describe(),
