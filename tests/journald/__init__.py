@@ -1,7 +1,7 @@
 """A private, real systemd-journald for tests: entries are written into a journal directory of
 the test's own, never the machine's journal.
 
-``with-journald.sh`` (from the project's systemd-box tools) runs a command beside a standalone
+``tests/deb/with-journald.sh`` (from the systemd-box tools) runs a command beside a standalone
 ``systemd-journald`` in a private mount namespace whose ``/var/log/journal`` is the given
 directory; :func:`write_entries` runs a small writer there that sends each entry through the
 native protocol (``systemd.journal.sendv``, octets as given, so non-UTF-8 values are real) and
@@ -18,7 +18,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-SCRIPT = Path(__file__).with_name("with-journald.sh")
+SCRIPT = Path(__file__).parent.parent / "deb" / "with-journald.sh"  # shared with test_daemon
 JOURNALD = "/lib/systemd/systemd-journald"
 
 _WRITER = r"""
