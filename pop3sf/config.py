@@ -15,7 +15,6 @@ import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from importlib.resources import files
 from typing import Any
 
 from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_values
@@ -242,7 +241,8 @@ def settings_from_dict(data: Mapping[str, Any], source: str = "<config>") -> Set
 
 
 def settings_from(cfg: ConfigObj, source: str, resolve: bool = True) -> Settings:
-    cfg.configspec = _spec(files("pop3sf").joinpath("configspec.ini").read_text())
+    with open(os.path.join(os.path.dirname(__file__), "configspec.ini"), encoding="utf-8") as f:
+        cfg.configspec = _spec(f.read())
     adapter_section = cfg.get("adapter")
     adapter_keys = dict(adapter_section) if isinstance(adapter_section, Mapping) else None
     # Validate the server's sections with the adapter's keys set aside; they get their own spec.

@@ -11,7 +11,6 @@ dot-stuffing and line counting are one ``replace``/``count`` each, then turned i
 from __future__ import annotations
 
 import base64
-import email.utils
 import re
 from typing import BinaryIO, NamedTuple
 
@@ -286,6 +285,8 @@ def _downgrade_unstructured(name: bytes, value: bytes) -> bytes:
 
 
 def _downgrade_addresses(name: bytes, value: bytes) -> bytes:
+    import email.utils  # only for UTF-8 headers of clients without UTF8: not at start-up
+
     text = value.decode("utf-8", "surrogateescape").replace("\n", " ")
     out = _FieldWriter(name)
     pairs = email.utils.getaddresses([text])
