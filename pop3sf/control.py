@@ -293,9 +293,8 @@ def bind(path: str) -> socket.socket:
     """A listening socket at ``path``, mode 0660 from the moment the name appears (bound under
     a temporary name, then renamed over the old one). A stale socket of a server that died is
     replaced; a live one, or a file that is not a socket, is left alone."""
-    directory = os.path.dirname(path)
-    if not os.path.isdir(directory):
-        os.makedirs(directory, mode=0o750)
+    # exist_ok: with processes > 1 the children create it at the same moment
+    os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
     if os.path.lexists(path):
         if _identity(path) is None:
             raise OSError(f"{path} exists and is not a socket")
