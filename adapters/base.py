@@ -156,6 +156,16 @@ def normalize_secret(text: str) -> str:
     return unicodedata.normalize("NFC", text)
 
 
+def encodable(name: str) -> bool:
+    """Whether a client's name can be sent to a database as UTF-8 (not: undecodable octets,
+    kept as surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 #: What an adapter's authentication found: a passwd entry, a row id, an open directory.
 Found = TypeVar("Found")
 

@@ -49,6 +49,7 @@ from .base import (
     Peer,
     PermanentFailure,
     TemporaryFailure,
+    encodable,
     normalize_secret,
 )
 from .mysql_driver import (
@@ -494,7 +495,7 @@ bcrypt_rounds = integer(4, 31, default=12)
         password = credentials.password_bytes()
         name = credentials.username
         rows: list[Any] = []
-        if 0 < len(name) <= 64 and _encodable(name):
+        if 0 < len(name) <= 64 and encodable(name):
             self.ensure_schema()
             with self.guard("looking up a user"):
                 rows = self.query(f"SELECT id, username, password_bcrypt FROM "
@@ -508,15 +509,6 @@ bcrypt_rounds = integer(4, 31, default=12)
         passwords.verify_or_deny(to_text(stored).strip(), password, like=self._dummy_hash(),
                                  account=to_text(stored_name))
         return AuthResult(to_text(stored_name), int(user_id))
-
-
-def _encodable(name: str) -> bool:
-    """Whether a user name can be sent to the database (not: undecodable octets)."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 MySQLAdapter.__doc__ = (MySQLAdapter.__doc__ or "") + _CONFIG_DOC

@@ -35,6 +35,7 @@ from .base import (
     MessageGone,
     MessageInfo,
     TemporaryFailure,
+    encodable,
     normalize_secret,
 )
 from .mysql_sql import message_info, to_bytes
@@ -219,7 +220,7 @@ class SQLSession(MailboxSession[None]):
             return AuthResult(username)
         name = credentials.username
         rows: list[Any] = []
-        if 0 < len(name) <= 255 and _encodable(name):
+        if 0 < len(name) <= 255 and encodable(name):
             rows = adapter.password_rows(name)
         like = adapter.reference_hash()
         if len(rows) != 1 or rows[0][0] is None:
@@ -404,10 +405,3 @@ class SQLSession(MailboxSession[None]):
                                           for uid in known], query.key)
         return DeleteResult(failed)
 
-
-def _encodable(name: str) -> bool:
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True

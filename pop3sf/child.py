@@ -94,8 +94,7 @@ class RemoteGate(VerificationGate):
                 return
             self._local.add(key)
             self.verifying.add(group, 1)
-            self.running[group] += 1
-            self._holders[key] = group
+            self._hold(key, group)
             start()
             return
         ident = next(self._ids)
@@ -124,17 +123,13 @@ class RemoteGate(VerificationGate):
             self.channel.send("fin", str(ident))
             waiter.refuse(why)
             return
-        self.running[group] += 1
-        self._holders[waiter.key] = group
+        self._hold(waiter.key, group)
         waiter.start()
 
     def finished(self, key: object) -> None:
-        group = self._holders.pop(key, None)
+        group = self._release(key)
         if group is None:
             return
-        self.running[group] -= 1
-        if self.running[group] <= 0:
-            del self.running[group]
         if key in self._local:
             self._local.discard(key)
             self.verifying.add(group, -1)

@@ -162,14 +162,25 @@ class VerificationGate:
     def is_running(self, key: object) -> bool:
         return key in self._holders
 
+    def _hold(self, key: object, group: str) -> None:
+        """``key``'s verification starts: it counts against its group until released."""
+        self.running[group] += 1
+        self._holders[key] = group
+
+    def _release(self, key: object) -> str | None:
+        """``key``'s verification no longer counts; its group, or None if it held nothing."""
+        group = self._holders.pop(key, None)
+        if group is not None:
+            self.running[group] -= 1
+            if self.running[group] <= 0:
+                del self.running[group]
+        return group
+
     def finished(self, key: object) -> None:
         """The verification of ``key`` ended (its result arrived, or its session did)."""
-        group = self._holders.pop(key, None)
+        group = self._release(key)
         if group is None:
             return
-        self.running[group] -= 1
-        if self.running[group] <= 0:
-            del self.running[group]
         if group in self.waiting:
             self.loop.call_soon(lambda: self._pump(group))
 
@@ -200,8 +211,7 @@ class VerificationGate:
             if why is not None:
                 waiter.refuse(why)
                 continue
-            self.running[group] += 1
-            self._holders[waiter.key] = group
+            self._hold(waiter.key, group)
             waiter.start()
         if queue is not None and not queue:
             self._forget(group)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pytest
+from fetchmail import Fetchmail
 from pop3sf.adapters.base import (
     AuthenticationFailed,
     AuthResult,
@@ -670,23 +671,11 @@ def test_e2e_fetchmail_reads_and_deletes(tmp_path: Path, root: Path) -> None:
     d = make_user(root, "alice", "fetch pw")
     put(d, "1.eml", b"From: a@example.org\nSubject: first\n\nhello\n", T0)
     put(d, "2.txt", "Grüße vom Server\n".encode(), T0 + 1)
-    home = tmp_path / "fetchmail-home"
-    home.mkdir(mode=0o700)
-    out = tmp_path / "delivered.mbox"
     with running_server("directory_multi", {"root": str(root), "bcrypt_rounds": 4}) as srv:
-        rc = home / "fetchmailrc"
-        rc.write_text(
-            f"set no syslog\n"
-            f"poll 127.0.0.1 service {srv.port} protocol pop3 uidl\n"
-            f"  user alice password \"fetch pw\" is root here\n"
-            f"  sslproto '' nokeep fetchall\n"
-            f"  mda \"/bin/sh -c 'cat >> {out}; echo >> {out}'\"\n")
-        rc.chmod(0o600)
-        proc = subprocess.run(["fetchmail", "-f", str(rc), "--nodetach", "-v"],
-                              env={**os.environ, "FETCHMAILHOME": str(home), "HOME": str(home)},
-                              capture_output=True, text=True, timeout=120)
+        fetchmail = Fetchmail(tmp_path, srv.port, "alice", "fetch pw")
+        proc = fetchmail.run()
         assert proc.returncode == 0, proc.stdout + proc.stderr
-    delivered = out.read_bytes()
+    delivered = fetchmail.delivered()
     assert b"Subject: first" in delivered and b"hello" in delivered
     assert "Grüße vom Server".encode() in delivered
     assert sorted(p.name for p in d.iterdir()) == [LOCK_FILE, PASSWORD_FILE]  # fetched, deleted

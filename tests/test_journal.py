@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fetchmail import Fetchmail
 from journald import available, write_entries
 from pop3sf.adapters import ConfigError, load_adapter_class
 from pop3sf.adapters.hidden import HiddenStore
@@ -234,27 +235,14 @@ def test_window_and_cap(logs: Path, tmp_path: Path) -> None:
 
 @pytest.mark.skipif(shutil.which("fetchmail") is None, reason="fetchmail not installed")
 def test_fetchmail_fetches_then_finds_nothing_new(logs: Path, tmp_path: Path) -> None:
-    home = tmp_path / "fetchmail-home"
-    home.mkdir(mode=0o700)
-    out = tmp_path / "delivered.mbox"
     cfg = config(logs, tmp_path / "state", backup={"matches": "SYSLOG_IDENTIFIER=backup"})
     with running_server("journal", cfg) as srv:
-        rc = home / "fetchmailrc"
-        rc.write_text(
-            f"set no syslog\n"
-            f"poll 127.0.0.1 service {srv.port} protocol pop3 uidl\n"
-            f"  user backup password \"pw\" is root here\n"
-            f"  sslproto '' nokeep fetchall\n"
-            f"  mda \"/bin/sh -c 'cat >> {out}; echo >> {out}'\"\n")
-        rc.chmod(0o600)
-        env = {**os.environ, "FETCHMAILHOME": str(home), "HOME": str(home)}
-        proc = subprocess.run(["fetchmail", "-f", str(rc), "--nodetach", "-v"], env=env,
-                              capture_output=True, text=True, timeout=120)
+        fetchmail = Fetchmail(tmp_path, srv.port, "backup", "pw")
+        proc = fetchmail.run()
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        again = subprocess.run(["fetchmail", "-f", str(rc), "--nodetach"], env=env,
-                               capture_output=True, text=True, timeout=120)
+        again = fetchmail.run()
         assert again.returncode == 1, again.stdout + again.stderr  # 1: no mail
-    delivered = out.read_bytes()
+    delivered = fetchmail.delivered()
     assert delivered.count(b"\nSubject: [backup] ") + delivered.startswith(b"Subject") == 3
     assert b"disk full on /srv" in delivered
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fetchmail import Fetchmail
 from mariadb import MariaDBServer, mariadb  # noqa: F401  (fixture)
 from pop3sf.adapters.base import ConfigError, Credentials, Peer, TemporaryFailure
 from pop3sf.adapters.hidden import HiddenStore
@@ -719,28 +720,15 @@ def test_fetchmail_reads_and_marks_rows_seen(backend: Backend, tmp_path: Path) -
     does) and deletes; the delete query marks them seen, so a second run finds nothing."""
     backend.add(body="disk full on /srv\nretrying\n", title="backup: failed", who="cron <c@h>")
     backend.add(body="Grüße\r\n", title="naïve café", i=1)
-    home = tmp_path / "fetchmail-home"
-    home.mkdir(mode=0o700)
-    out = tmp_path / "delivered.mbox"
     cfg = backend.config(**RENDERED, **SINGLE, deletion="query",
                          delete_query="UPDATE ev SET seen = 1 WHERE id = :id")
     with running_server("sql", cfg) as srv:
-        rc = home / "fetchmailrc"
-        rc.write_text(
-            f"set no syslog\n"
-            f"poll 127.0.0.1 service {srv.port} protocol pop3 uidl\n"
-            f"  user alice password \"pw\" is root here\n"
-            f"  sslproto '' nokeep fetchall\n"
-            f"  mda \"/bin/sh -c 'cat >> {out}; echo >> {out}'\"\n")
-        rc.chmod(0o600)
-        env = {**os.environ, "FETCHMAILHOME": str(home), "HOME": str(home)}
-        proc = subprocess.run(["fetchmail", "-f", str(rc), "--nodetach", "-v"], env=env,
-                              capture_output=True, text=True, timeout=120)
+        fetchmail = Fetchmail(tmp_path, srv.port, "alice", "pw")
+        proc = fetchmail.run()
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        again = subprocess.run(["fetchmail", "-f", str(rc), "--nodetach"], env=env,
-                               capture_output=True, text=True, timeout=120)
+        again = fetchmail.run()
         assert again.returncode == 1, again.stdout + again.stderr  # 1: no mail
-    delivered = out.read_bytes()
+    delivered = fetchmail.delivered()
     assert b"Subject: backup: failed" in delivered and b"disk full on /srv" in delivered
     assert "Grüße".encode() in delivered and b"From: cron <c@h>" in delivered
     assert sorted(r[0] for r in backend.sql("SELECT seen FROM ev")) == [1, 1]
