@@ -40,7 +40,10 @@ import servers
 
 HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
-DEFAULT_PYTHON = str(PROJECT / ".venv" / "bin" / "python")
+#: What runs pop3sf: the committed snapshot runs as the .deb runs it, on Debian's Python with
+#: Debian's packages and byte-compiled code; the work tree (--worktree) from the venv.
+SNAPSHOT_PYTHON = "/usr/bin/python3"
+WORKTREE_PYTHON = str(PROJECT / ".venv" / "bin" / "python")
 
 Figures = dict[str, float]
 
@@ -705,8 +708,9 @@ def git_rev() -> str:
         return "?"
 
 
-def pop3sf_available(python: str) -> bool:
-    return subprocess.run([python, "-c", "import pop3sf.cli, pop3sf.adapters.maildir"],
+def pop3sf_available(python: str, source: Path | None) -> bool:
+    env = None if source is None else {**os.environ, "PYTHONPATH": str(source)}
+    return subprocess.run([python, "-c", "import pop3sf.cli, pop3sf.adapters.maildir"], env=env,
                           capture_output=True).returncode == 0
 
 
@@ -722,7 +726,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--twisted-venv", type=Path, default=servers.TWISTED_VENV,
                     help="the benchmark-only venv with Twisted (created on first use)")
     ap.add_argument("--data-dir", type=Path, default=seed.DEFAULT_ROOT)
-    ap.add_argument("--python", default=DEFAULT_PYTHON, help="the Python that runs pop3sf")
+    ap.add_argument("--python", help=f"the Python that runs pop3sf (default {SNAPSHOT_PYTHON}, "
+                    f"or {WORKTREE_PYTHON} with --worktree)")
     ap.add_argument("--output", type=Path, help="Markdown report (default benchmarks/results/"
                     "RESULTS-<profile>.md)")
     ap.add_argument("--list", action="store_true", help="list the scenarios")
@@ -737,17 +742,15 @@ def main(argv: list[str] | None = None) -> int:
         for sc in SCENARIOS:
             print(f"{sc.name:16} {sc.title}")
         return 0
-    args.python = os.path.abspath(args.python)  # servers run in their own directories
+    # servers run in their own directories
+    args.python = os.path.abspath(args.python or (WORKTREE_PYTHON if args.worktree
+                                                  else SNAPSHOT_PYTHON))
     rounds = args.rounds or (1 if args.quick else 3)
     names = [s for s in args.servers.split(",") if s]
     unknown = set(names) - set(DISPLAY)
     if unknown:
         ap.error(f"unknown server(s) {', '.join(sorted(unknown))}; choose from "
                  + ", ".join(DISPLAY))
-    if "pop3sf" in names and not pop3sf_available(args.python):
-        print("pop3sf (pop3sf.cli with the maildir adapter) not importable with "
-              f"{args.python}: running Dovecot alone", file=sys.stderr)
-        names.remove("pop3sf")
     chosen = [sc for sc in SCENARIOS if not args.only or sc.name in args.only.split(",")]
     if not chosen or not names:
         ap.error("nothing to run")
@@ -769,9 +772,15 @@ def main(argv: list[str] | None = None) -> int:
                 ap.error("nothing to run")
     if "pop3sf" in names and not args.worktree:
         try:
-            ctx.source = servers.snapshot_source(PROJECT, work / "pop3sf-src")
+            ctx.source = servers.snapshot_source(PROJECT, work / "pop3sf-src", args.python)
         except (OSError, subprocess.CalledProcessError) as exc:  # no git checkout: the tree
             print(f"no git snapshot ({exc}); running pop3sf from the tree", file=sys.stderr)
+    if "pop3sf" in names and not pop3sf_available(args.python, ctx.source):
+        print("pop3sf (pop3sf.cli with the maildir adapter) not importable with "
+              f"{args.python}: running without it", file=sys.stderr)
+        names.remove("pop3sf")
+        if not names:
+            ap.error("nothing to run")
     ctx.rev = git_rev()
     if args.pyspy:
         if not pyspy.available():

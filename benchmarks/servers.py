@@ -374,9 +374,11 @@ class Twisted(Server):
         return {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
 
 
-def snapshot_source(project: Path, dest: Path, rev: str = "HEAD") -> Path:
+def snapshot_source(project: Path, dest: Path, python: str, rev: str = "HEAD") -> Path:
     """The committed server at ``rev`` laid out as installed (``adapters/`` as
-    ``pop3sf/adapters``), so edits in progress in the work tree don't leak into a run."""
+    ``pop3sf/adapters``), so edits in progress in the work tree don't leak into a run, and
+    byte-compiled by *python* as the .deb's py3compile does (without it, and with
+    PYTHONDONTWRITEBYTECODE, every start would compile every module again)."""
     dest.mkdir(parents=True)
     archive = subprocess.run(["git", "-C", str(project), "archive", rev, "pop3sf", "adapters",
                               "auxiliary"], check=True, capture_output=True).stdout
@@ -384,5 +386,6 @@ def snapshot_source(project: Path, dest: Path, rev: str = "HEAD") -> Path:
     for sub in ("adapters", "auxiliary"):
         if (dest / sub).is_dir():
             (dest / sub).rename(dest / "pop3sf" / sub)
+    subprocess.run([python, "-m", "compileall", "-q", str(dest)], check=True)
     os.chmod(dest, 0o755)
     return dest

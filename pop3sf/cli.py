@@ -147,7 +147,10 @@ def _run(args: argparse.Namespace) -> int:
         settings = load_config(args.config, resolve=False)
         account = service_account(settings)
         target = logs.resolve_target(settings.logging, detach, settings.source)
-        check_as_service(settings, account, connect=args.check_config and not args.no_connect)
+        if args.check_config or detach:
+            # In the foreground, starting the server is this check (as the service user, after
+            # binding): doing it twice would double the start-up's CPU.
+            check_as_service(settings, account, connect=args.check_config and not args.no_connect)
     except ConfigError as exc:
         _fail(str(exc))
         return EX_CONFIG     # systemd's RestartPreventExitStatus= stops a restart loop

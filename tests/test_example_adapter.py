@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pop3sf.adapters import ConfigError, load_adapter_class
+from pop3sf.adapters import BUNDLED, ConfigError, load_adapter_class, registered
 
 from pop3sf.passwords import hash_bcrypt
 from pop3sf.testing import AdapterConformance, running_server
@@ -75,6 +75,14 @@ class TestSQLiteLogConformance(AdapterConformance):
 def test_loaded_by_module_class_path() -> None:
     cls = load_adapter_class(TYPE)
     assert cls.__name__ == "SQLiteLogAdapter"
+
+
+def test_the_bundled_table_is_what_the_package_registers() -> None:
+    """Start-up resolves bundled adapter names from a table, not from the package metadata;
+    both must name the same classes (a third-party package may register more names)."""
+    assert {name: registered()[name] for name in BUNDLED} == BUNDLED
+    for name in BUNDLED:
+        assert load_adapter_class(name).__module__.startswith("pop3sf.adapters.")
 
 
 def test_a_poplib_session_reads_and_deletes_rows(tmp_path: Path) -> None:
