@@ -150,6 +150,8 @@ class Server:
                             raise ConnectionError("closed before the greeting")
                         buf += data
                     out["greeting_ms"] = (time.perf_counter() - t0) * 1000
+                    out["greeting_cpu_ms"] = procstat.precise_cpu_seconds(
+                        procstat.tree_pids(self.pid)) * 1000
                     if not buf.startswith(b"+OK"):
                         raise RuntimeError(f"greeting: {buf[:80]!r}")
                     s.sendall(b"QUIT\r\n")

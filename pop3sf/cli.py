@@ -11,15 +11,13 @@ first (:func:`check_as_service`).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
-
-from pop3sf.adapters import Adapter
+from typing import TYPE_CHECKING
 
 from . import __version__, logs
 from .config import (
@@ -32,8 +30,11 @@ from .config import (
     service_account,
 )
 from .listeners import ListeningSocket, open_listeners
-from .server import Server
-from .tls import make_context
+
+if TYPE_CHECKING:  # the server is imported once the sockets listen: they queue clients meanwhile
+    from pop3sf.adapters import Adapter
+
+    from .server import Server
 
 DEFAULT_CONFIG = "/etc/pop3sf.conf"
 #: sysexits.h EX_CONFIG: the configuration can't work; systemd does not restart on it.
@@ -65,6 +66,8 @@ def _fail(message: str, status: int = EX_CONFIG) -> int:
 def check(settings: Settings, connect: bool = False) -> None:
     """Everything start-up would check, without binding: certificates and the adapter config;
     with *connect*, reaching the data source too (:meth:`Adapter.probe`)."""
+    from .tls import make_context
+
     make_context(settings.tls, settings.source)
     adapter_class = settings.adapter_class
     adapter = None
@@ -122,6 +125,8 @@ def check_as_service(settings: Settings, account: ServiceAccount | None,
 def limit_malloc_arenas(arenas: int = 2) -> None:
     """glibc gives each worker thread its own malloc arena and keeps freed chunk buffers in
     each; two arenas keep the server's footprint flat while it streams big messages."""
+    import ctypes
+
     try:
         ctypes.CDLL(None).mallopt(-8, arenas)  # M_ARENA_MAX
     except (OSError, AttributeError):
@@ -208,6 +213,8 @@ def _serve(settings: Settings, account: ServiceAccount | None, target: str,
     limit_malloc_arenas()
     if settings.server.processes > 1:
         return _supervise(settings, account, target, listeners, path)
+    from .server import Server
+
     conf = settings.logging
     pipeline = logs.setup_logging(target, conf.level, conf.queue_size, conf.file)
     try:
