@@ -308,9 +308,9 @@ def child_settings(settings: Settings, index: int) -> Settings:
     all: more threads than cores only fight over the CPUs (bcrypt) and each GIL."""
     server, workers = settings.server, settings.workers
     if index and server.control_socket:
-        server = dataclasses.replace(server, control_socket=f"{server.control_socket}.{index}")
+        server = server._replace(control_socket=f"{server.control_socket}.{index}")
     share = max(1, max(2, os.cpu_count() or 2) // server.processes)
-    workers = dataclasses.replace(workers, auth_threads=workers.auth_threads or share,
+    workers = workers._replace(auth_threads=workers.auth_threads or share,
                                   mailbox_threads=workers.mailbox_threads or share)
     return dataclasses.replace(settings, server=server, workers=workers)
 

@@ -15,7 +15,7 @@ import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, NamedTuple
 
 from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_values
 from validate import Validator
@@ -30,8 +30,7 @@ log = logging.getLogger("pop3sf.config")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-@dataclass(frozen=True)
-class ServerSection:
+class ServerSection(NamedTuple):
     user: str
     group: str
     pidfile: str
@@ -41,22 +40,22 @@ class ServerSection:
     processes: int = 1
 
 
-@dataclass(frozen=True)
-class MetricsSection:
+class MetricsSection(NamedTuple):
     #: (host, port) of the OpenMetrics endpoint, or None (off).
     listen: tuple[str, int] | None = None
 
 
-@dataclass(frozen=True)
-class LoggingSection:
+NO_METRICS = MetricsSection()
+
+
+class LoggingSection(NamedTuple):
     target: str
     level: str
     queue_size: int
     file: str
 
 
-@dataclass(frozen=True)
-class Listener:
+class Listener(NamedTuple):
     """One ``[listeners]`` subsection. With ``proxy_protocol`` other than ``no`` every
     connection must come from ``trusted_proxies`` and start with a PROXY header naming the
     client (docs/deployment.md); ``proxy_tls_trusted`` lets the header's SSL TLV count as TLS."""
@@ -69,15 +68,13 @@ class Listener:
     proxy_tls_trusted: bool = False
 
 
-@dataclass(frozen=True)
-class TLSSection:
+class TLSSection(NamedTuple):
     certificate: str
     private_key: str
     ciphers: str
 
 
-@dataclass(frozen=True)
-class ProtocolSection:
+class ProtocolSection(NamedTuple):
     implementation_version: bool
     non_utf8_clients: str
     max_line_length: int
@@ -85,8 +82,7 @@ class ProtocolSection:
     output_backlog: int
 
 
-@dataclass(frozen=True)
-class AuthSection:
+class AuthSection(NamedTuple):
     plaintext_auth_networks: tuple[Network, ...]
     penalty_initial: float
     penalty_max: float
@@ -96,8 +92,7 @@ class AuthSection:
     max_auth_in_flight_per_address: int
 
 
-@dataclass(frozen=True)
-class LimitsSection:
+class LimitsSection(NamedTuple):
     max_connections: int
     max_connections_per_address: int
     max_sessions_per_user: int
@@ -111,14 +106,15 @@ class LimitsSection:
     proxy_header_timeout: float
 
 
-@dataclass(frozen=True)
-class WorkersSection:
+class WorkersSection(NamedTuple):
     auth_threads: int
     mailbox_threads: int
     call_timeout: float
     max_stuck_calls: int
 
 
+# The sections are named tuples, cheaper to define than dataclasses (start-up runs every
+# definition); Settings stays a dataclass for its cached adapter lookup.
 @dataclass(frozen=True)
 class Settings:
     source: str
@@ -133,7 +129,7 @@ class Settings:
     adapter_type: str
     adapter_keys: dict[str, Any] = field(repr=False)
     raw: ConfigObj = field(repr=False, compare=False)
-    metrics: MetricsSection = MetricsSection()
+    metrics: MetricsSection = NO_METRICS
 
     @property
     def service_user(self) -> str:
@@ -341,8 +337,7 @@ def parse_processes(text: str, source: str) -> int:
                       "a number from 1 to 256)")
 
 
-@dataclass(frozen=True)
-class ServiceAccount:
+class ServiceAccount(NamedTuple):
     """``[server] user``/``group`` resolved: who the server runs as once it dropped root."""
 
     name: str

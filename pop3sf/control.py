@@ -14,7 +14,6 @@ reply, ``{"ok": true, "count": N}`` or ``{"ok": false, "error": "..."}``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import selectors
@@ -134,6 +133,8 @@ class ControlServer:
     # -- requests -----------------------------------------------------------------------------
     def handle(self, line: bytes, peer: str) -> Iterator[bytes]:
         """The reply to one request line, in pieces to send one after the other."""
+        import json  # here, not at start-up: the control socket is for the admin's rare use
+
         try:
             request = json.loads(line)
         except (ValueError, UnicodeDecodeError):
@@ -265,6 +266,8 @@ class _Client:
 
 
 def _reply(reply: dict[str, Any]) -> bytes:
+    import json
+
     return json.dumps(reply, separators=(",", ":")).encode() + b"\n"
 
 
@@ -335,6 +338,8 @@ def ask(path: str, request: dict[str, Any], timeout: float = 10.0) -> dict[str, 
     """Send one request; return its status line with the session lines as ``sessions``.
     Raises OSError (FileNotFoundError, ConnectionRefusedError, PermissionError, TimeoutError)
     or ValueError for a reply cut short or not from pop3sf."""
+    import json
+
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(path)

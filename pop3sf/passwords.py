@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import binascii
 import ctypes
-import ctypes.util
 import functools
 import hashlib
 import hmac
@@ -28,8 +27,6 @@ import threading
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
-
-import bcrypt
 
 log = logging.getLogger("pop3sf.passwords")
 
@@ -58,6 +55,8 @@ class UnknownScheme(ValueError):
 
 def hash_bcrypt(password: bytes, rounds: int = 12) -> str:
     """A new bcrypt hash, as ``pop3sf-admin`` stores it."""
+    import bcrypt  # only bcrypt hashes need it; start-up doesn't
+
     return bcrypt.hashpw(password[:BCRYPT_MAX], bcrypt.gensalt(rounds=rounds)).decode("ascii")
 
 
@@ -72,6 +71,8 @@ def check_bcrypt(stored: str | bytes, password: bytes) -> bool:
         return computed is not None and hmac.compare_digest(
             computed.encode("ascii", "replace"), stored_b)
     try:
+        import bcrypt
+
         return bcrypt.checkpw(password[:BCRYPT_MAX], stored_b)
     except ValueError:
         return False
@@ -90,20 +91,25 @@ def _load_crypt_r() -> Any:
         return _crypt_r
     with _crypt_lock:
         if _crypt_r is None and not _crypt_missing:
-            for name in ("libcrypt.so.1", ctypes.util.find_library("crypt")):
-                if not name:
-                    continue
-                try:
-                    func = ctypes.CDLL(name, use_errno=True).crypt_r
-                except (OSError, AttributeError):
-                    continue
-                func.restype = ctypes.c_char_p
-                func.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p]
-                _crypt_r = func
-                break
-            else:
-                _crypt_missing = True
+            _crypt_r = _crypt_r_from("libcrypt.so.1")
+            if _crypt_r is None:
+                import ctypes.util  # runs ldconfig: only where the usual name is missing
+
+                _crypt_r = _crypt_r_from(ctypes.util.find_library("crypt"))
+            _crypt_missing = _crypt_r is None
     return _crypt_r
+
+
+def _crypt_r_from(library: str | None) -> Any:
+    if not library:
+        return None
+    try:
+        func = ctypes.CDLL(library, use_errno=True).crypt_r
+    except (OSError, AttributeError):
+        return None
+    func.restype = ctypes.c_char_p
+    func.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p]
+    return func
 
 
 def crypt_available() -> bool:
@@ -304,6 +310,8 @@ def reference(secrets: Iterable[str]) -> str | None:
 
 @functools.cache
 def _dummy_bcrypt() -> str:
+    import bcrypt
+
     return bcrypt.hashpw(b"pop3sf-dummy", bcrypt.gensalt(rounds=12)).decode("ascii")
 
 

@@ -17,10 +17,11 @@ this server does not serve (UNSPEC, UNIX, datagrams) mean "use the real connecti
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_PREFIX = b"PROXY "
@@ -35,8 +36,7 @@ PP2_CLIENT_SSL = 0x01
 VERSIONS = {"v1": (1,), "v2": (2,), "any": (1, 2)}
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
     """What a valid header says. ``source`` is None when the real connection's endpoints are
     to be used (LOCAL, UNKNOWN, an unsupported family); ``tls`` is whether a v2 SSL TLV says
     the client reached the proxy over TLS (trusted only if the listener says so)."""
@@ -49,14 +49,12 @@ class Header:
     tls_version: str = ""
 
 
-@dataclass(frozen=True)
-class Done:
+class Done(NamedTuple):
     header: Header
     consumed: int
 
 
-@dataclass(frozen=True)
-class Invalid:
+class Invalid(NamedTuple):
     reason: str
 
 
@@ -203,6 +201,7 @@ def _tlvs(data: bytes) -> list[tuple[int, bytes, int]] | None:
     return found
 
 
+@functools.cache  # built on first use: most servers never see a CRC TLV
 def _crc32c_table() -> list[int]:
     table = []
     for i in range(256):
@@ -213,14 +212,13 @@ def _crc32c_table() -> list[int]:
     return table
 
 
-_CRC32C = _crc32c_table()
-
 
 def crc32c(data: bytes) -> int:
     """CRC32c (Castagnoli, RFC 4960 appendix B), as the PP2_TYPE_CRC32C TLV carries it."""
+    table = _crc32c_table()
     crc = 0xFFFFFFFF
     for byte in data:
-        crc = _CRC32C[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
     return crc ^ 0xFFFFFFFF
 
 

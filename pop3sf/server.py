@@ -337,10 +337,9 @@ class Server:
             settings,
             listeners=old.listeners,
             metrics=old.metrics,
-            server=dataclasses.replace(old.server, shutdown_grace=settings.server.shutdown_grace),
-            logging=dataclasses.replace(old.logging, level=settings.logging.level),
-            workers=dataclasses.replace(old.workers,
-                                        max_stuck_calls=settings.workers.max_stuck_calls),
+            server=old.server._replace(shutdown_grace=settings.server.shutdown_grace),
+            logging=old.logging._replace(level=settings.logging.level),
+            workers=old.workers._replace(max_stuck_calls=settings.workers.max_stuck_calls),
         )
         kept = [name for name, new, now in (
             ("[listeners]", settings.listeners, old.listeners),
