@@ -266,10 +266,6 @@ bcrypt_rounds = integer(4, 31, default=12)
     def _check_paths(self, options: Mapping[str, Any]) -> None:
         require_directory(options["root"], "root")
 
-    def start(self) -> None:
-        super().start()
-        self.reference()  # hashed now, not during the first login
-
     def reference(self) -> str:
         """A hash of the cost new users get: every login spends one check of this cost."""
         rounds = self.options["bcrypt_rounds"]
@@ -313,7 +309,11 @@ bcrypt_rounds = integer(4, 31, default=12)
                 stored = password_file(user_fd)
             except (NoPasswordFile, UnreadablePasswordFile) as exc:
                 self.deny(password, str(exc), username)
-            passwords.verify_or_deny(stored, password, like=self.reference(), account=username)
+            # A hash of the reference's cost needs no padding, and no reference: hashing one
+            # (a third of a second at cost 12) waits for the first login that needs it.
+            same = passwords.cost_class(stored) == f"bcrypt${self.options['bcrypt_rounds']:02d}"
+            like = None if same else self.reference()
+            passwords.verify_or_deny(stored, password, like=like, account=username)
         except BaseException:
             os.close(user_fd)
             raise

@@ -358,22 +358,19 @@ class MaildirSession(MailboxSession["Place"]):
             return self._fd
         if not self.path:
             raise TemporaryFailure("not logged in")
-        root = self.options["root"]
-        real = os.path.realpath(self.path)
-        if root and not _inside(real, os.path.realpath(root)):
-            raise PermanentFailure("Maildir outside the configured root")
-        try:
-            fd = os.open(real, _DIR_FLAGS | os.O_NOFOLLOW)
+        try:  # symlinks followed, as an admin's symlinked Maildir needs
+            fd = os.open(self.path, _DIR_FLAGS)
         except FileNotFoundError:
             self._missing = True
             return None
         except OSError as exc:
             raise TemporaryFailure(f"cannot open Maildir {self.path}: {exc.strerror}") from exc
+        root = self.options["root"]
         if root:
             try:  # what was opened, whatever was swapped in between
                 opened = os.readlink(f"/proc/self/fd/{fd}")
             except OSError:
-                opened = real
+                opened = os.path.realpath(self.path)
             if not _inside(opened, os.path.realpath(root)):
                 os.close(fd)
                 raise PermanentFailure("Maildir outside the configured root")
