@@ -55,8 +55,11 @@ def show(*props: str) -> dict[str, str]:
 
 
 def stop_service() -> None:
-    """Stop the service and wait until it is inactive, with the socket still listening."""
+    """Stop the service and wait until it is inactive, with the socket still listening.
+    reset-failed clears the start rate limit (5 starts in 10 s by default): past it systemd
+    fails the socket and resets the connection, and this loop starts every ~2 s."""
     systemctl("stop", SERVICE)
+    systemctl("reset-failed", SERVICE)
     deadline = time.monotonic() + 30
     while systemctl("is-active", SERVICE) != "inactive":
         if time.monotonic() > deadline:
