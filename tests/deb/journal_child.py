@@ -1,6 +1,6 @@
 """Test child: log through pop3sf.systemd.journal_handler() (meant to run under
-with-journald.sh). ``--no-python-systemd`` hides python3-systemd to exercise the native
-protocol fallback. The marker in argv[1] tags every record so the test can find them."""
+with-journald.sh). ``--no-python-systemd`` hides python3-systemd: the handler must not
+need it. The marker in argv[1] tags every record so the test can find them."""
 
 import logging
 import sys
