@@ -37,6 +37,8 @@ WRITE = selectors.EVENT_WRITE
 #: Under glibc's mmap threshold (128 KiB): a larger recv buffer is an mmap, an mremap and a munmap
 #: per read, a tenth of a login's kernel time; a client's commands never need more.
 RECV_SIZE = 64 * 1024
+#: "No deadline": one shared float (each ``float("inf")`` is a new object, per connection).
+NEVER = float("inf")
 
 
 class Connection:
@@ -81,14 +83,14 @@ class Connection:
         self.timer: Timer | None = None
         limits = server.settings.limits
         self.auth_deadline = self.created + limits.authorization_timeout
-        self.handshake_deadline = float("inf")
+        self.handshake_deadline = NEVER
         self.idle_deadline = self.created + limits.idle_timeout
-        self.stall_deadline = float("inf")
+        self.stall_deadline = NEVER
         self.close_when_flushed = False
         self.bytes_out = 0
         self.proxy_versions = proxy_versions  # non-empty while a PROXY header is awaited
         self.proxy_deadline = (self.created + limits.proxy_header_timeout if proxy_versions
-                               else float("inf"))
+                               else NEVER)
         self.proxied_by: str | None = None  # the load balancer's address, once it named us
         self.proxy_tls = False  # the header's SSL TLV, on a listener that trusts it
 
@@ -214,7 +216,7 @@ class Connection:
             self.close("TLS handshake failed")
             return
         self.handshaking = False
-        self.handshake_deadline = float("inf")
+        self.handshake_deadline = NEVER
         self._pump_tls_out()
         assert self.session is not None
         self.session.tls_established()
@@ -291,7 +293,7 @@ class Connection:
         assert isinstance(result, proxy.Done)
         del self.inbuf[:result.consumed]
         self.proxy_versions = ()
-        self.proxy_deadline = float("inf")
+        self.proxy_deadline = NEVER
         why = self.server.proxied(self, result.header)
         if why is not None:
             self.close(why)
@@ -377,15 +379,15 @@ class Connection:
             if sent:
                 del buf[:sent]
                 self.bytes_out += sent
-                self.stall_deadline = float("inf")
+                self.stall_deadline = NEVER
         if buf:
-            if self.stall_deadline == float("inf"):
+            if self.stall_deadline == NEVER:
                 self.stall_deadline = time.monotonic() + \
                     self.server.settings.limits.send_stall_timeout
                 self._arm()
             self._set_events(self.events | WRITE)
             return
-        self.stall_deadline = float("inf")
+        self.stall_deadline = NEVER
         self._set_events(self.events & ~WRITE)
         if self.close_when_flushed:
             self.close(self.session.close_reason if self.session else "")
