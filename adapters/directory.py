@@ -24,7 +24,6 @@ import os
 import re
 import stat
 import time
-import uuid
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, NoReturn
@@ -583,7 +582,7 @@ class DirectorySession(MailboxSession[Located]):
 
     def _delete_one(self, dir_fd: int, entry: _Entry) -> bool:
         """Unlink the listed file; False if it was already gone."""
-        aside = f"{_ASIDE_PREFIX}{uuid.uuid4().hex}"
+        aside = f"{_ASIDE_PREFIX}{os.urandom(16).hex()}"
         try:
             os.rename(entry.name, aside, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except FileNotFoundError:

@@ -14,7 +14,6 @@ import base64
 import binascii
 import codecs
 import datetime
-import email.utils
 import hashlib
 import io
 import re
@@ -155,6 +154,8 @@ def address_field(value: str) -> str:
     value = _clean(value)
     if value.isascii():
         return value
+    import email.utils  # 7 ms at start-up otherwise; the first rendered message pays it
+
     name, addr = email.utils.parseaddr(value)
     if not addr or "@" not in addr:
         return value  # not an address; left as UTF-8 (the server downgrades it for old clients)
@@ -173,6 +174,8 @@ def message_id(uid: str) -> str:
 
 def _header(*, uid: str, name: str, date: datetime.datetime, from_addr: str, to_addr: str,
             qp: bool) -> bytes:
+    import email.utils
+
     if date.tzinfo is None:
         date = date.replace(tzinfo=datetime.UTC)
     date = date.astimezone(datetime.UTC).replace(microsecond=0)

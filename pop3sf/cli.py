@@ -44,8 +44,15 @@ EX_SOFTWARE = 70
 log = logging.getLogger("pop3sf")
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=78)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pop3sf", description="POP3 server framework daemon.")
+    # A fixed width: finding the terminal's would import shutil (and bz2, lzma) at every start.
+    p = argparse.ArgumentParser(prog="pop3sf", description="POP3 server framework daemon.",
+                                formatter_class=_HelpFormatter)
     p.add_argument("--config", "-c", default=DEFAULT_CONFIG, help="config file "
                    f"(default {DEFAULT_CONFIG})")
     p.add_argument("--check-config", action="store_true",
