@@ -25,8 +25,7 @@ import re
 import stat
 import time
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, BinaryIO, NoReturn
+from typing import Any, BinaryIO, NamedTuple, NoReturn
 
 from pop3sf import passwords
 
@@ -95,8 +94,7 @@ def _utc(st_mtime: float) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(st_mtime, tz=datetime.UTC)
 
 
-@dataclass(frozen=True)
-class _Entry:
+class _Entry(NamedTuple):
     name: str
     kind: str
     uid: str
@@ -111,8 +109,7 @@ class _Entry:
             (self.device, self.inode, self.raw_size, self.mtime_ns)
 
 
-@dataclass(frozen=True)
-class Located:
+class Located(NamedTuple):
     """What a directory login found (:attr:`AuthResult.found`): where unique ids are computed
     from. The open directory itself goes to the session at once, so it is closed however the
     login ends."""

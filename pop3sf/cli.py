@@ -131,7 +131,10 @@ def check_as_service(settings: Settings, account: ServiceAccount | None,
 
 def limit_malloc_arenas(arenas: int = 2) -> None:
     """glibc gives each worker thread its own malloc arena and keeps freed chunk buffers in
-    each; two arenas keep the server's footprint flat while it streams big messages."""
+    each; two arenas keep the server's footprint flat while it streams big messages. The
+    systemd unit sets MALLOC_ARENA_MAX, which glibc reads itself: no ctypes at start-up then."""
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return
     import ctypes
 
     try:

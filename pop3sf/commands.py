@@ -9,7 +9,7 @@ CAPA, the unknown-command answer, the pipelining look-ahead and the fuzz model a
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .sasl import MECHANISMS
 
@@ -23,8 +23,7 @@ VERIFICATION, CALL, TLS, LISTING, RETRIEVAL, COMMIT, CLOSING = (
     "verification", "call", "tls", "listing", "retrieval", "commit", "closing")
 
 
-@dataclass(frozen=True, slots=True)
-class Command:
+class Command(NamedTuple):
     verb: bytes
     states: frozenset[int]
     min_args: int = 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .config import ConfigError, Listener
 
@@ -13,8 +13,7 @@ log = logging.getLogger("pop3sf.listeners")
 BACKLOG = 1024
 
 
-@dataclass
-class ListeningSocket:
+class ListeningSocket(NamedTuple):
     name: str
     sock: socket.socket
     tls: bool
