@@ -275,6 +275,9 @@ class Adapter(abc.ABC):
     #: calls it on its loop when that is all there is to do (a QUIT with nothing to delete, a
     #: dropped connection): no worker round trip at logout.
     closes_inline: bool = False
+    #: True: a unique id always names the same octets (a Maildir file never changes), so the
+    #: server may keep recent TOP answers and answer a repeat without reading the message.
+    immutable_messages: bool = False
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         #: The section as given (without ``type``).

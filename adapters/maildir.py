@@ -157,6 +157,7 @@ cross_instance_lock = boolean(default=True)
     blocking = True
     list_with_login = True
     closes_inline = True
+    immutable_messages = True
     fds_per_session = 1  # the lock file of a read-write session
 
     def __init__(self, config: Mapping[str, Any]) -> None:

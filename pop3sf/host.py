@@ -19,6 +19,7 @@ from .accounts import Accounts
 from .config import Settings
 from .loop import EventLoop
 from .throttle import Penalties, VerificationGate
+from .topcache import TopCache
 
 
 class Host(Protocol):
@@ -32,6 +33,7 @@ class Host(Protocol):
     stats: collections.Counter[str]
     commands: collections.Counter[bytes]
     debug: bool  # log every command (decided once: the check costs even when filtered out)
+    top_cache: TopCache  # recent TOP answers, for an adapter with immutable messages
 
     def call_adapter(self, pool: str, func: Callable[..., Any], args: tuple[Any, ...],
                      done: Callable[[Any, BaseException | None], None],

@@ -5,12 +5,13 @@ its threshold, so memory per session is bounded by a constant whatever the messa
 pipelined run of RETR/TOP of small messages is read in one worker call instead, because a worker
 round trip costs more than reading a small message; each message's output in such a batch is
 capped, and the one that passes the cap streams like a big one. Commands behind the batch stay in
-the input buffer until their answers are written.
+the input buffer until their answers are written. A TOP whose answer is in the server's
+:class:`~pop3sf.topcache.TopCache` is answered at once, alone or inside a batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, Protocol
 
 from pop3sf.adapters import MailboxSession, PermanentFailure
@@ -36,6 +37,7 @@ class ReadingSession(calls.CallOwner, Protocol):
     """What a retrieval needs of its session."""
 
     conn: Connection
+    account: str | None
     blocked: str | None
     retrieval: Retrieval | None
     retrieved: int
@@ -50,12 +52,14 @@ class ReadingSession(calls.CallOwner, Protocol):
 class Retrieval:
     """A RETR/TOP in progress: its stream and encoder live on whichever thread reads next."""
 
-    __slots__ = ("uid", "encoder", "stream", "started", "eof", "read_size")
+    __slots__ = ("uid", "encoder", "stream", "started", "eof", "read_size", "cache_key")
 
-    def __init__(self, uid: str, encoder: WireEncoder, read_size: int = CHUNK) -> None:
+    def __init__(self, uid: str, encoder: WireEncoder, read_size: int = CHUNK,
+                 cache_key: Hashable | None = None) -> None:
         self.uid = uid
         self.encoder = encoder
         self.read_size = read_size
+        self.cache_key = cache_key  # where a TOP answer read in one piece is kept
         self.stream: Any = None
         self.started = False
         self.eof = False
@@ -67,6 +71,10 @@ Job = tuple[int, int | None]  # message index, TOP's line count (None: RETR)
 def retrieve(session: ReadingSession, n: int, top_lines: int | None) -> None:
     if n in session.drop.refuse:
         session.reply(ERR_NEEDS_UTF8)
+        return
+    cached = _cached(session, n, top_lines)
+    if cached is not None:
+        session.reply(cached)
         return
     session.blocked = RETRIEVAL
     if _batchable(session.drop, n, top_lines) and session.host.adapter.blocking:
@@ -81,10 +89,25 @@ def _stream(session: ReadingSession, n: int, top_lines: int | None) -> None:
     drop = session.drop
     encoder = WireEncoder(top_lines=top_lines, downgrade=n in drop.downgrade)
     session.retrieval = Retrieval(drop.infos[n].uid, encoder,
-                                  CHUNK if top_lines is None else _TOP_READ)
+                                  CHUNK if top_lines is None else _TOP_READ,
+                                  _cache_key(session, n, top_lines))
     if top_lines is None:
         session.retrieved += 1
     next_chunk(session)
+
+
+def _cache_key(session: ReadingSession, n: int, top_lines: int | None) -> Hashable | None:
+    """Where the answer of a TOP is kept: None for RETR, or for an adapter whose messages may
+    change under their unique id."""
+    if top_lines is None or not session.host.adapter.immutable_messages:
+        return None
+    drop = session.drop
+    return session.account, drop.infos[n].uid, drop.sizes[n], top_lines, n in drop.downgrade
+
+
+def _cached(session: ReadingSession, n: int, top_lines: int | None) -> bytes | None:
+    key = _cache_key(session, n, top_lines)
+    return None if key is None else session.host.top_cache.get(key)
 
 
 def _batchable(drop: Maildrop, n: int, top_lines: int | None) -> bool:
@@ -111,6 +134,11 @@ def _pipelined(session: ReadingSession, first: Job) -> tuple[list[Job | bytes], 
             if isinstance(n, bytes) or n in drop.refuse:
                 break
             top = None if command is COMMANDS[b"RETR"] else int(args[1])
+            cached = _cached(session, n, top)
+            if cached is not None:
+                items.append(cached)
+                ends.append(end)
+                continue
             if not _batchable(drop, n, top) or total > _BATCH_BYTES or reads >= _BATCH_MAX:
                 break
             total += min(drop.sizes[n], BATCH_SMALL)
@@ -176,7 +204,11 @@ def _batch_read(session: ReadingSession, items: list[Job | bytes], ends: list[in
             if result is None:  # over the cap (or never read): stream this one
                 capped = item
             elif isinstance(result, bytes):
-                out += (MESSAGE_FOLLOWS, result, END)
+                answer = MESSAGE_FOLLOWS + result + END
+                out.append(answer)
+                key = _cache_key(session, *item)
+                if key is not None:
+                    session.host.top_cache.put(key, answer)
                 session.retrieved += item[1] is None
             else:
                 failure = _as_failure(result)
@@ -217,6 +249,8 @@ def _chunk_read(session: ReadingSession, out: Any, error: BaseException | None) 
         return
     if not reading.started:
         reading.started = True
+        if reading.eof and reading.cache_key is not None:  # a TOP answered in one piece
+            session.host.top_cache.put(reading.cache_key, MESSAGE_FOLLOWS + out + END)
         conn.write(MESSAGE_FOLLOWS)
     conn.write(out)
     if reading.eof:

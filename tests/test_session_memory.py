@@ -4,12 +4,15 @@ the state machine, each line's answer read straight back (the real-socket suites
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import BinaryIO
 
 import pytest
+from pop3sf.adapters import MailboxSession, Peer
 from pop3sf.adapters.memory import ListAdapter
 
 from pop3sf.commands import AUTHORIZATION, TABLE, TRANSACTION
 from pop3sf.testing import MemoryConnection, session_in_memory
+from pop3sf.topcache import ENTRY_COST, TopCache
 
 MESSAGES = [b"Subject: one\r\n\r\nfirst\r\n", b"Subject: two\r\n\r\nsecond\r\n.dot\r\n"]
 
@@ -120,3 +123,57 @@ def test_bad_commands_and_long_lines_count_to_the_limit(adapter: ListAdapter) ->
         assert conn.feed(b"STAT\r\n") == (b"-ERR Command not valid in this state\r\n"
                                           b"-ERR Too many bad commands, closing connection\r\n")
         assert conn.closed
+
+
+# -- the TOP cache -------------------------------------------------------------------------------
+
+@pytest.fixture
+def opened(adapter: ListAdapter, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The uids the adapter's sessions opened, in order."""
+    seen: list[str] = []
+    make = adapter.new_session
+
+    def new_session(peer: Peer) -> MailboxSession:
+        session = make(peer)
+        read = session.open_message
+
+        def open_message(uid: str) -> BinaryIO:
+            seen.append(uid)
+            return read(uid)
+
+        monkeypatch.setattr(session, "open_message", open_message)
+        return session
+
+    monkeypatch.setattr(adapter, "new_session", new_session)
+    return seen
+
+
+def test_a_repeated_top_is_answered_without_reading_when_messages_are_immutable(
+        adapter: ListAdapter, conn: MemoryConnection, opened: list[str]) -> None:
+    adapter.immutable_messages = True
+    log_in(conn)
+    first = conn.feed(b"TOP 2 0\r\n")
+    assert first == b"+OK Message follows\r\nSubject: two\r\n\r\n.\r\n"
+    assert conn.feed(b"TOP 2 0\r\nLIST 2\r\nTOP 2 0\r\n") == \
+        first + b"+OK 2 30\r\n" + first
+    assert len(opened) == 1
+    conn.feed(b"TOP 2 1\r\nRETR 2\r\nRETR 2\r\n")  # another line count; RETR always reads
+    assert len(opened) == 4
+
+
+def test_top_reads_every_time_when_messages_may_change(
+        conn: MemoryConnection, opened: list[str]) -> None:
+    log_in(conn)
+    assert conn.feed(b"TOP 1 0\r\n") == conn.feed(b"TOP 1 0\r\n")
+    assert len(opened) == 2
+
+
+def test_the_top_cache_stays_within_its_limit_dropping_the_least_recent() -> None:
+    cache = TopCache(limit=64 * (100 + ENTRY_COST))
+    for i in range(1000):
+        cache.put(i, bytes(100))
+        cache.get(0)  # kept: always the most recently used
+        assert cache.size <= cache.limit
+    assert cache.get(0) is not None and cache.get(1) is None and cache.get(999) is not None
+    cache.put("big", bytes(cache.limit))  # bigger than a 64th of the limit: not kept
+    assert cache.get("big") is None
