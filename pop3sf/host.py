@@ -18,8 +18,8 @@ from pop3sf.adapters import Adapter
 from .accounts import Accounts
 from .config import Settings
 from .loop import EventLoop
+from .readcache import ReadCache
 from .throttle import Penalties, VerificationGate
-from .topcache import TopCache
 
 
 class Host(Protocol):
@@ -33,7 +33,7 @@ class Host(Protocol):
     stats: collections.Counter[str]
     commands: collections.Counter[bytes]
     debug: bool  # log every command (decided once: the check costs even when filtered out)
-    top_cache: TopCache  # recent TOP answers, for an adapter with immutable messages
+    read_cache: ReadCache  # TOP answers and RETRs read ahead (adapters with immutable messages)
 
     def call_adapter(self, pool: str, func: Callable[..., Any], args: tuple[Any, ...],
                      done: Callable[[Any, BaseException | None], None],

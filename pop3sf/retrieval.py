@@ -5,13 +5,14 @@ its threshold, so memory per session is bounded by a constant whatever the messa
 pipelined run of RETR/TOP of small messages is read in one worker call instead, because a worker
 round trip costs more than reading a small message; each message's output in such a batch is
 capped, and the one that passes the cap streams like a big one. Commands behind the batch stay in
-the input buffer until their answers are written. A TOP whose answer is in the server's
-:class:`~pop3sf.topcache.TopCache` is answered at once, alone or inside a batch.
+the input buffer until their answers are written. A lone RETR of a small message also reads the
+small messages after it into the server's :class:`~pop3sf.readcache.ReadCache`, where repeated
+TOPs are kept too: those are answered at once, without a worker round trip.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any, Protocol
 
 from pop3sf.adapters import MailboxSession, PermanentFailure
@@ -31,6 +32,10 @@ _TOP_READ = 16 * 1024
 _BATCH_MAX = 64  # messages read in one batch
 _BATCH_ITEMS = 1024  # commands answered in one batch
 _BATCH_BYTES = 2 * 1024 * 1024
+#: What a lone RETR reads ahead, at most (messages and octets), for adapters whose messages
+#: never change: a client fetching messages in turn waits for a worker once per few of them.
+_AHEAD_MAX = 8
+_AHEAD_BYTES = 128 * 1024
 
 
 class ReadingSession(calls.CallOwner, Protocol):
@@ -74,13 +79,15 @@ def retrieve(session: ReadingSession, n: int, top_lines: int | None) -> None:
         return
     cached = _cached(session, n, top_lines)
     if cached is not None:
+        session.retrieved += top_lines is None
         session.reply(cached)
         return
     session.blocked = RETRIEVAL
     if _batchable(session.drop, n, top_lines) and session.host.adapter.blocking:
         items, ends = _pipelined(session, (n, top_lines))
-        if len(items) > 1:
-            _read_batch(session, items, ends)
+        ahead = _ahead(session, n) if len(items) == 1 and top_lines is None else []
+        if len(items) > 1 or ahead:
+            _read_batch(session, items, ends, ahead)
             return
     _stream(session, n, top_lines)
 
@@ -90,24 +97,45 @@ def _stream(session: ReadingSession, n: int, top_lines: int | None) -> None:
     encoder = WireEncoder(top_lines=top_lines, downgrade=n in drop.downgrade)
     session.retrieval = Retrieval(drop.infos[n].uid, encoder,
                                   CHUNK if top_lines is None else _TOP_READ,
-                                  _cache_key(session, n, top_lines))
+                                  None if top_lines is None else _cache_key(session, n, top_lines))
     if top_lines is None:
         session.retrieved += 1
     next_chunk(session)
 
 
 def _cache_key(session: ReadingSession, n: int, top_lines: int | None) -> Hashable | None:
-    """Where the answer of a TOP is kept: None for RETR, or for an adapter whose messages may
-    change under their unique id."""
-    if top_lines is None or not session.host.adapter.immutable_messages:
+    """Where a read's answer is kept; None for an adapter whose messages may change under
+    their unique id."""
+    if not session.host.adapter.immutable_messages:
         return None
     drop = session.drop
     return session.account, drop.infos[n].uid, drop.sizes[n], top_lines, n in drop.downgrade
 
 
 def _cached(session: ReadingSession, n: int, top_lines: int | None) -> bytes | None:
+    """A kept answer: a TOP's stays for the next poll, a message read ahead is used once."""
     key = _cache_key(session, n, top_lines)
-    return None if key is None else session.host.top_cache.get(key)
+    if key is None:
+        return None
+    cache = session.host.read_cache
+    return cache.pop(key) if top_lines is None else cache.get(key)
+
+
+def _ahead(session: ReadingSession, n: int) -> list[Job]:
+    """The small live messages after message ``n`` to read with it (and keep for a RETR)."""
+    drop, cache = session.drop, session.host.read_cache
+    jobs: list[Job] = []
+    total = 0
+    for m in range(n + 1, min(len(drop), n + 1 + _AHEAD_MAX)):
+        if m in drop.deleted or m in drop.refuse:
+            continue
+        key = _cache_key(session, m, None)
+        if key is None or drop.sizes[m] > BATCH_SMALL or total + drop.sizes[m] > _AHEAD_BYTES:
+            break
+        if key not in cache:
+            jobs.append((m, None))
+            total += drop.sizes[m]
+    return jobs
 
 
 def _batchable(drop: Maildrop, n: int, top_lines: int | None) -> bool:
@@ -134,7 +162,7 @@ def _pipelined(session: ReadingSession, first: Job) -> tuple[list[Job | bytes], 
             if isinstance(n, bytes) or n in drop.refuse:
                 break
             top = None if command is COMMANDS[b"RETR"] else int(args[1])
-            cached = _cached(session, n, top)
+            cached = None if top is None else _cached(session, n, top)  # a RETR's is used once
             if cached is not None:
                 items.append(cached)
                 ends.append(end)
@@ -173,17 +201,18 @@ def _snapshot_answer(drop: Maildrop, verb: bytes, args: list[bytes]) -> bytes | 
     return None
 
 
-def _read_batch(session: ReadingSession, items: list[Job | bytes], ends: list[int]) -> None:
+def _read_batch(session: ReadingSession, items: list[Job | bytes], ends: list[int],
+                ahead: list[Job]) -> None:
     drop = session.drop
+    jobs = [item for item in items if not isinstance(item, bytes)] + ahead
     work = [(drop.infos[n].uid, WireEncoder(top_lines=top, downgrade=n in drop.downgrade),
-             BATCH_SMALL if top is None else _TOP_READ)
-            for item in items if not isinstance(item, bytes) for n, top in [item]]
+             BATCH_SMALL if top is None else _TOP_READ) for n, top in jobs]
     calls.run(session, "mail", _read_whole, (session.adapter_session, work),
-                      lambda r, e: _batch_read(session, items, ends, r, e))
+                      lambda r, e: _batch_read(session, items, ends, ahead, r, e))
 
 
 def _batch_read(session: ReadingSession, items: list[Job | bytes], ends: list[int],
-                results: Any, error: BaseException | None) -> None:
+                ahead: list[Job], results: Any, error: BaseException | None) -> None:
     conn = session.conn
     if conn.closed:
         return
@@ -206,9 +235,9 @@ def _batch_read(session: ReadingSession, items: list[Job | bytes], ends: list[in
             elif isinstance(result, bytes):
                 answer = MESSAGE_FOLLOWS + result + END
                 out.append(answer)
-                key = _cache_key(session, *item)
+                key = _cache_key(session, *item) if item[1] is not None else None
                 if key is not None:
-                    session.host.top_cache.put(key, answer)
+                    session.host.read_cache.put(key, answer)
                 session.retrieved += item[1] is None
             else:
                 failure = _as_failure(result)
@@ -220,9 +249,21 @@ def _batch_read(session: ReadingSession, items: list[Job | bytes], ends: list[in
     if answered:
         conn.consume(ends[answered - 1])
     conn.write(b"".join(out))
+    if capped is None:
+        _keep_ahead(session, ahead, found)
     if capped is not None:
         session.blocked = RETRIEVAL
         _stream(session, *capped)
+
+
+def _keep_ahead(session: ReadingSession, ahead: list[Job], found: Iterator[Any]) -> None:
+    """The messages read ahead, into the read cache (one that failed is just not kept)."""
+    for job in ahead:
+        result = next(found, None)
+        key = _cache_key(session, *job)
+        if not isinstance(result, bytes) or key is None:
+            break
+        session.host.read_cache.put(key, MESSAGE_FOLLOWS + result + END)
 
 
 def next_chunk(session: ReadingSession) -> None:
@@ -250,7 +291,7 @@ def _chunk_read(session: ReadingSession, out: Any, error: BaseException | None) 
     if not reading.started:
         reading.started = True
         if reading.eof and reading.cache_key is not None:  # a TOP answered in one piece
-            session.host.top_cache.put(reading.cache_key, MESSAGE_FOLLOWS + out + END)
+            session.host.read_cache.put(reading.cache_key, MESSAGE_FOLLOWS + out + END)
         conn.write(MESSAGE_FOLLOWS)
     conn.write(out)
     if reading.eof:

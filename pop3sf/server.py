@@ -27,10 +27,10 @@ from .listeners import ListeningSocket
 from .logs import counted
 from .loop import EventLoop, Timer
 from .proxy import Header
+from .readcache import ReadCache
 from .session import Session
 from .throttle import Penalties, VerificationGate, address_group, in_networks
 from .tls import make_context
-from .topcache import TopCache
 from .workers import WorkerPool, run_inline
 
 log = logging.getLogger("pop3sf.server")
@@ -104,7 +104,7 @@ class Server:
         self.control: ControlServer | None = None  # pop3sf-admin who/kick
         #: Per-command debug logging costs even when filtered out; decided once.
         self.debug = log.isEnabledFor(logging.DEBUG)
-        self.top_cache = TopCache()
+        self.read_cache = ReadCache()
 
     # -- limits ---------------------------------------------------------------------------------
     @property

@@ -889,3 +889,40 @@ def test_dovecot_reads_what_pop3sf_admin_delivers(dovecot_maildir: Path) -> None
     uidl, listing = blocks(dovecot_pop3(dovecot_maildir, "UIDL\r\nLIST\r\nQUIT\r\n"))
     assert [int(size) for _, size in listing] == wire
     assert len(uidl) == 3
+
+
+def test_retr_reads_the_next_small_messages_ahead_and_top_repeats_from_memory(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A RETR reads the small messages after it in the same worker call; fetching them then
+    and repeating a TOP read nothing more, and every answer is the message's own."""
+    md = make_maildir(env.add_user("ahead@example.org"))
+    bodies = [MSG_A, MSG_B, MSG_C, MSG_A]
+    for i, body in enumerate(bodies):
+        deliver(md, f"17000000{i:02d}.M{i}P1.h", body)
+    adapter = env.adapter()
+    opened: list[str] = []
+    make = adapter.new_session
+
+    def new_session(peer: Peer) -> MaildirSession:
+        session = make(peer)
+        read = session.open_message
+
+        def open_message(uid: str) -> Any:
+            opened.append(uid)
+            return read(uid)
+
+        monkeypatch.setattr(session, "open_message", open_message)
+        return session
+
+    monkeypatch.setattr(adapter, "new_session", new_session)
+    with running_server(adapter=adapter) as srv:
+        pop = _pop(srv, "ahead@example.org")
+        for n, body in enumerate(bodies, 1):
+            _, lines, _ = pop.retr(n)
+            assert b"".join(line + b"\r\n" for line in lines) == wire_bytes(body)
+        assert len(opened) == 4                      # one worker call read all four
+        top = [pop.top(1, 0)[1] for _ in range(3)]
+        assert top[0] == top[1] == top[2] and len(opened) == 5
+        pop.retr(4)                   # a message read ahead is used once; nothing after the last
+        assert len(opened) == 6
+        pop.quit()

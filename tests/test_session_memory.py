@@ -11,8 +11,8 @@ from pop3sf.adapters import MailboxSession, Peer
 from pop3sf.adapters.memory import ListAdapter
 
 from pop3sf.commands import AUTHORIZATION, TABLE, TRANSACTION
+from pop3sf.readcache import ENTRY_COST, ReadCache
 from pop3sf.testing import MemoryConnection, session_in_memory
-from pop3sf.topcache import ENTRY_COST, TopCache
 
 MESSAGES = [b"Subject: one\r\n\r\nfirst\r\n", b"Subject: two\r\n\r\nsecond\r\n.dot\r\n"]
 
@@ -168,8 +168,8 @@ def test_top_reads_every_time_when_messages_may_change(
     assert len(opened) == 2
 
 
-def test_the_top_cache_stays_within_its_limit_dropping_the_least_recent() -> None:
-    cache = TopCache(limit=64 * (100 + ENTRY_COST))
+def test_the_read_cache_stays_within_its_limit_dropping_the_least_recent() -> None:
+    cache = ReadCache(limit=64 * (100 + ENTRY_COST))
     for i in range(1000):
         cache.put(i, bytes(100))
         cache.get(0)  # kept: always the most recently used

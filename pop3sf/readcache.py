@@ -1,11 +1,13 @@
-"""Recent TOP answers, kept so that asking again costs no read (docs/protocol.md §9).
+"""Answers of message reads kept for later: repeated TOPs, and RETRs read ahead
+(docs/protocol.md §9).
 
 Mail clients that leave mail on the server ask for the same headers at every poll (``TOP n 0``),
-and Dovecot answers those from its index. For an adapter whose messages never change under their
-unique id (``Adapter.immutable_messages``), the server keeps the encoded answers of recent TOPs
-here and answers a repeat on the loop, without a worker round trip. The key holds everything the
-answer depends on: the account, the unique id, the listed size, the line count and whether the
-header is downgraded for the client.
+and Dovecot answers those from its index; a client fetching every message asks for them one
+after the other. For an adapter whose messages never change under their unique id
+(``Adapter.immutable_messages``), the server keeps the encoded answers of recent TOPs and of the
+small messages it read ahead of a RETR here, and answers them on the loop, without a worker
+round trip. The key holds everything an answer depends on: the account, the unique id, the
+listed size, the line count (None: RETR) and whether the header is downgraded for the client.
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable
 
-#: What the answers may hold in all, in octets (one answer of ``TOP n 0`` is typically 1-3 KB).
-LIMIT = 8 * 1024 * 1024
+#: What the answers may hold in all, in octets, whatever the number of sessions.
+LIMIT = 16 * 1024 * 1024
 #: Counted per entry besides its octets: the key and the dictionary's share.
 ENTRY_COST = 256
 
 
-class TopCache:
+class ReadCache:
     """Least recently used answers first out, within :data:`LIMIT` octets. Loop thread only."""
 
     __slots__ = ("limit", "size", "entries")
@@ -29,10 +31,20 @@ class TopCache:
         self.size = 0
         self.entries: OrderedDict[Hashable, bytes] = OrderedDict()
 
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self.entries
+
     def get(self, key: Hashable) -> bytes | None:
         answer = self.entries.get(key)
         if answer is not None:
             self.entries.move_to_end(key)
+        return answer
+
+    def pop(self, key: Hashable) -> bytes | None:
+        """An answer used once (a message read ahead), taken out."""
+        answer = self.entries.pop(key, None)
+        if answer is not None:
+            self.size -= len(answer) + ENTRY_COST
         return answer
 
     def put(self, key: Hashable, answer: bytes) -> None:
