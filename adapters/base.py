@@ -124,7 +124,7 @@ def probe_directory(path: str, key: str) -> None:
         raise ConfigError(f"{key} = {path!r}: cannot open its files: permission denied")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Peer:
     """Who is connected: the normalised client address and the listener it came through."""
 
@@ -211,6 +211,10 @@ class DeleteResult:
 
 class MailboxSession(abc.ABC, Generic[Found]):
     """One client connection's view of the data source (``Found``: see :class:`AuthResult`)."""
+
+    #: Empty, so that a session class may declare ``__slots__`` (no per-session ``__dict__``:
+    #: there is one session per connection); without them it has a ``__dict__`` as usual.
+    __slots__ = ()
 
     @abc.abstractmethod
     def authenticate(self, credentials: Credentials) -> AuthResult[Found]:

@@ -286,7 +286,7 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-@dataclass
+@dataclass(slots=True)
 class _Msg:
     """A listed message: where it was last seen. The base name identifies it for good."""
 
@@ -322,6 +322,9 @@ def _closing_maildir(method: _F) -> _F:
 
 class MaildirSession(MailboxSession["Place"]):
     """One connection's view of one Maildir (held by an open directory descriptor)."""
+
+    __slots__ = ("adapter", "peer", "options", "account", "read_only", "path", "_control", "_fd",
+                 "_missing", "_msgs", "_lock_fd")
 
     def __init__(self, adapter: MaildirAdapter, peer: Peer) -> None:
         self.adapter = adapter

@@ -899,23 +899,15 @@ def test_retr_reads_the_next_small_messages_ahead_and_top_repeats_from_memory(
     bodies = [MSG_A, MSG_B, MSG_C, MSG_A]
     for i, body in enumerate(bodies):
         deliver(md, f"17000000{i:02d}.M{i}P1.h", body)
-    adapter = env.adapter()
     opened: list[str] = []
-    make = adapter.new_session
+    read = MaildirSession.open_message
 
-    def new_session(peer: Peer) -> MaildirSession:
-        session = make(peer)
-        read = session.open_message
+    def open_message(session: MaildirSession, uid: str) -> Any:
+        opened.append(uid)
+        return read(session, uid)
 
-        def open_message(uid: str) -> Any:
-            opened.append(uid)
-            return read(uid)
-
-        monkeypatch.setattr(session, "open_message", open_message)
-        return session
-
-    monkeypatch.setattr(adapter, "new_session", new_session)
-    with running_server(adapter=adapter) as srv:
+    monkeypatch.setattr(MaildirSession, "open_message", open_message)
+    with running_server(adapter=env.adapter()) as srv:
         pop = _pop(srv, "ahead@example.org")
         for n, body in enumerate(bodies, 1):
             _, lines, _ = pop.retr(n)
