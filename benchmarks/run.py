@@ -376,7 +376,8 @@ def startup(ctx: Ctx, make: Callable[[], servers.Server]) -> Figures:
                 srv.stop()
                 srv.cleanup()
     return {"startup_cpu_ms": statistics.median(cpu), "listen_ms": statistics.median(listen),
-            "greeting_ms": statistics.median(greet), "greeting_cpu_ms": statistics.median(greet_cpu),
+            "greeting_ms": statistics.median(greet),
+            "greeting_cpu_ms": statistics.median(greet_cpu),
             "startup_rss_mb": statistics.median(rss)}
 
 

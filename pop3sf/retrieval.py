@@ -12,7 +12,7 @@ TOPs are kept too: those are answered at once, without a worker round trip.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable
 from typing import Any, Protocol
 
 from pop3sf.adapters import MailboxSession, PermanentFailure
@@ -233,12 +233,11 @@ def _batch_read(session: ReadingSession, items: list[Job | bytes], ends: list[in
             if result is None:  # over the cap (or never read): stream this one
                 capped = item
             elif isinstance(result, bytes):
-                answer = MESSAGE_FOLLOWS + result + END
-                out.append(answer)
-                key = _cache_key(session, *item) if item[1] is not None else None
-                if key is not None:
-                    session.host.read_cache.put(key, answer)
-                session.retrieved += item[1] is None
+                out += (MESSAGE_FOLLOWS, result, END)
+                if item[1] is None:
+                    session.retrieved += 1
+                else:
+                    _keep(session, item, result)
             else:
                 failure = _as_failure(result)
                 calls.log_failure(session, "retrieving", failure)
@@ -249,20 +248,19 @@ def _batch_read(session: ReadingSession, items: list[Job | bytes], ends: list[in
     if answered:
         conn.consume(ends[answered - 1])
     conn.write(b"".join(out))
-    if capped is None:
-        _keep_ahead(session, ahead, found)
     if capped is not None:
         session.blocked = RETRIEVAL
         _stream(session, *capped)
-
-
-def _keep_ahead(session: ReadingSession, ahead: list[Job], found: Iterator[Any]) -> None:
-    """The messages read ahead, into the read cache (one that failed is just not kept)."""
-    for job in ahead:
+        return
+    for job in ahead:  # one that failed is just not kept: its RETR reads it again
         result = next(found, None)
-        key = _cache_key(session, *job)
-        if not isinstance(result, bytes) or key is None:
-            break
+        if isinstance(result, bytes):
+            _keep(session, job, result)
+
+
+def _keep(session: ReadingSession, job: Job, result: bytes) -> None:
+    key = _cache_key(session, *job)
+    if key is not None:
         session.host.read_cache.put(key, MESSAGE_FOLLOWS + result + END)
 
 
