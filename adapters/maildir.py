@@ -349,12 +349,11 @@ class MaildirSession(MailboxSession["Place"]):
         self.path, self._control = account.found
         self.account, self.read_only = account.account_id, read_only
         if not read_only and self.options["cross_instance_lock"] and self._lock_fd is None:
-            try:
-                fd = self._open_maildir()  # None: no Maildir yet, nothing to serve twice
-                if fd is not None:
-                    self._lock_fd = lock_maildrop(fd, LOCK_FILE, self.path)
-            finally:
-                self._close_maildir()
+            # The Maildir stays open for the listing that follows in the same worker call
+            # (list_with_login), which closes it; connection_closed does, if none follows.
+            fd = self._open_maildir()  # None: no Maildir yet, nothing to serve twice
+            if fd is not None:
+                self._lock_fd = lock_maildrop(fd, LOCK_FILE, self.path)
 
     def _open_maildir(self) -> int | None:
         """The Maildir's descriptor; None when it doesn't exist yet (no mail delivered)."""
