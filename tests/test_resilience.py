@@ -308,7 +308,7 @@ def test_storm_with_a_witness(tmp_path: Path) -> None:
             time.sleep(0.01)
         out, _ = storm.communicate(timeout=30)
         counts = json.loads(out)
-        # The storm was real: every address had wrong passwords answered (how many depends on
+        # The storm was real: wrong passwords were answered (how many depends on
         # the machine's bcrypt speed under load: 38 alone, 19 beside the rest of the suite).
         assert counts["auth"] >= len(addresses) and counts["hangups"] > 20, counts
         # Wrong passwords answered: per address, at most the first burst (the in-flight cap,
