@@ -208,7 +208,7 @@ class Pop3sf(Server):
     name = "pop3sf"
 
     def __init__(self, workroot: Path, passwd: Path, cert: Path, key: Path,
-                 python: str, overrides: dict[str, dict[str, int]] | None = None,
+                 python: str, overrides: dict[str, dict[str, int | str]] | None = None,
                  source: Path | None = None, shipped: Path | None = None) -> None:
         super().__init__(workroot)
         self.passwd = passwd
@@ -227,7 +227,9 @@ class Pop3sf(Server):
             return shipped_config(self.shipped.read_text(), self)
         user = self.run_as()
         extra = "".join(f"\n[{section}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items())
-                        for section, keys in self.overrides.items() if section != "server")
+                        for section, keys in self.overrides.items()
+                        if section not in ("server", "adapter"))
+        adapter = "".join(f"{k} = {v}\n" for k, v in self.overrides.get("adapter", {}).items())
         server = "".join(f"{k} = {v}\n" for k, v in self.overrides.get("server", {}).items())
         return f"""# written by pop3sf benchmarks/servers.py
 [server]
@@ -252,7 +254,7 @@ private_key = {self.key}
 [adapter]
 type = maildir
 passwd_file = {self.passwd}
-"""
+{adapter}"""
 
     def prepare(self) -> list[str]:
         self.conf.write_text(self.config_text())
