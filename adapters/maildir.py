@@ -158,14 +158,14 @@ cross_instance_lock = boolean(default=True)
     list_with_login = True
     closes_inline = True
     immutable_messages = True
-    fds_per_session = 1  # the lock file of a read-write session
-
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
         self.location = parse_location(self.options["mail_location"])
         self.passwd = PasswdFile(self.options["passwd_file"])
         self.size_cache = sizecache.from_options(self.options)
         self.allows_read_only = bool(self.options["read_only"])
+        #: The lock file of a read-write session, unless the cross-process lock is off.
+        self.fds_per_session = int(self.options["cross_instance_lock"])
         self._warned: set[str] = set()
         self._warn_lock = threading.Lock()
         self._like_source: object = None
@@ -201,6 +201,7 @@ cross_instance_lock = boolean(default=True)
             self.passwd = PasswdFile(options["passwd_file"])
         self.size_cache = sizecache.reconfigured(self.size_cache, self.options, options)
         self.allows_read_only = bool(options["read_only"])
+        self.fds_per_session = int(options["cross_instance_lock"])
 
     def close(self) -> None:
         self.size_cache.close()

@@ -918,3 +918,14 @@ def test_retr_reads_the_next_small_messages_ahead_and_top_repeats_from_memory(
         pop.retr(4)                   # a message read ahead is used once; nothing after the last
         assert len(opened) == 6
         pop.quit()
+
+
+def test_the_lock_file_counts_against_the_connection_cap_only_when_taken(env: Env) -> None:
+    """The cap derived from the fd limit counts a session's lock file; without the
+    cross-process lock a session holds only its socket, and the cap doubles."""
+    env.add_user("cap@example.org")
+    assert env.adapter().fds_per_session == 1
+    adapter = env.adapter(cross_instance_lock=False)
+    assert adapter.fds_per_session == 0
+    adapter.reload({"passwd_file": str(env.passwd), "cross_instance_lock": True})
+    assert adapter.fds_per_session == 1
