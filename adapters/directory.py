@@ -307,7 +307,8 @@ bcrypt_rounds = integer(4, 31, default=12)
                 self.deny(password, str(exc), username)
             # A hash of the reference's cost needs no padding, and no reference: hashing one
             # (a third of a second at cost 12) waits for the first login that needs it.
-            same = passwords.cost_class(stored) == f"bcrypt${self.options['bcrypt_rounds']:02d}"
+            same = passwords.cost_class(stored) == \
+                passwords.bcrypt_class(self.options["bcrypt_rounds"])
             like = None if same else self.reference()
             passwords.verify_or_deny(stored, password, like=like, account=username)
         except BaseException:

@@ -158,6 +158,7 @@ cross_instance_lock = boolean(default=True)
     list_with_login = True
     closes_inline = True
     immutable_messages = True
+
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
         self.location = parse_location(self.options["mail_location"])

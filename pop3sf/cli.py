@@ -3,9 +3,9 @@
 The order matters: listeners are bound (or inherited from systemd) while still privileged,
 python-daemon detaches *before* logging and worker threads exist (a fork keeps no threads, and a
 journald socket opened earlier would end up as a client's fd), then privileges are dropped and
-only then is the adapter imported and built. Everything that touches the adapter or the
-certificates before that is checked as the service user: in a child process that dropped root
-first (:func:`check_as_service`).
+only then is the adapter imported and built: starting is its check. ``--check-config``, and
+``--daemon`` before it detaches, check the adapter and the certificates as the service user
+beforehand: in a child process that dropped root first (:func:`check_as_service`).
 """
 
 from __future__ import annotations

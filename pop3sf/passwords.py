@@ -293,6 +293,11 @@ def cost_class(stored: str) -> str:
     return f"${ident}${params}"
 
 
+def bcrypt_class(rounds: int) -> str:
+    """The :func:`cost_class` of a bcrypt hash of ``rounds``, without hashing one."""
+    return f"bcrypt${rounds:02d}"
+
+
 def reference(secrets: Iterable[str]) -> str | None:
     """The secret a source's dummy checks imitate: one of its most common cost class (a tie
     goes to a slow class); the accounts of other classes are padded up to it."""
