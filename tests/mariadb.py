@@ -15,6 +15,7 @@ The server can be stopped and started again (same data, same port) to test outag
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import ctypes
 import os
@@ -26,7 +27,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -57,16 +58,74 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class MariaDBServer:
+class PrivateServer(abc.ABC):
+    """What the private database servers of the tests share: the process, its log, the stop,
+    and (:func:`serving`) the life cycle around a test session. Subclasses install, start and
+    set up the test account."""
+
+    #: What stops the server cleanly.
+    stop_signal = signal.SIGTERM
+
+    def __init__(self, base: str, logfile: str) -> None:
+        self.base = base
+        self.logfile = logfile
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @abc.abstractmethod
+    def install(self) -> None: ...
+
+    @abc.abstractmethod
+    def start(self) -> None: ...
+
+    @abc.abstractmethod
+    def setup_test_account(self) -> None: ...
+
+    def log(self) -> str:
+        try:
+            with open(self.logfile, encoding="utf-8", errors="replace") as f:
+                return f.read()[-20000:]
+        except OSError as exc:
+            return f"(no log: {exc})"
+
+    def stop(self) -> None:
+        """A clean shutdown, as an admin's ``systemctl stop`` would do."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(self.stop_signal)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+Server = TypeVar("Server", bound=PrivateServer)
+
+
+@contextlib.contextmanager
+def serving(server: Server) -> Iterator[Server]:
+    """The server installed, started and given the test account; stopped and its directory
+    removed afterwards."""
+    try:
+        server.install()
+        server.start()
+        server.setup_test_account()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(server.base, ignore_errors=True)
+
+
+class MariaDBServer(PrivateServer):
     """One private ``mariadbd``; ``start``/``stop`` may be called repeatedly."""
 
     def __init__(self, base: str, max_allowed_packet: str = "128M",
                  extra_args: Sequence[str] = ()) -> None:
-        self.base = base
+        super().__init__(base, os.path.join(base, "error.log"))
         self.datadir = os.path.join(base, "data")
         self.socket = os.path.join(base, "mysqld.sock")
         self.pidfile = os.path.join(base, "mysqld.pid")
-        self.logfile = os.path.join(base, "error.log")
         # Its own temporary directory: temporary tables in the shared /tmp were seen deleted
         # under a running mariadb-install-db ("Error on delete of '/tmp/#sql-temptable-...'").
         self.tmpdir = os.path.join(base, "tmp")
@@ -74,7 +133,6 @@ class MariaDBServer:
         self.port = free_port()
         self.max_allowed_packet = max_allowed_packet
         self.extra_args = list(extra_args)
-        self.proc: subprocess.Popen[bytes] | None = None
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -129,25 +187,6 @@ class MariaDBServer:
 
     def _fail(self, what: str) -> None:
         raise RuntimeError(f"{what}; its log ({self.logfile}):\n{self.log()}")
-
-    def log(self) -> str:
-        try:
-            with open(self.logfile, encoding="utf-8", errors="replace") as f:
-                return f.read()[-20000:]
-        except OSError as exc:
-            return f"(no log: {exc})"
-
-    def stop(self) -> None:
-        """A clean shutdown (SIGTERM), as an admin's ``systemctl stop`` would do."""
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
     def kill(self) -> None:
         """SIGKILL: the database vanishes without closing its connections."""
@@ -236,15 +275,8 @@ def running_mariadb(max_allowed_packet: str = "128M",
     if not os.path.exists(MARIADBD):
         pytest.skip("mariadbd not installed (apt-get install mariadb-server)")
     base = tempfile.mkdtemp(prefix="pop3sf-mdb-")
-    server = MariaDBServer(base, max_allowed_packet, extra_args)
-    try:
-        server.install()
-        server.start()
-        server.setup_test_account()
+    with serving(MariaDBServer(base, max_allowed_packet, extra_args)) as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,6 @@ import ctypes
 import glob
 import os
 import pwd
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -30,7 +29,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from mariadb import free_port
+from mariadb import PrivateServer, free_port, serving
 
 START_TIMEOUT = 30.0
 TEST_USER = "pop3sf_test"
@@ -66,19 +65,19 @@ def _drop_to(owner: pwd.struct_passwd | None) -> Callable[[], None]:
     return run
 
 
-class PostgresServer:
+class PostgresServer(PrivateServer):
     """One private ``postgres``; ``start``/``stop`` may be called repeatedly."""
 
+    stop_signal = signal.SIGINT  # "fast" shutdown
+
     def __init__(self, base: str, bindir: str) -> None:
-        self.base = base
+        super().__init__(base, os.path.join(base, "postgres.log"))
         self.bindir = bindir
         self.datadir = os.path.join(base, "data")
         self.socket_dir = base
-        self.logfile = os.path.join(base, "postgres.log")
         self.host = "127.0.0.1"
         self.port = free_port()
         self.owner = _owner()
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def install(self) -> None:
         if self.owner is not None:
@@ -117,24 +116,6 @@ class PostgresServer:
                 time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"postgres not ready after {START_TIMEOUT:.0f} s:\n{self.log()}")
-
-    def log(self) -> str:
-        try:
-            with open(self.logfile, encoding="utf-8", errors="replace") as f:
-                return f.read()[-20000:]
-        except OSError as exc:
-            return f"(no log: {exc})"
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGINT)  # "fast" shutdown
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
     # --- clients ---------------------------------------------------------------------------
 
@@ -184,15 +165,8 @@ def running_postgres() -> Iterator[PostgresServer]:
     pytest.importorskip("psycopg2", reason="apt-get install python3-psycopg2")
     base = tempfile.mkdtemp(prefix="pop3sf-pg-")
     os.chmod(base, 0o755)
-    server = PostgresServer(base, bindir)
-    try:
-        server.install()
-        server.start()
-        server.setup_test_account()
+    with serving(PostgresServer(base, bindir)) as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
